@@ -1,0 +1,19 @@
+"""lightning_aw: adaptive multi-task loss weighting for PyTorch Lightning.
+
+Subclass :class:`MultiTaskModule`, add one weighting callback to the Trainer, open TensorBoard.
+"""
+
+from lightning_aw.module import MultiTaskModule, TaskOutput
+from lightning_aw.weighting import DWA, EqualWeighting, GradNorm, UncertaintyWeighting, Weighting
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "DWA",
+    "EqualWeighting",
+    "GradNorm",
+    "MultiTaskModule",
+    "TaskOutput",
+    "UncertaintyWeighting",
+    "Weighting",
+]

@@ -1,0 +1,80 @@
+"""Small internal helpers shared by the callbacks (no public API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+
+def reduce_sum(trainer: pl.Trainer, x: Tensor) -> Tensor:
+    """All-reduce ``x`` by sum over the ranks (identity on one process). Returns a new tensor."""
+    if trainer.world_size <= 1:
+        return x
+    return trainer.strategy.reduce(x.clone(), reduce_op="sum")
+
+
+def grad_scaler(trainer: pl.Trainer) -> Any | None:
+    """The GradScaler of Lightning's fp16 mixed precision plugin, or ``None``."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+class AdamState:
+    """Bias-corrected Adam (Kingma & Ba, 2015) for a small tensor owned by a callback.
+
+    Used for weighting parameters that must not live in the user's optimizer (GradNorm's weights,
+    FAMO's logits). The state is plain tensors so it round-trips through a ``weights_only``
+    checkpoint.
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.exp_avg: Tensor | None = None
+        self.exp_avg_sq: Tensor | None = None
+        self.step: Tensor | None = None
+
+    def update(self, param: Tensor, grad: Tensor) -> Tensor:
+        """Return the parameter after one Adam step; non-finite gradients leave it unchanged."""
+        finite = torch.isfinite(grad).all()
+        grad = torch.where(finite, grad, torch.zeros_like(grad))
+        if self.weight_decay:
+            grad = grad + self.weight_decay * param
+        if self.exp_avg is None or self.exp_avg_sq is None or self.step is None:
+            self.exp_avg = torch.zeros_like(param)
+            self.exp_avg_sq = torch.zeros_like(param)
+            self.step = torch.zeros((), dtype=param.dtype, device=param.device)
+        b1, b2 = self.betas
+        new_avg = torch.lerp(self.exp_avg, grad, 1 - b1)
+        new_sq = torch.lerp(self.exp_avg_sq, grad * grad, 1 - b2)
+        # a skipped (non-finite) step leaves the moments untouched as well
+        self.exp_avg = torch.where(finite, new_avg, self.exp_avg)
+        self.exp_avg_sq = torch.where(finite, new_sq, self.exp_avg_sq)
+        self.step = self.step + finite.to(self.step.dtype)
+        step = self.step.clamp_min(1.0)
+        bias1 = 1 - b1**step
+        bias2 = 1 - b2**step
+        delta = self.lr * (self.exp_avg / bias1) / ((self.exp_avg_sq / bias2).sqrt() + self.eps)
+        return torch.where(finite, param - delta, param)
+
+    def to(self, device: torch.device) -> None:
+        if self.exp_avg is not None and self.exp_avg_sq is not None and self.step is not None:
+            self.exp_avg = self.exp_avg.to(device)
+            self.exp_avg_sq = self.exp_avg_sq.to(device)
+            self.step = self.step.to(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.exp_avg = state["exp_avg"]
+        self.exp_avg_sq = state["exp_avg_sq"]
+        self.step = state["step"]

@@ -1,0 +1,468 @@
+"""`MultiTaskModule`: the LightningModule base class that collects and weighs task losses."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from torchmetrics import Metric, MetricCollection
+from typing_extensions import override
+
+from lightning_aw._utils import reduce_sum
+from lightning_aw.optim import create_optimizer
+
+if TYPE_CHECKING:
+    from lightning_aw.weighting import Weighting
+
+__all__ = ["MultiTaskModule", "TaskOutput"]
+
+_TASK_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+NonFinitePolicy = Literal["raise", "skip"]
+
+
+class TaskOutput(NamedTuple):
+    """One task's result from :meth:`MultiTaskModule.task_losses`.
+
+    Return a bare loss tensor when the task has no evaluation metrics; return a ``TaskOutput``
+    with ``preds`` and ``target`` when it has, so validation can update its metrics.
+
+    Example::
+
+        TaskOutput(loss=F.cross_entropy(logits, y), preds=logits, target=y)
+    """
+
+    loss: Tensor
+    preds: Any = None
+    target: Any = None
+
+
+class MultiTaskModule(pl.LightningModule):
+    r"""A LightningModule for multi-task learning whose task losses a weighting callback balances.
+
+    Subclass it, build the network in ``__init__`` and implement :meth:`task_losses`; methods that
+    look at gradients also need :meth:`shared_parameters`. Then add a weighting callback
+    (:class:`~lightning_aw.GradNorm`, :class:`~lightning_aw.DWA`, ...) to the Trainer. Without one
+    the task losses are summed with weight 1.
+
+    Every training step it
+
+    1. calls :meth:`task_losses` and validates the result (a scalar tensor per task, or ``None``
+       for a task absent from the batch; unknown or missing task names are an error),
+    2. checks the losses are finite (``on_nonfinite``: ``"raise"`` an error naming the task and
+       step, or ``"skip"`` the step, leaving weights and optimizer state untouched and counting it
+       in ``skipped_steps``). The check costs one host synchronisation per step,
+    3. returns the weighted loss, which Lightning backpropagates (so precision, gradient
+       accumulation, clipping and DDP stay Lightning's),
+    4. logs ``loss/<task>``, ``loss/total`` and ``weights/<task>`` on Lightning's logging steps
+       (``log_every_n_steps``), in one ``log_dict`` call.
+
+    Validation and test log ``val/loss/<task>``, ``val/loss/total`` (weighted with the current
+    weights) and the task metrics as ``val/<task>/<metric>`` (``test/...`` likewise).
+
+    Args:
+        tasks: the task names (letters, digits, ``_`` and ``-``), in a fixed order.
+        optimizer: the optimizer spec for the default :meth:`configure_optimizers`: a mapping with
+            ``name`` (e.g. ``"adam"``, ``"adamw"``, ``"sgd"``) and its keyword arguments.
+            Default ``{"name": "adam", "lr": 1e-3}``.
+        metrics: per task, a torchmetrics ``Metric``, ``MetricCollection`` or mapping of name to
+            ``Metric``; such tasks must return :class:`TaskOutput` with ``preds`` and ``target``.
+        on_nonfinite: ``"raise"`` (default) or ``"skip"``.
+
+    Example::
+
+        import torch.nn.functional as F
+        from torch import nn
+        from lightning_aw import MultiTaskModule
+
+        class Net(MultiTaskModule):
+            def __init__(self):
+                super().__init__(tasks=["a", "b"], optimizer={"name": "adam", "lr": 1e-3})
+                self.trunk = nn.Linear(4, 8)
+                self.heads = nn.ModuleDict({"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+
+            def shared_parameters(self):
+                return self.trunk.parameters()
+
+            def task_losses(self, batch, batch_idx):
+                x, y = batch
+                h = self.trunk(x).relu()
+                return {t: F.mse_loss(self.heads[t](h).squeeze(-1), y[:, i])
+                        for i, t in enumerate(self.tasks)}
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        optimizer: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Metric | MetricCollection | Mapping[str, Metric]] | None = None,
+        on_nonfinite: NonFinitePolicy = "raise",
+    ) -> None:
+        super().__init__()
+        self.tasks: tuple[str, ...] = _validate_tasks(tasks)
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(
+                f"Parameter `on_nonfinite` should be 'raise' or 'skip'. Found {on_nonfinite!r}."
+            )
+        self.on_nonfinite = on_nonfinite
+        self.optimizer_spec: dict[str, Any] = dict(optimizer or {"name": "adam", "lr": 1e-3})
+        self._metric_tasks: tuple[str, ...] = ()
+        self.val_metrics = nn.ModuleDict()
+        self.test_metrics = nn.ModuleDict()
+        if metrics:
+            self._init_metrics(metrics)
+        #: number of training steps skipped because a task loss was not finite
+        self.skipped_steps = 0
+        self._step_skipped = False
+        self._weighting: Weighting | None = None
+        self._graph_losses: Tensor | None = None
+        self._present: Tensor | None = None
+        self._present_list: list[bool] = []
+        self._mask_cache: dict[tuple[bool, ...], Tensor] = {}
+
+    # ------------------------------------------------------------------ user hooks
+    def task_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Tensor | TaskOutput | None]:
+        """Compute one loss per task for ``batch``. Implement this.
+
+        Returns:
+            A mapping with an entry for every task in ``self.tasks``: a scalar loss tensor, a
+            :class:`TaskOutput` (loss plus predictions and targets for the task's metrics), or
+            ``None`` when the batch has no label for the task (it then contributes nothing).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `task_losses(self, batch, batch_idx)` returning "
+            f"a dict with one scalar loss per task {list(self.tasks)}."
+        )
+
+    def shared_parameters(self) -> Iterable[nn.Parameter]:
+        """The parameters shared by all tasks (the trunk). Needed by gradient-based methods."""
+        raise MisconfigurationException(
+            f"This weighting looks at gradients on the shared parameters, but "
+            f"{type(self).__name__} does not define them. Add a method "
+            "`def shared_parameters(self): return self.encoder.parameters()` (your shared trunk)."
+        )
+
+    def gradnorm_parameter(self) -> nn.Parameter:
+        """The shared layer GradNorm measures gradient norms on.
+
+        Default: the last parameter with at least two dimensions (a weight matrix or kernel) of
+        :meth:`shared_parameters`. Override to choose another.
+        """
+        candidates = [p for p in self.shared_parameters() if p.ndim >= 2 and p.requires_grad]
+        if not candidates:
+            raise MisconfigurationException(
+                f"GradNorm needs a shared weight matrix, but {type(self).__name__}."
+                "shared_parameters() has no trainable parameter with 2 or more dimensions. "
+                "Override `gradnorm_parameter()` or pass GradNorm(layer='name.of.weight')."
+            )
+        return candidates[-1]
+
+    # ------------------------------------------------------------------ weighting
+    @property
+    def weighting(self) -> Weighting | None:
+        """The weighting callback attached to this module (``None``: plain sum)."""
+        return self._weighting
+
+    def _attach_weighting(self, weighting: Weighting) -> None:
+        self._weighting = weighting
+        if weighting.module is not None:
+            self.loss_weighting = weighting.module
+
+    def weighting_parameters(self) -> Iterator[nn.Parameter]:
+        """Learnable parameters of the weighting method (put them in an optimizer, no decay)."""
+        if self._weighting is not None and self._weighting.module is not None:
+            yield from self._weighting.module.parameters()
+
+    @property
+    def task_weights(self) -> dict[str, float]:
+        """The weights currently applied, by task (1 for every task without a weighting)."""
+        if self._weighting is None:
+            return dict.fromkeys(self.tasks, 1.0)
+        return self._weighting.weights
+
+    # ------------------------------------------------------------------ steps
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        self._step_skipped = False
+        outputs = self._call_task_losses(batch, batch_idx)
+        losses, present_list = self._stack(outputs, batch_idx)
+        present = self._mask(present_list, losses.device)
+        if not self._finite_or_skip(losses, present, present_list, batch_idx):
+            self._step_skipped = True
+            return None
+        weighting = self._weighting
+        total = losses.sum() if weighting is None else weighting.combine(losses, present)
+        self._graph_losses, self._present, self._present_list = losses, present, present_list
+        if weighting is not None:
+            weighting.observe(self.trainer, losses.detach(), present)
+        if self._should_log():
+            self._log_train(losses.detach(), present_list, total.detach())
+        return total
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._graph_losses = None  # release the step's graph
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
+        outputs = self._call_task_losses(batch, batch_idx)
+        losses, present_list = self._stack(outputs, batch_idx)
+        weights = (
+            torch.ones_like(losses)
+            if self._weighting is None
+            else self._weighting.weight_tensor().to(losses)
+        )
+        items = {
+            f"{stage}/loss/{t}": losses[i] for i, t in enumerate(self.tasks) if present_list[i]
+        }
+        items[f"{stage}/loss/total"] = (weights * losses).sum()
+        self.log_dict(items, on_step=False, on_epoch=True)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        for task in self._metric_tasks:
+            out = outputs[task]
+            if out is None:
+                continue
+            if not isinstance(out, TaskOutput) or out.preds is None or out.target is None:
+                raise MisconfigurationException(
+                    f"Task '{task}' has metrics, so `task_losses` must return "
+                    "`TaskOutput(loss, preds, target)` for it; it returned a bare "
+                    f"{type(out).__name__}."
+                )
+            collection = metrics[task]
+            collection.update(out.preds, out.target)
+            self.log_dict(collection, on_step=False, on_epoch=True)
+
+    # ------------------------------------------------------------------ internals
+    def _call_task_losses(self, batch: Any, batch_idx: int) -> Mapping[str, Any]:
+        outputs = self.task_losses(batch, batch_idx)
+        if not isinstance(outputs, Mapping):
+            raise TypeError(
+                f"{type(self).__name__}.task_losses must return a dict of task name -> loss; "
+                f"it returned a {type(outputs).__name__}."
+            )
+        if len(outputs) != len(self.tasks) or any(t not in outputs for t in self.tasks):
+            unknown = sorted(set(outputs) - set(self.tasks))
+            missing = [t for t in self.tasks if t not in outputs]
+            detail = []
+            if unknown:
+                detail.append(f"unknown task(s) {unknown}")
+            if missing:
+                detail.append(f"missing task(s) {missing}")
+            raise KeyError(
+                f"{type(self).__name__}.task_losses returned {' and '.join(detail)} at batch "
+                f"{batch_idx}; the tasks are {list(self.tasks)}. Return an entry for every task, "
+                "with None for a task that has no label in this batch."
+            )
+        return outputs
+
+    def _stack(self, outputs: Mapping[str, Any], batch_idx: int) -> tuple[Tensor, list[bool]]:
+        values: list[Tensor | None] = []
+        for task in self.tasks:
+            out = outputs[task]
+            loss = out.loss if isinstance(out, TaskOutput) else out
+            if loss is not None:
+                if not isinstance(loss, Tensor):
+                    raise TypeError(
+                        f"The loss of task '{task}' at batch {batch_idx} is a "
+                        f"{type(loss).__name__}; return a scalar torch.Tensor (or None when the "
+                        "task is absent from the batch)."
+                    )
+                if loss.numel() != 1:
+                    raise ValueError(
+                        f"The loss of task '{task}' at batch {batch_idx} has shape "
+                        f"{tuple(loss.shape)}; it must be a scalar. Reduce it (e.g. .mean())."
+                    )
+                loss = loss.reshape(()).float()
+            values.append(loss)
+        present_list = [v is not None for v in values]
+        if not any(present_list):
+            raise ValueError(
+                f"{type(self).__name__}.task_losses returned None for every task at batch "
+                f"{batch_idx}; at least one task needs a loss (skip such batches in the data)."
+            )
+        zero = next(v for v in values if v is not None).new_zeros(())
+        return torch.stack([zero if v is None else v for v in values]), present_list
+
+    def _mask(self, present_list: list[bool], device: torch.device) -> Tensor:
+        key = tuple(present_list)
+        mask = self._mask_cache.get(key)
+        if mask is None or mask.device != device:
+            mask = torch.tensor(present_list, dtype=torch.bool, device=device)
+            self._mask_cache[key] = mask
+        return mask
+
+    def _finite_or_skip(
+        self, losses: Tensor, present: Tensor, present_list: list[bool], batch_idx: int
+    ) -> bool:
+        bad = (~torch.isfinite(losses)) & present
+        any_bad = bad.any()
+        if self.on_nonfinite == "skip" and self.trainer.world_size > 1:
+            # every rank must take the same decision, or DDP would hang
+            any_bad = reduce_sum(self.trainer, any_bad.float()) > 0
+        if not bool(any_bad):  # the one host synchronisation per step
+            return True
+        names = [t for t, b in zip(self.tasks, bad.tolist(), strict=True) if b]
+        if self.on_nonfinite == "raise":
+            values = {t: float(losses[self.tasks.index(t)].detach()) for t in names}
+            raise FloatingPointError(
+                f"Non-finite loss for task(s) {values} at epoch {self.current_epoch}, batch "
+                f"{batch_idx} (global step {self.global_step}). Check the data and learning rate "
+                "of those tasks, or pass `on_nonfinite='skip'` to MultiTaskModule to skip such "
+                "steps."
+            )
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        return False
+
+    def _should_log(self) -> bool:
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        connector = getattr(trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True)) and bool(trainer.loggers)
+
+    def _log_train(self, losses: Tensor, present_list: list[bool], total: Tensor) -> None:
+        items: dict[str, Tensor] = {
+            f"loss/{t}": losses[i] for i, t in enumerate(self.tasks) if present_list[i]
+        }
+        items["loss/total"] = total
+        weighting = self._weighting
+        if weighting is not None:
+            weights = weighting.weight_tensor()
+            items.update({f"weights/{t}": weights[i] for i, t in enumerate(self.tasks)})
+            items.update(weighting.log_items())
+        self.log_dict(items, on_step=True, on_epoch=False)
+
+    def _init_metrics(self, metrics: Mapping[str, Any]) -> None:
+        unknown = sorted(set(metrics) - set(self.tasks))
+        if unknown:
+            raise ValueError(
+                f"Parameter `metrics` names unknown task(s) {unknown}; "
+                f"tasks are {list(self.tasks)}."
+            )
+        for task, spec in metrics.items():
+            if isinstance(spec, Metric):
+                spec = {type(spec).__name__.lower(): spec}
+            if isinstance(spec, Mapping):
+                spec = MetricCollection(dict(spec))
+            if not isinstance(spec, MetricCollection):
+                raise TypeError(
+                    f"Metrics of task '{task}' should be a torchmetrics Metric, MetricCollection "
+                    f"or dict of Metrics; found {type(spec).__name__}."
+                )
+            self.val_metrics[task] = spec.clone(prefix=f"val/{task}/")
+            self.test_metrics[task] = spec.clone(prefix=f"test/{task}/")
+        self._metric_tasks = tuple(t for t in self.tasks if t in metrics)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def configure_optimizers(self) -> Any:
+        """One optimizer from ``optimizer``: the model's parameters in one group, the weighting
+        method's learnable parameters in their own group without weight decay (learning rate
+        ``weighting.lr`` when it sets one)."""
+        own = list(self.weighting_parameters())
+        own_ids = {id(p) for p in own}
+        model = [p for p in self.parameters() if p.requires_grad and id(p) not in own_ids]
+        groups: list[dict[str, Any]] = [{"params": model, "name": "model"}]
+        if own:
+            group: dict[str, Any] = {"params": own, "weight_decay": 0.0, "name": "weighting"}
+            lr = getattr(self._weighting, "lr", None)
+            if lr is not None:
+                group["lr"] = lr
+            groups.append(group)
+        return create_optimizer(groups, self.optimizer_spec)
+
+    @override
+    def on_fit_start(self) -> None:
+        if self._weighting is None:
+            rank_zero_info(
+                f"lightning_aw: {type(self).__name__} has no weighting callback; the task losses "
+                "are summed with weight 1."
+            )
+        if self.trainer.is_global_zero:
+            self._add_tensorboard_layout()
+
+    def _add_tensorboard_layout(self) -> None:
+        charts = {
+            "task losses": ["Multiline", [f"loss/{t}" for t in self.tasks]],
+            "validation task losses": ["Multiline", [f"val/loss/{t}" for t in self.tasks]],
+        }
+        if self._weighting is not None:
+            charts["task weights"] = ["Multiline", [f"weights/{t}" for t in self.tasks]]
+        for logger in self.trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars({"lightning_aw": charts})
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightning_aw"] = {
+            "tasks": list(self.tasks),
+            "weighting": self._weighting_name(),
+        }
+
+    def _weighting_name(self) -> str:
+        return "none" if self._weighting is None else type(self._weighting).__name__
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("lightning_aw", {}).get("tasks")
+        if saved is not None and list(saved) != list(self.tasks):
+            raise MisconfigurationException(
+                f"The checkpoint was saved for tasks {list(saved)}, but this "
+                f"{type(self).__name__} has tasks {list(self.tasks)}. Use the same task list "
+                "(and order) to resume."
+            )
+        method = checkpoint.get("lightning_aw", {}).get("weighting")
+        trainer = self._trainer
+        resuming = trainer is not None and trainer.state.fn == "fit"
+        if resuming and method is not None and method != self._weighting_name():
+            raise MisconfigurationException(
+                f"The checkpoint was trained with weighting {method!r}, but this run uses "
+                f"{self._weighting_name()!r}. Resuming needs the same method; to switch, start a "
+                "new run from the weights only: "
+                f"`{type(self).__name__}.load_from_checkpoint(path)` "
+                "and `trainer.fit(model)` without `ckpt_path`."
+            )
+        # A checkpoint written with a learnable weighting (e.g. UncertaintyWeighting) holds its
+        # parameters under `loss_weighting.`; load it without that callback, and vice versa.
+        state = checkpoint.get("state_dict", {})
+        prefix = "loss_weighting."
+        ours = dict(self.named_parameters())
+        if not hasattr(self, "loss_weighting"):
+            for key in [k for k in state if k.startswith(prefix)]:
+                del state[key]
+        else:
+            for name, value in ours.items():
+                if name.startswith(prefix) and name not in state:
+                    state[name] = value.detach().clone()
+
+
+def _validate_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(tasks, str) or not isinstance(tasks, Sequence) or len(tasks) == 0:
+        raise ValueError(
+            f"Parameter `tasks` should be a non-empty list of task names. Found {tasks!r}."
+        )
+    for t in tasks:
+        if not isinstance(t, str) or not _TASK_NAME.match(t):
+            raise ValueError(
+                f"Task name {t!r} is invalid: use letters, digits, '_' and '-' (it becomes part "
+                "of logged metric names)."
+            )
+    if len(set(tasks)) != len(tasks):
+        dupes = sorted({t for t in tasks if list(tasks).count(t) > 1})
+        raise ValueError(f"Parameter `tasks` has duplicate names {dupes}.")
+    return tuple(tasks)

@@ -1,0 +1,283 @@
+"""The base class of every weighting callback."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_aw._utils import reduce_sum
+
+Interval = Literal["step", "epoch"]
+
+
+class Weighting(Callback):
+    """Base class of the loss-weighting callbacks.
+
+    A weighting turns the per-task losses that :class:`~lightning_aw.MultiTaskModule` collects into
+    the one loss Lightning backpropagates (:meth:`combine`), and updates its weights from statistics
+    of the training run. Subclasses override a few template methods:
+
+    - :meth:`init_state` creates the state for ``T`` tasks (tensors on the CPU; they follow the
+      module's device at fit start),
+    - :meth:`weight_tensor` returns the current weights,
+    - :meth:`combine` (optional) when the loss is more than ``weights @ losses``,
+    - :meth:`update` recomputes the weights when the interval elapses, from the mean task losses
+      of the window since the last update (and anything the subclass gathered itself).
+
+    Intervals: ``interval="step"`` counts optimizer steps (so the weights are constant within a
+    gradient-accumulation window), ``interval="epoch"`` counts training epochs; ``frequency=N``
+    updates every ``N`` of them.
+
+    All state that drives the weights is reduced over the DDP ranks before use, so every rank holds
+    identical weights; the state is saved in checkpoints (``state_dict``) so a resumed run continues
+    exactly as an uninterrupted one.
+    """
+
+    #: What the weights sum to: ``"T"`` (number of tasks), ``1`` or ``None`` (not normalised).
+    total: ClassVar[str | float | None] = "T"
+    #: Names of the attributes saved by :meth:`state_dict` (tensors, numbers, lists, dicts).
+    _state_attrs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *, interval: Interval | None = None, frequency: int = 1) -> None:
+        super().__init__()
+        if interval not in (None, "step", "epoch"):
+            raise ValueError(
+                f"Parameter `interval` should be 'step' or 'epoch'. Found {interval!r}."
+            )
+        if not isinstance(frequency, int) or isinstance(frequency, bool) or frequency < 1:
+            raise ValueError(f"Parameter `frequency` should be an int >= 1. Found {frequency!r}.")
+        self.interval = interval
+        self.frequency = frequency
+        self.tasks: list[str] = []
+        self.module: nn.Module | None = None
+        self._device = torch.device("cpu")
+        # statistics of the current update window, summed over micro-batches
+        self._window_loss_sum = torch.zeros(0)
+        self._window_count = torch.zeros(0)
+        self._num_updates = 0
+        self._optimizer_steps = 0
+        self._last_global_step = -1
+
+    # ------------------------------------------------------------------ template methods
+    def init_state(self, num_tasks: int) -> None:
+        """Create the state for ``num_tasks`` tasks. Called once, in ``setup``."""
+
+    def weight_tensor(self) -> Tensor:
+        """The weights applied at the current step, shape ``[T]`` (detached)."""
+        raise NotImplementedError
+
+    def combine(self, losses: Tensor, present: Tensor) -> Tensor:
+        """The loss to backpropagate: ``sum_i w_i L_i`` over the tasks present in the batch.
+
+        Args:
+            losses: float32 task losses ``[T]`` (zero where a task is absent).
+            present: boolean mask ``[T]`` of the tasks present in this batch.
+        """
+        return (self.weight_tensor().to(losses.dtype) * losses).sum()
+
+    def update(self, trainer: pl.Trainer, window_mean: Tensor, window_present: Tensor) -> None:
+        """Recompute the weights; ``window_mean`` are the rank-reduced mean losses since the last
+        update, ``window_present`` tells which tasks were seen in the window."""
+
+    def log_items(self) -> dict[str, Tensor]:
+        """Extra diagnostics logged with the weights (tensors, no host synchronisation)."""
+        return {}
+
+    # ------------------------------------------------------------------ public helpers
+    @property
+    def weights(self) -> dict[str, float]:
+        """The weights currently applied, by task name (reads them to the host)."""
+        if not self.tasks:
+            return {}
+        return dict(zip(self.tasks, self.weight_tensor().float().tolist(), strict=True))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def hparams_repr(self) -> dict[str, Any]:
+        """The hyperparameters shown by ``repr`` and used in ``state_key``."""
+        out: dict[str, Any] = {}
+        if self.interval is not None:
+            out["interval"] = self.interval
+            out["frequency"] = self.frequency
+        return out
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams_repr().items())
+        return f"{type(self).__name__}({args})"
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.hparams_repr())
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_aw.module import MultiTaskModule
+
+        if not isinstance(pl_module, MultiTaskModule):
+            raise TypeError(
+                f"{type(self).__name__} is a loss weighting for `lightning_aw.MultiTaskModule`, "
+                f"but the Trainer runs a `{type(pl_module).__name__}`. Subclass MultiTaskModule "
+                "and implement `task_losses(batch, batch_idx)`."
+            )
+        others = [c for c in trainer.callbacks if isinstance(c, Weighting) and c is not self]
+        if others:
+            names = ", ".join(repr(c) for c in [self, *others])
+            raise MisconfigurationException(
+                f"Only one weighting callback may be given to a Trainer; found {names}. Keep one "
+                "(weight transforms are composed inside a single weighting)."
+            )
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                f"{type(self).__name__} needs automatic optimization; "
+                f"`{type(pl_module).__name__}.automatic_optimization` is False."
+            )
+        if pl_module.weighting is self:
+            return  # setup runs again for validate/test: attach once
+        self.tasks = list(pl_module.tasks)
+        self.init_state(len(self.tasks))
+        self._window_loss_sum = torch.zeros(len(self.tasks))
+        self._window_count = torch.zeros(len(self.tasks))
+        pl_module._attach_weighting(self)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._device = pl_module.device
+        self._move_state(pl_module.device)
+        self.check_optimizers(trainer)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after a resume the loops (and global_step) are restored only now
+        self._last_global_step = trainer.global_step
+
+    def check_optimizers(self, trainer: pl.Trainer) -> None:
+        """Learnable weighting parameters must be optimised, and never with weight decay."""
+        if self.module is None:
+            return
+        params = {id(p): n for n, p in self.module.named_parameters() if p.requires_grad}
+        found: set[int] = set()
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if id(p) in params:
+                        found.add(id(p))
+                        if group.get("weight_decay", 0.0):
+                            raise MisconfigurationException(
+                                f"The parameter `{params[id(p)]}` of {self!r} is in an optimizer "
+                                f"group with weight_decay={group['weight_decay']}; weighting "
+                                "parameters must not be decayed. Put them in their own group "
+                                "with weight_decay=0 (MultiTaskModule.configure_optimizers does)."
+                            )
+        missing = [n for i, n in params.items() if i not in found]
+        if missing:
+            raise MisconfigurationException(
+                f"{self!r} learns {missing}, but no optimizer holds them. Include "
+                "`self.weighting_parameters()` in your optimizer (with weight_decay=0), or use "
+                "MultiTaskModule's default `configure_optimizers`."
+            )
+
+    def observe(self, trainer: pl.Trainer, losses: Tensor, present: Tensor) -> None:
+        """Record one training micro-batch's detached task losses; update when the interval ends.
+
+        Called by :class:`~lightning_aw.MultiTaskModule` after each successful training step.
+        """
+        mask = present.to(self._window_count.dtype)
+        self._window_loss_sum = self._window_loss_sum + losses.detach() * mask
+        self._window_count = self._window_count + mask
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if trainer.global_step == self._last_global_step:
+            return  # inside an accumulation window
+        self._last_global_step = trainer.global_step
+        if getattr(pl_module, "_step_skipped", False):
+            return  # a step skipped for a non-finite loss changes nothing
+        self._optimizer_steps += 1
+        if self.interval == "step" and self._optimizer_steps % self.frequency == 0:
+            self._run_update(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.interval == "epoch" and (trainer.current_epoch + 1) % self.frequency == 0:
+            self._run_update(trainer)
+
+    def _run_update(self, trainer: pl.Trainer) -> None:
+        stats = reduce_sum(trainer, torch.cat([self._window_loss_sum, self._window_count]))
+        loss_sum, count = stats.chunk(2)
+        present = count > 0
+        mean = loss_sum / count.clamp_min(1.0)
+        self.update(trainer, mean, present)
+        self._num_updates += 1
+        self._window_loss_sum = torch.zeros_like(self._window_loss_sum)
+        self._window_count = torch.zeros_like(self._window_count)
+
+    # ------------------------------------------------------------------ state
+    def _state_names(self) -> tuple[str, ...]:
+        base = ("_window_loss_sum", "_window_count", "_num_updates", "_optimizer_steps")
+        return base + self._state_attrs
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"tasks": list(self.tasks)}
+        for name in self._state_names():
+            value = getattr(self, name)
+            if hasattr(value, "state_dict") and not isinstance(value, (Tensor, nn.Module)):
+                value = value.state_dict()
+            elif isinstance(value, Tensor):
+                value = value.detach().clone()
+            state[name] = value
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = list(state_dict.get("tasks", []))
+        if self.tasks and saved != self.tasks:
+            raise MisconfigurationException(
+                f"The checkpoint's {type(self).__name__} state was saved for tasks {saved}, but "
+                f"this run has tasks {self.tasks}. Resume with the same task list, or start a "
+                "new run (load only the model weights)."
+            )
+        for name in self._state_names():
+            if name not in state_dict:
+                continue
+            current = getattr(self, name)
+            value = state_dict[name]
+            if hasattr(current, "load_state_dict") and not isinstance(current, (Tensor, nn.Module)):
+                current.load_state_dict(value)
+            else:
+                setattr(self, name, value)
+        self._move_state(self._device)
+
+    def _move_state(self, device: torch.device) -> None:
+        for name in self._state_names():
+            value = getattr(self, name)
+            if isinstance(value, Tensor):
+                setattr(self, name, value.to(device))
+            elif hasattr(value, "to") and not isinstance(value, nn.Module):
+                value.to(device)
+
+    # ------------------------------------------------------------------ module helpers
+    def _register_module(self, module: nn.Module) -> None:
+        """Declare learnable parameters; MultiTaskModule attaches them as ``loss_weighting``.
+
+        Attached to the LightningModule, they follow Lightning's device, precision and DDP
+        handling and are saved in the model checkpoint.
+        """
+        self.module = module

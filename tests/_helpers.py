@@ -1,0 +1,108 @@
+"""Tiny models and data shared by the tests (real Lightning Trainers, CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_aw import MultiTaskModule, Weighting
+
+TASKS = ("a", "b", "c")
+
+
+def regression_data(n: int = 256, seed: int = 0, scales: Sequence[float] = (1.0, 3.0, 0.3)):
+    """Three regression targets of different scales from one 6-d input."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=gen)
+    w = torch.randn(6, len(scales), generator=gen)
+    y = torch.tanh(x @ w) * torch.tensor(scales) + 0.1 * torch.randn(n, len(scales), generator=gen)
+    return x, y
+
+
+def loader(n: int = 256, batch_size: int = 32, seed: int = 0, **kw: Any) -> DataLoader:
+    return DataLoader(TensorDataset(*regression_data(n, seed, **kw)), batch_size=batch_size)
+
+
+class TinyNet(MultiTaskModule):
+    """A 6 -> 16 -> 16 trunk and one linear head per task."""
+
+    def __init__(
+        self,
+        tasks: Sequence[str] = TASKS,
+        absent: Callable[[int, str], bool] | None = None,
+        loss_hook: Callable[[int, str, Tensor], Tensor] | None = None,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("optimizer", {"name": "sgd", "lr": 0.05})
+        super().__init__(tasks=tasks, **kwargs)
+        torch.manual_seed(seed)
+        self.trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+        self.heads = nn.ModuleDict({t: nn.Linear(16, 1) for t in tasks})
+        self.absent = absent
+        self.loss_hook = loss_hook
+
+    def shared_parameters(self):
+        return self.trunk.parameters()
+
+    def task_losses(self, batch, batch_idx):
+        x, y = batch
+        h = self.trunk(x)
+        out: dict[str, Tensor | None] = {}
+        for i, t in enumerate(self.tasks):
+            if self.absent is not None and self.absent(batch_idx, t):
+                out[t] = None
+                continue
+            loss = F.mse_loss(self.heads[t](h).squeeze(-1), y[:, i])
+            if self.loss_hook is not None:
+                loss = self.loss_hook(batch_idx, t, loss)
+            out[t] = loss
+        return out
+
+
+def trainer(tmp_path, callbacks: Sequence[Any] = (), **kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = {
+        "default_root_dir": tmp_path,
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 2,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **defaults)
+
+
+def params(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def fresh(weighting: Weighting) -> Weighting:
+    return copy.deepcopy(weighting)
+
+
+class WeightRecorder(pl.Callback):
+    """Records the weights used at every training batch (read before the step runs)."""
+
+    def __init__(self) -> None:
+        self.weights: list[list[float]] = []
+        self.losses: list[list[float]] = []
+        self.epochs: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.weights.append(list(pl_module.task_weights.values()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        losses = pl_module._graph_losses
+        self.losses.append([] if losses is None else losses.detach().tolist())
+        self.epochs.append(trainer.current_epoch)
