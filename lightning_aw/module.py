@@ -194,6 +194,8 @@ class MultiTaskModule(pl.LightningModule):
         outputs = self._call_task_losses(batch, batch_idx)
         losses, present_list = self._stack(outputs, batch_idx)
         present = self._mask(present_list, losses.device)
+        if not all(present_list):
+            self._check_partial_labels_allowed(present_list, batch_idx)
         if not self._finite_or_skip(losses, present, present_list, batch_idx):
             self._step_skipped = True
             return None
@@ -296,6 +298,19 @@ class MultiTaskModule(pl.LightningModule):
             )
         zero = next(v for v in values if v is not None).new_zeros(())
         return torch.stack([zero if v is None else v for v in values]), present_list
+
+    def _check_partial_labels_allowed(self, present_list: list[bool], batch_idx: int) -> None:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return
+        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
+        if ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters", False):
+            absent = [t for t, here in zip(self.tasks, present_list, strict=True) if not here]
+            raise MisconfigurationException(
+                f"Task(s) {absent} are absent from batch {batch_idx}, so their heads get no "
+                "gradient, and DDP would wait for it forever. With partial labels under DDP use "
+                "`Trainer(strategy='ddp_find_unused_parameters_true')`."
+            )
 
     def _mask(self, present_list: list[bool], device: torch.device) -> Tensor:
         key = tuple(present_list)

@@ -1,0 +1,57 @@
+"""Run by tests/test_ddp.py: 2-process CPU DDP (gloo) training for several weightings.
+
+Each rank writes its final weights and parameters to OUT/<method>-rank<r>.pt. The data differ
+between ranks (DistributedSampler), and task "c" is absent from rank 1's odd batches, so weights
+that are not reduced over the ranks would differ.
+
+    python tests/ddp_script.py OUT METHOD [METHOD ...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _helpers import TinyNet, loader  # noqa: E402
+
+from lightning_aw import DWA, GradNorm, UncertaintyWeighting  # noqa: E402
+
+METHODS = {
+    "dwa": lambda: DWA(),
+    "dwa-step": lambda: DWA(interval="step", frequency=2),
+    "gradnorm": lambda: GradNorm(alpha=1.5, lr=0.05),
+    "uncertainty": lambda: UncertaintyWeighting(lr=0.05),
+}
+
+
+def _absent(batch_idx: int, task: str) -> bool:
+    return task == "c" and int(os.environ.get("LOCAL_RANK", "0")) == 1 and batch_idx % 2 == 1
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    for name in sys.argv[2:]:
+        pl.seed_everything(0, verbose=False)
+        method = METHODS[name]()
+        net = TinyNet(absent=_absent, optimizer={"name": "adam", "lr": 0.01})
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_epochs=3, callbacks=[method],
+            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=out,
+        )
+        trainer.fit(net, loader(n=256, batch_size=16))
+        state = {
+            "weights": torch.tensor(list(method.weights.values())),
+            "params": {k: v.detach().clone() for k, v in net.state_dict().items()},
+            "global_step": trainer.global_step,
+        }
+        torch.save(state, out / f"{name}-rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
