@@ -17,9 +17,9 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _helpers import TinyNet, loader  # noqa: E402
+from _helpers import TinyNet, loader
 
-from lightning_aw import DWA, GradNorm, UncertaintyWeighting  # noqa: E402
+from lightning_aw import DWA, GradNorm, UncertaintyWeighting
 
 METHODS = {
     "dwa": lambda: DWA(),

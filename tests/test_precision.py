@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from _helpers import TinyNet, WeightRecorder, loader, params, trainer
 from lightning.pytorch.plugins import MixedPrecision
 
-from _helpers import TinyNet, WeightRecorder, loader, params, trainer
 from lightning_aw import DWA, EqualWeighting, GradNorm, UncertaintyWeighting
 
 METHODS = [None, EqualWeighting(), UncertaintyWeighting(), DWA(), GradNorm()]
