@@ -164,3 +164,18 @@ def test_gradnorm_first_step_is_the_paper_update(tmp_path):
     gn = GradNorm(alpha=1.5)
     trainer(tmp_path, [gn], max_steps=1).fit(TinyNet(), loader())
     torch.testing.assert_close(torch.tensor(list(gn.weights.values())), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_uncertainty_callback_matches_functional():
+    from lightning_aw.functional import uncertainty_loss, uncertainty_weights
+
+    uw = UncertaintyWeighting(classification=["b"])
+    uw.tasks = ["a", "b", "c"]
+    uw.init_state(3)
+    with torch.no_grad():
+        uw.log_vars.copy_(torch.tensor([0.3, -0.7, 1.1]))
+    losses = torch.tensor([1.5, 0.2, 3.0])
+    present = torch.tensor([True, True, False])
+    flags = [False, True, False]
+    torch.testing.assert_close(uw.combine(losses, present), uncertainty_loss(losses, uw.log_vars, flags, present))
+    torch.testing.assert_close(uw.weight_tensor(), uncertainty_weights(uw.log_vars.detach(), flags))

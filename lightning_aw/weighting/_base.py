@@ -190,7 +190,11 @@ class Weighting(Callback):
         """Record one training micro-batch's detached task losses; update when the interval ends.
 
         Called by :class:`~lightning_aw.MultiTaskModule` after each successful training step.
+        Methods without an update interval (their weights change only through the optimizer, or
+        never) keep no window statistics.
         """
+        if self.interval is None:
+            return
         mask = present.to(self._window_count.dtype)
         self._window_loss_sum = self._window_loss_sum + losses.detach() * mask
         self._window_count = self._window_count + mask
@@ -204,8 +208,8 @@ class Weighting(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if trainer.global_step == self._last_global_step:
-            return  # inside an accumulation window
+        if self.interval is None or trainer.global_step == self._last_global_step:
+            return  # no interval, or inside an accumulation window
         self._last_global_step = trainer.global_step
         if getattr(pl_module, "_step_skipped", False):
             return  # a step skipped for a non-finite loss changes nothing

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_aw.functional import uncertainty_loss, uncertainty_weights
 from lightning_aw.weighting._base import Weighting
 
 
@@ -63,6 +62,7 @@ class UncertaintyWeighting(Weighting):
         self.init = float(init)
         self.lr = lr
         self._flags: list[bool] = []
+        self._coef = torch.zeros(0)
 
     def hparams_repr(self) -> dict[str, Any]:
         return {"classification": self.classification, "init": self.init, "lr": self.lr}
@@ -75,6 +75,7 @@ class UncertaintyWeighting(Weighting):
                 f"the module's tasks are {self.tasks}."
             )
         self._flags = [t in self.classification for t in self.tasks]
+        self._coef = torch.tensor([1.0 if f else 0.5 for f in self._flags])
         module = nn.Module()
         module.log_vars = nn.Parameter(torch.full((num_tasks,), self.init))
         self._register_module(module)
@@ -90,11 +91,18 @@ class UncertaintyWeighting(Weighting):
         values = torch.exp(0.5 * self.log_vars.detach().float()).tolist()
         return dict(zip(self.tasks, values, strict=True))
 
+    def _move_state(self, device: torch.device) -> None:
+        super()._move_state(device)
+        self._coef = self._coef.to(device)
+
     def weight_tensor(self) -> Tensor:
-        return uncertainty_weights(self.log_vars.detach(), self._flags)
+        return self._coef * torch.exp(-self.log_vars.detach().float())
 
     def combine(self, losses: Tensor, present: Tensor) -> Tensor:
-        return uncertainty_loss(losses, self.log_vars.float(), self._flags, present)
+        # inline form of `functional.uncertainty_loss` (same formula, no per-step validation)
+        s = self.log_vars.float()
+        terms = self._coef * torch.exp(-s) * losses + 0.5 * s
+        return (terms * present).sum()
 
     def log_items(self) -> dict[str, Tensor]:
         log_vars = self.log_vars.detach()

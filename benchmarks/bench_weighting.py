@@ -1,0 +1,136 @@
+"""Per-step cost of each weighting method against the plain summed loss, measured in one run.
+
+    python benchmarks/bench_weighting.py [--steps 60] [--rounds 5] [--batch-size 128]
+
+A fixed model (the two-digit CNN of examples/digits.py, 3 tasks) is trained for ``--steps``
+optimizer steps per configuration; the configurations are interleaved over ``--rounds`` rounds
+and the median wall time of a training step (``on_train_batch_start`` -> ``on_train_batch_end``:
+forward, backward, optimizer, weighting) is compared with the baselines measured in the same run:
+
+- ``plain LightningModule``: the same network and losses in an ordinary LightningModule that
+  returns the sum and logs the task losses with one ``log_dict`` call per step;
+- ``MultiTaskModule (no callback)``: lightning_aw's module with no weighting callback.
+
+Every method's ratio is against ``MultiTaskModule (no callback)``, which itself is compared with the
+plain LightningModule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from digits import DigitsNet
+
+from lightning_aw import DWA, EqualWeighting, GradNorm, UncertaintyWeighting
+from lightning_aw.datasets import make_two_digits
+
+
+class PlainNet(pl.LightningModule):
+    """The DigitsNet network and losses in an ordinary LightningModule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        ref = DigitsNet()
+        self.trunk, self.heads = ref.trunk, ref.heads
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.trunk(x)
+        losses = {
+            "left": F.cross_entropy(self.heads["left"](h), y[:, 0]),
+            "right": F.cross_entropy(self.heads["right"](h), y[:, 1]),
+            "sum": F.mse_loss(self.heads["sum"](h).squeeze(-1), y[:, 2].float()),
+        }
+        total = sum(losses.values())
+        self.log_dict({**{f"loss/{k}": v for k, v in losses.items()}, "loss/total": total})
+        return total
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=2e-3)
+
+
+class _Timer(pl.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.times.append(time.perf_counter() - self._t)
+
+
+class _Metricless(DigitsNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self._metric_tasks = ()
+
+
+CONFIGS: dict[str, Callable[[], tuple[pl.LightningModule, list[pl.Callback]]]] = {
+    "plain LightningModule": lambda: (PlainNet(), []),
+    "MultiTaskModule (no callback)": lambda: (_Metricless(), []),
+    "EqualWeighting": lambda: (_Metricless(), [EqualWeighting()]),
+    "UncertaintyWeighting": lambda: (_Metricless(), [UncertaintyWeighting()]),
+    "DWA": lambda: (_Metricless(), [DWA(interval="step", frequency=10)]),
+    "GradNorm": lambda: (_Metricless(), [GradNorm()]),
+}
+
+
+def measure(name: str, steps: int, batch_size: int, data, logdir: str) -> float:
+    model, callbacks = CONFIGS[name]()
+    timer = _Timer()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, callbacks=[*callbacks, timer],
+        logger=TensorBoardLogger(logdir, name="bench"), log_every_n_steps=50,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True)
+    trainer.fit(model, loader)
+    return statistics.median(timer.times[5:])  # skip warm-up steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--only", nargs="*", default=None, help="subset of configurations")
+    args = parser.parse_args(argv)
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(*make_two_digits(args.batch_size * args.steps))
+    names = [n for n in CONFIGS if args.only is None or n in args.only or "MultiTask" in n]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with tempfile.TemporaryDirectory() as logdir:
+        for _ in range(args.rounds):
+            for name in names:
+                times[name].append(measure(name, args.steps, args.batch_size, data, logdir))
+    med = {n: statistics.median(t) for n, t in times.items()}
+    base = med["MultiTaskModule (no callback)"]
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
+    print(f"{'configuration':<32}{'ms/step':>10}{'ratio':>8}")
+    for name in names:
+        ref = med["plain LightningModule"] if name.startswith("MultiTask") else base
+        ratio = med[name] / ref if name != "plain LightningModule" else 1.0
+        print(f"{name:<32}{1e3 * med[name]:>10.2f}{ratio:>8.3f}")
+    print("ratios: MultiTaskModule vs plain LightningModule; methods vs MultiTaskModule")
+
+
+if __name__ == "__main__":
+    main()
