@@ -89,11 +89,13 @@ CONFIGS: dict[str, Callable[[], tuple[pl.LightningModule, list[pl.Callback]]]] =
 }
 
 
-def measure(name: str, steps: int, batch_size: int, data, logdir: str) -> float:
+def measure(
+    name: str, steps: int, batch_size: int, data, logdir: str, accelerator: str = "cpu"
+) -> float:
     model, callbacks = CONFIGS[name]()
     timer = _Timer()
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=steps, callbacks=[*callbacks, timer],
+        accelerator=accelerator, devices=1, max_steps=steps, callbacks=[*callbacks, timer],
         logger=TensorBoardLogger(logdir, name="bench"), log_every_n_steps=50,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0,
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--only", nargs="*", default=None, help="subset of configurations")
+    parser.add_argument("--accelerator", default="cpu")
     args = parser.parse_args(argv)
     import logging
 
@@ -120,10 +123,17 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as logdir:
         for _ in range(args.rounds):
             for name in names:
-                times[name].append(measure(name, args.steps, args.batch_size, data, logdir))
+                times[name].append(
+                    measure(name, args.steps, args.batch_size, data, logdir, args.accelerator)
+                )
     med = {n: statistics.median(t) for n, t in times.items()}
     base = med["MultiTaskModule (no callback)"]
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
+    where = (
+        torch.cuda.get_device_name()
+        if args.accelerator == "gpu"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(f"\ntorch {torch.__version__}, {where}, batch {args.batch_size}")
     print(f"{'configuration':<32}{'ms/step':>10}{'ratio':>8}")
     for name in names:
         ref = med["plain LightningModule"] if name.startswith("MultiTask") else base

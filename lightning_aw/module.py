@@ -125,6 +125,7 @@ class MultiTaskModule(pl.LightningModule):
         self._graph_losses: Tensor | None = None
         self._present: Tensor | None = None
         self._present_list: list[bool] = []
+        self._shared_rep: Tensor | None = None
         self._mask_cache: dict[tuple[bool, ...], Tensor] = {}
 
     # ------------------------------------------------------------------ user hooks
@@ -148,6 +149,17 @@ class MultiTaskModule(pl.LightningModule):
             f"{type(self).__name__} does not define them. Add a method "
             "`def shared_parameters(self): return self.encoder.parameters()` (your shared trunk)."
         )
+
+    def shared_representation(self, rep: Tensor) -> Tensor:
+        """Mark ``rep`` (the shared trunk's output) as the shared representation and return it.
+
+        Call it in :meth:`task_losses` on the tensor every task head reads,
+        ``h = self.shared_representation(self.trunk(x))``; gradient methods with
+        ``source="representation"`` take the per-task gradients with respect to it (MGDA-UB).
+        It returns ``rep`` unchanged and costs nothing otherwise.
+        """
+        self._shared_rep = rep
+        return rep
 
     def gradnorm_parameter(self) -> nn.Parameter:
         """The shared layer GradNorm measures gradient norms on.
@@ -191,6 +203,7 @@ class MultiTaskModule(pl.LightningModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         self._step_skipped = False
+        self._shared_rep = None
         outputs = self._call_task_losses(batch, batch_idx)
         losses, present_list = self._stack(outputs, batch_idx)
         present = self._mask(present_list, losses.device)
@@ -199,9 +212,9 @@ class MultiTaskModule(pl.LightningModule):
         if not self._finite_or_skip(losses, present, present_list, batch_idx):
             self._step_skipped = True
             return None
+        self._graph_losses, self._present, self._present_list = losses, present, present_list
         weighting = self._weighting
         total = losses.sum() if weighting is None else weighting.combine(losses, present)
-        self._graph_losses, self._present, self._present_list = losses, present, present_list
         if weighting is not None:
             weighting.observe(self.trainer, losses.detach(), present)
         if self._should_log():
@@ -210,7 +223,7 @@ class MultiTaskModule(pl.LightningModule):
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._graph_losses = None  # release the step's graph
+        self._graph_losses = self._shared_rep = None  # release the step's graph
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
