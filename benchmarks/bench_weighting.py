@@ -34,6 +34,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from digits import DigitsNet
 
+import lightning_aw as aw
 from lightning_aw import DWA, EqualWeighting, GradNorm, UncertaintyWeighting
 from lightning_aw.datasets import make_two_digits
 
@@ -87,6 +88,13 @@ CONFIGS: dict[str, Callable[[], tuple[pl.LightningModule, list[pl.Callback]]]] =
     "DWA": lambda: (_Metricless(), [DWA(interval="step", frequency=10)]),
     "GradNorm": lambda: (_Metricless(), [GradNorm()]),
 }
+GRADIENT_METHODS = ["MGDA", "PCGrad", "CAGrad", "IMTLG", "NashMTL", "AlignedMTL", "UPGrad", "GradVac"]
+for _name in GRADIENT_METHODS:
+    for _source in ("parameters", "representation"):
+        CONFIGS[f"{_name} ({_source[:4]}.)"] = lambda n=_name, s=_source: (
+            _Metricless(),
+            [getattr(aw, n)(source=s)],
+        )
 
 
 def measure(
@@ -118,7 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(*make_two_digits(args.batch_size * args.steps))
-    names = [n for n in CONFIGS if args.only is None or n in args.only or "MultiTask" in n]
+    names = [
+        n
+        for n in CONFIGS
+        if args.only is None or any(n.startswith(o) for o in [*args.only, "MultiTask", "plain"])
+    ]
     times: dict[str, list[float]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as logdir:
         for _ in range(args.rounds):

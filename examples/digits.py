@@ -74,7 +74,7 @@ class DigitsNet(MultiTaskModule):
 
     def task_losses(self, batch, batch_idx):
         x, y = batch
-        h = self.trunk(x)
+        h = self.shared_representation(self.trunk(x))  # for source="representation" methods
         left, right = self.heads["left"](h), self.heads["right"](h)
         total = self.heads["sum"](h).squeeze(-1)
         target_sum = y[:, 2].float()

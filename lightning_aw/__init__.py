@@ -3,6 +3,17 @@
 Subclass :class:`MultiTaskModule`, add one weighting callback to the Trainer, open TensorBoard.
 """
 
+from lightning_aw.aggregation import (
+    IMTLG,
+    MGDA,
+    AlignedMTL,
+    CAGrad,
+    GradientWeighting,
+    GradVac,
+    NashMTL,
+    PCGrad,
+    UPGrad,
+)
 from lightning_aw.module import MultiTaskModule, TaskOutput
 from lightning_aw.weighting import DWA, EqualWeighting, GradNorm, UncertaintyWeighting, Weighting
 
@@ -10,10 +21,19 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "DWA",
+    "IMTLG",
+    "MGDA",
+    "AlignedMTL",
+    "CAGrad",
     "EqualWeighting",
     "GradNorm",
+    "GradVac",
+    "GradientWeighting",
     "MultiTaskModule",
+    "NashMTL",
+    "PCGrad",
     "TaskOutput",
+    "UPGrad",
     "UncertaintyWeighting",
     "Weighting",
 ]

@@ -78,3 +78,24 @@ class AdamState:
         self.exp_avg = state["exp_avg"]
         self.exp_avg_sq = state["exp_avg_sq"]
         self.step = state["step"]
+
+
+class GeneratorState:
+    """A seeded CPU ``torch.Generator`` whose state goes through ``state_dict`` (a ByteTensor).
+
+    Seeded identically on every DDP rank, it draws identical numbers everywhere; saved in the
+    callback's checkpoint state, a resumed run draws what the uninterrupted run would have.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed)
+
+    def to(self, device: torch.device) -> None:
+        """The generator stays on the CPU; draws are moved to the device that needs them."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["state"].cpu())

@@ -39,6 +39,7 @@ class TinyNet(MultiTaskModule):
         absent: Callable[[int, str], bool] | None = None,
         loss_hook: Callable[[int, str, Tensor], Tensor] | None = None,
         seed: int = 0,
+        mark_representation: bool = True,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("optimizer", {"name": "sgd", "lr": 0.05})
@@ -48,6 +49,7 @@ class TinyNet(MultiTaskModule):
         self.heads = nn.ModuleDict({t: nn.Linear(16, 1) for t in tasks})
         self.absent = absent
         self.loss_hook = loss_hook
+        self.mark_representation = mark_representation
 
     def shared_parameters(self):
         return self.trunk.parameters()
@@ -55,6 +57,8 @@ class TinyNet(MultiTaskModule):
     def task_losses(self, batch, batch_idx):
         x, y = batch
         h = self.trunk(x)
+        if self.mark_representation:
+            h = self.shared_representation(h)
         out: dict[str, Tensor | None] = {}
         for i, t in enumerate(self.tasks):
             if self.absent is not None and self.absent(batch_idx, t):

@@ -19,13 +19,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _helpers import TinyNet, loader
 
-from lightning_aw import DWA, GradNorm, UncertaintyWeighting
+from lightning_aw import DWA, MGDA, GradNorm, GradVac, PCGrad, UncertaintyWeighting, UPGrad
 
 METHODS = {
     "dwa": lambda: DWA(),
     "dwa-step": lambda: DWA(interval="step", frequency=2),
     "gradnorm": lambda: GradNorm(alpha=1.5, lr=0.05),
     "uncertainty": lambda: UncertaintyWeighting(lr=0.05),
+    "mgda": lambda: MGDA(),
+    "pcgrad": lambda: PCGrad(),
+    "upgrad-gradients": lambda: UPGrad(ddp_sync="gradients"),
+    "gradvac-representation": lambda: GradVac(source="representation"),
 }
 
 
@@ -33,20 +37,29 @@ def _absent(batch_idx: int, task: str) -> bool:
     return task == "c" and int(os.environ.get("LOCAL_RANK", "0")) == 1 and batch_idx % 2 == 1
 
 
+class _Trajectory(pl.Callback):
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append(pl_module.weighting.weight_tensor().detach().cpu().clone())
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     for name in sys.argv[2:]:
         pl.seed_everything(0, verbose=False)
         method = METHODS[name]()
+        trajectory = _Trajectory()
         net = TinyNet(absent=_absent, optimizer={"name": "adam", "lr": 0.01})
         trainer = pl.Trainer(
-            accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_epochs=3, callbacks=[method],
+            accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_epochs=3, callbacks=[method, trajectory],
             logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, default_root_dir=out,
         )
         trainer.fit(net, loader(n=256, batch_size=16))
         state = {
-            "weights": torch.tensor(list(method.weights.values())),
+            "weights": torch.stack(trajectory.weights),
             "params": {k: v.detach().clone() for k, v in net.state_dict().items()},
             "global_step": trainer.global_step,
         }

@@ -11,7 +11,10 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
-METHODS = ["dwa", "dwa-step", "gradnorm", "uncertainty"]
+METHODS = [
+    "dwa", "dwa-step", "gradnorm", "uncertainty",
+    "mgda", "pcgrad", "upgrad-gradients", "gradvac-representation",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +37,7 @@ def test_ranks_hold_identical_weights_and_parameters(ddp_run, method):
     assert r0["global_step"] == r1["global_step"] == 3 * 8  # 128 samples per rank, batch 16
     torch.testing.assert_close(r0["weights"], r1["weights"], rtol=0, atol=0)
     assert torch.isfinite(r0["weights"]).all()
+    assert r0["weights"].shape == (24, 3)  # the weights after every step
     assert not torch.allclose(r0["weights"], torch.ones_like(r0["weights"]))  # they moved
     for k, v in r0["params"].items():
         torch.testing.assert_close(r1["params"][k], v, rtol=0, atol=0, msg=k)

@@ -1,0 +1,238 @@
+"""The base class of the gradient-based methods: coefficients from per-task gradients."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_aw._utils import grad_scaler
+from lightning_aw.weighting._base import Weighting
+
+Source = Literal["parameters", "representation"]
+DDPSync = Literal["gram", "gradients"]
+
+
+class GradientWeighting(Weighting):
+    r"""Base class of the methods that weigh the tasks from their gradients (PCGrad, MGDA, ...).
+
+    Every step, inside ``training_step``:
+
+    1. the per-task gradients :math:`G = [g_1; \dots; g_T]` are taken with
+       ``torch.autograd.grad`` on the shared parameters (``source="parameters"``, the default:
+       :meth:`MultiTaskModule.shared_parameters`) or on the shared representation
+       (``source="representation"``, MGDA-UB style and much cheaper: the tensor passed to
+       :meth:`MultiTaskModule.shared_representation`);
+    2. the method turns them into coefficients :math:`c` (from the Gram matrix :math:`GG^\top`
+       where it can);
+    3. the step returns :math:`c^\top L` with :math:`c` detached, and Lightning runs ONE ordinary
+       backward of it. Its precision plugin scales it, it is divided by
+       ``accumulate_grad_batches``, clipped and all-reduced by DDP as any loss.
+
+    So the network's update is exactly :math:`\sum_i c_i \nabla L_i`: the shared parameters get
+    the aggregated gradient :math:`c^\top G`, and the task heads get their own gradient weighted
+    by :math:`c_i` (in both sources; the encoder keeps training in representation mode too).
+
+    Conventions:
+
+    - Per-task gradients are taken of the GradScaler-scaled losses (fp16) and unscaled, in float32
+      (bf16 and fp16 gradients are upcast), and divided by ``accumulate_grad_batches`` so they are
+      the gradients of the losses Lightning backpropagates.
+    - Tasks absent from the batch get coefficient 0 and are left out of the method.
+    - DDP: with ``ddp_sync="gram"`` (default) the ranks average their local Gram matrices (a
+      ``T×T`` all-reduce); with ``ddp_sync="gradients"`` they average the per-task gradients
+      first (a ``T×P`` all-reduce), so the method acts on the global gradients. Either way every
+      rank applies identical coefficients.
+    - A step whose gradients or coefficients are not finite (an fp16 overflow, a NaN) falls back to
+      coefficients 1 (the plain sum) and is counted in ``aggregation/fallbacks``; no host sync.
+    - ``frequency=N`` recomputes the coefficients every ``N`` optimizer steps and reuses them in
+      between (Nash-MTL's cheap mode); the steps in between cost no extra backward.
+
+    Subclasses implement :meth:`coefficients` (from the Gram matrix) or set
+    ``needs_gradients = True`` and implement :meth:`coefficients_from_gradients`.
+    """
+
+    total: ClassVar[str | float | None] = None
+    #: whether the method needs the gradient matrix itself rather than its Gram matrix
+    needs_gradients: ClassVar[bool] = False
+    _state_attrs: ClassVar[tuple[str, ...]] = ("_coefs", "_fallbacks")
+
+    def __init__(
+        self, *, source: Source = "parameters", ddp_sync: DDPSync = "gram", frequency: int = 1
+    ) -> None:
+        super().__init__(interval="step", frequency=frequency)
+        if source not in ("parameters", "representation"):
+            raise ValueError(
+                f"Parameter `source` should be 'parameters' or 'representation'. Found {source!r}."
+            )
+        if ddp_sync not in ("gram", "gradients"):
+            raise ValueError(
+                f"Parameter `ddp_sync` should be 'gram' or 'gradients'. Found {ddp_sync!r}."
+            )
+        self.source = source
+        self.ddp_sync = ddp_sync
+        self._coefs = torch.ones(0)
+        self._fallbacks = torch.zeros((), dtype=torch.long)
+        self._trainer_ref: weakref.ref[pl.Trainer] | None = None
+        self._module_ref: weakref.ref[Any] | None = None
+        self._params: list[Tensor] = []
+        self._present_idx: list[int] = []
+
+    # ------------------------------------------------------------------ template methods
+    def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
+        """Coefficients ``[T']`` from the Gram matrix ``[T', T']`` of the present tasks' gradients
+        (float32 or float64) and their losses ``[T']``."""
+        raise NotImplementedError
+
+    def coefficients_from_gradients(self, grads: Tensor, losses: Tensor) -> Tensor:
+        """Coefficients ``[T']`` from the gradients ``[T', P]`` of the present tasks."""
+        return self.coefficients(grads @ grads.T, losses)
+
+    # ------------------------------------------------------------------ Weighting API
+    def hparams_repr(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"source": self.source}
+        if self.ddp_sync != "gram":
+            out["ddp_sync"] = self.ddp_sync
+        if self.frequency != 1:
+            out["frequency"] = self.frequency
+        return out
+
+    def init_state(self, num_tasks: int) -> None:
+        self._coefs = torch.ones(num_tasks)
+
+    def weight_tensor(self) -> Tensor:
+        return self._coefs
+
+    def log_items(self) -> dict[str, Tensor]:
+        return {"aggregation/fallbacks": self._fallbacks}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # weak references: a deepcopy or pickle of the module must not drag the Trainer along
+        self._trainer_ref, self._module_ref = weakref.ref(trainer), weakref.ref(pl_module)
+
+    @property
+    def _trainer(self) -> pl.Trainer | None:
+        return None if self._trainer_ref is None else self._trainer_ref()
+
+    @property
+    def _pl_module(self) -> Any:
+        return None if self._module_ref is None else self._module_ref()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_trainer_ref"] = state["_module_ref"] = None
+        state["_params"] = []
+        return state
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.source == "parameters":
+            self._params = [p for p in pl_module.shared_parameters() if p.requires_grad]
+            if not self._params:
+                raise MisconfigurationException(
+                    f"{self!r} found no trainable parameter in "
+                    f"{type(pl_module).__name__}.shared_parameters(); return the shared trunk's "
+                    "parameters there."
+                )
+
+    def combine(self, losses: Tensor, present: Tensor) -> Tensor:
+        module = self._pl_module
+        if module is None or not torch.is_grad_enabled() or not losses.requires_grad:
+            return (self._coefs.to(losses) * losses).sum()
+        if self._optimizer_steps % self.frequency != 0:
+            return (self._coefs.to(losses) * losses).sum()  # reuse the last coefficients
+        grads = self._task_gradients(module, losses, module._present_list)
+        self._coefs = self._safe_coefficients(grads, losses.detach(), present).detach()
+        return (self._coefs.to(losses) * losses).sum()
+
+    # ------------------------------------------------------------------ internals
+    def _task_gradients(self, module: Any, losses: Tensor, present_list: list[bool]) -> Tensor:
+        """``[T, P]`` float32 gradients of the losses Lightning backpropagates (zero rows for
+        absent tasks)."""
+        trainer = self._trainer
+        if self.source == "representation":
+            rep = module._shared_rep
+            if rep is None:
+                raise MisconfigurationException(
+                    f"{self!r} needs the shared representation: in `task_losses`, pass the "
+                    "trunk's output through it, `h = self.shared_representation(self.trunk(x))`."
+                )
+            inputs: list[Tensor] = [rep]
+        else:
+            inputs = self._params
+        scaler = grad_scaler(trainer) if trainer is not None else None
+        size = sum(x.numel() for x in inputs)
+        rows = []
+        for i, here in enumerate(present_list):
+            if not here:
+                rows.append(losses.new_zeros(size))
+                continue
+            out = losses[i] if scaler is None else scaler.scale(losses[i])
+            grads = torch.autograd.grad(out, inputs, retain_graph=True, allow_unused=True)
+            flat = [
+                torch.zeros(x.numel(), device=losses.device) if g is None else g.reshape(-1).float()
+                for g, x in zip(grads, inputs, strict=True)
+            ]
+            rows.append(torch.cat(flat))
+        G = torch.stack(rows)
+        divisor = 1.0
+        if scaler is not None:
+            divisor = scaler.scale(torch.ones((), device=G.device))
+        if trainer is not None and trainer.accumulate_grad_batches > 1:
+            divisor = divisor * trainer.accumulate_grad_batches
+        return G / divisor
+
+    def _safe_coefficients(self, grads: Tensor, losses: Tensor, present: Tensor) -> Tensor:
+        """Coefficients ``[T]`` (0 for absent tasks), identical on every DDP rank."""
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        mask = present.to(grads.dtype)
+        use_grads = self.needs_gradients or self.ddp_sync == "gradients"
+        num = grads.shape[0]
+        if world > 1:
+            # sums over the ranks, with counts so that a task (or pair) absent on some ranks is
+            # averaged over the ranks where it is present
+            local = grads if use_grads else grads @ grads.T
+            stats = torch.cat(
+                [local.reshape(-1), losses * mask, mask, torch.outer(mask, mask).reshape(-1)]
+            )
+            stats = trainer.strategy.reduce(stats, reduce_op="sum")  # type: ignore[union-attr]
+            n = local.numel()
+            total = stats[:n].view_as(local)
+            count = stats[n + num : n + 2 * num]
+            pairs = stats[n + 2 * num :].view(num, num)
+            losses = stats[n : n + num] / count.clamp_min(1.0)
+            if use_grads:
+                grads = total / count.clamp_min(1.0).unsqueeze(1)
+                gram = grads @ grads.T
+            else:
+                gram = total / pairs.clamp_min(1.0)
+            idx = (count > 0).nonzero().flatten().tolist()  # host sync, DDP only
+        else:
+            gram = grads @ grads.T
+            idx = [i for i, here in enumerate(self._pl_module._present_list) if here]
+        self._present_idx = idx
+        finite = torch.isfinite(gram).all()
+        ix = torch.tensor(idx, device=grads.device)
+        sub_gram = torch.where(finite, gram, torch.zeros_like(gram))[ix][:, ix]
+        if self.needs_gradients:
+            sub = grads[ix]
+            finite = finite & torch.isfinite(sub).all()
+            sub = torch.where(torch.isfinite(sub), sub, torch.zeros_like(sub))
+            coefs = self.coefficients_from_gradients(sub, losses[ix])
+        else:
+            coefs = self.coefficients(sub_gram, losses[ix])
+        ok = finite & torch.isfinite(coefs).all()
+        self._fallbacks = self._fallbacks.to(coefs.device) + (~ok).long()
+        coefs = torch.where(ok, coefs, torch.ones_like(coefs))
+        full = torch.zeros(num, dtype=torch.float32, device=grads.device)
+        full[ix] = coefs.float()
+        return full

@@ -1,0 +1,413 @@
+"""Gradient-based methods as Lightning callbacks: thin wrappers of `lightning_aw.functional`."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_aw._utils import GeneratorState
+from lightning_aw.aggregation._base import DDPSync, GradientWeighting, Source
+from lightning_aw.functional import _gradient as G
+
+__all__ = ["IMTLG", "MGDA", "AlignedMTL", "CAGrad", "GradVac", "NashMTL", "PCGrad", "UPGrad"]
+
+
+def _check_int(name: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"Parameter `{name}` should be an int >= {minimum}. Found {value!r}.")
+
+
+class MGDA(GradientWeighting):
+    r"""Multiple-gradient descent: the min-norm point of the convex hull of the task gradients.
+
+    Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018,
+    https://arxiv.org/abs/1810.04650. With ``source="representation"`` this is MGDA-UB.
+
+    .. math::
+
+        c = \arg\min_{c \in \Delta_T} \Bigl\lVert \sum_i c_i \tilde g_i \Bigr\rVert^2
+
+    solved exactly on the Gram matrix (:func:`lightning_aw.functional.mgda`); the gradients are
+    first normalised by ``normalization`` (``"none"``, ``"l2"``: by their norm, ``"loss"``: by
+    the loss, ``"loss+"``: by loss times norm), and the normalisation is folded into the returned
+    coefficients so they apply to the raw gradients. Weights are the coefficients of the last step.
+
+    Args:
+        normalization: gradient normalisation, default ``"none"``.
+        source: ``"parameters"`` (gradients on ``shared_parameters()``, default) or
+            ``"representation"`` (on the tensor passed to ``shared_representation()``).
+        ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
+            (average the per-task gradients first, so the method acts on the global gradients).
+        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+
+    Example::
+
+        import lightning.pytorch as pl
+        from lightning_aw import MGDA
+
+        trainer = pl.Trainer(callbacks=[MGDA(source="representation")])
+    """
+
+    def __init__(
+        self,
+        normalization: Literal["none", "l2", "loss", "loss+"] = "none",
+        *,
+        source: Source = "parameters",
+        ddp_sync: DDPSync = "gram",
+        frequency: int = 1,
+    ) -> None:
+        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency)
+        if normalization not in ("none", "l2", "loss", "loss+"):
+            raise ValueError(
+                "Parameter `normalization` should be 'none', 'l2', 'loss' or 'loss+'. "
+                f"Found {normalization!r}."
+            )
+        self.normalization = normalization
+
+    def hparams_repr(self) -> dict[str, Any]:
+        return {"normalization": self.normalization, **super().hparams_repr()}
+
+    def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
+        needs_loss = self.normalization in ("loss", "loss+")
+        return G.mgda_from_gram(gram, self.normalization, losses if needs_loss else None)
+
+
+class PCGrad(GradientWeighting):
+    r"""Projecting conflicting gradients.
+
+    Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020,
+    https://arxiv.org/abs/2001.06782.
+
+    For each task :math:`i`, over the other tasks :math:`j` in random order, when
+    :math:`g_i \cdot g_j < 0`: :math:`g_i \leftarrow g_i - \frac{g_i\cdot g_j}{\lVert g_j\rVert^2}
+    g_j`; the projected gradients are summed (``reduction="sum"``, default, as the paper) or
+    averaged. Computed exactly on the Gram matrix (:func:`lightning_aw.functional.pcgrad`). The
+    random orders come from a CPU generator seeded with ``seed`` (identical on every DDP rank,
+    saved in checkpoints).
+
+    Args:
+        reduction: ``"sum"`` or ``"mean"`` of the projected gradients.
+        seed: seed of the random task orders.
+        source: ``"parameters"`` (gradients on ``shared_parameters()``, default) or
+            ``"representation"`` (on the tensor passed to ``shared_representation()``).
+        ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
+            (average the per-task gradients first, so the method acts on the global gradients).
+        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+
+    Example::
+
+        import lightning.pytorch as pl
+        from lightning_aw import PCGrad
+
+        trainer = pl.Trainer(callbacks=[PCGrad(seed=0)])
+    """
+
+    _state_attrs: ClassVar[tuple[str, ...]] = (*GradientWeighting._state_attrs, "_generator")
+
+    def __init__(
+        self,
+        reduction: Literal["sum", "mean"] = "sum",
+        seed: int = 0,
+        *,
+        source: Source = "parameters",
+        ddp_sync: DDPSync = "gram",
+        frequency: int = 1,
+    ) -> None:
+        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency)
+        if reduction not in ("sum", "mean"):
+            raise ValueError(
+                f"Parameter `reduction` should be 'sum' or 'mean'. Found {reduction!r}."
+            )
+        _check_int("seed", seed, minimum=0)
+        self.reduction = reduction
+        self.seed = seed
+        self._generator = GeneratorState(seed)
+
+    def hparams_repr(self) -> dict[str, Any]:
+        return {"reduction": self.reduction, "seed": self.seed, **super().hparams_repr()}
+
+    def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
+        return G.pcgrad_from_gram(gram, self.reduction, self._generator.generator)
+
+
+class CAGrad(GradientWeighting):
+    r"""Conflict-averse gradient descent.
+
+    Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for Multi-task Learning",
+    NeurIPS 2021, https://arxiv.org/abs/2110.14048.
+
+    .. math::
+
+        d = g_0 + \frac{c \lVert g_0\rVert}{\lVert g_w\rVert} g_w, \quad
+        w = \arg\min_{w\in\Delta_T} g_w^\top g_0 + c\lVert g_0\rVert\lVert g_w\rVert
+
+    with :math:`g_0` the mean gradient; ``rescale`` 0 keeps :math:`d`, 1 divides it by
+    :math:`1+c^2` (default), 2 by :math:`1+c` (see :func:`lightning_aw.functional.cagrad`).
+
+    Args:
+        c: the conflict-aversion radius :math:`c \ge 0` (0.4 as in Nash-MTL and FAMO's setups;
+            the paper also uses 0.5). ``c=0`` is the mean gradient.
+        rescale: 0, 1 or 2.
+        source: ``"parameters"`` (gradients on ``shared_parameters()``, default) or
+            ``"representation"`` (on the tensor passed to ``shared_representation()``).
+        ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
+            (average the per-task gradients first, so the method acts on the global gradients).
+        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+
+    Example::
+
+        import lightning.pytorch as pl
+        from lightning_aw import CAGrad
+
+        trainer = pl.Trainer(callbacks=[CAGrad(c=0.4)])
+    """
+
+    def __init__(
+        self,
+        c: float = 0.4,
+        rescale: int = 1,
+        *,
+        source: Source = "parameters",
+        ddp_sync: DDPSync = "gram",
+        frequency: int = 1,
+    ) -> None:
+        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency)
+        if not isinstance(c, (int, float)) or not c >= 0:
+            raise ValueError(f"Parameter `c` should be >= 0. Found {c!r}.")
+        if rescale not in (0, 1, 2):
+            raise ValueError(f"Parameter `rescale` should be 0, 1 or 2. Found {rescale!r}.")
+        self.c = float(c)
+        self.rescale = rescale
+
+    def hparams_repr(self) -> dict[str, Any]:
+        return {"c": self.c, "rescale": self.rescale, **super().hparams_repr()}
+
+    def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
+        return G.cagrad_from_gram(gram, self.c, self.rescale)
+
+
+class IMTLG(GradientWeighting):
+    r"""Impartial multi-task learning, gradient part: equal projections on every unit gradient.
+
+    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021,
+    https://openreview.net/forum?id=IMPnRXEWpvr.
+
+    The coefficients (summing to 1) make the aggregated gradient's projection onto every task's
+    unit gradient equal; closed form on the Gram matrix, with a pseudo-inverse for
+    rank-deficient gradients (:func:`lightning_aw.functional.imtlg`). No hyperparameters.
+
+    Args:
+        source: ``"parameters"`` (gradients on ``shared_parameters()``, default) or
+            ``"representation"`` (on the tensor passed to ``shared_representation()``).
+        ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
+            (average the per-task gradients first, so the method acts on the global gradients).
+        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+
+    Example::
+
+        import lightning.pytorch as pl
+        from lightning_aw import IMTLG
+
+        trainer = pl.Trainer(callbacks=[IMTLG()])
+    """
+
+    total: ClassVar[str | float | None] = 1
+
+    def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
+        return G.imtlg_from_gram(gram)
+
+
+class NashMTL(GradientWeighting):
+    r"""Multi-task learning as a bargaining game: the Nash bargaining solution.
+
+    Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022,
+    https://arxiv.org/abs/2202.01017.
+
+    Solves :math:`G G^\top \alpha = 1/\alpha`, :math:`\alpha > 0` on the normalised Gram matrix
+    (:func:`lightning_aw.functional.nash_mtl`). The paper recomputes :math:`\alpha` every step
+    (``frequency=1``) or, cheaply, every few steps; it also clips the gradient norm at 1 — use
+    ``Trainer(gradient_clip_val=1.0)``. For two tasks it equals IMTL-G up to scale.
+
+    Args:
+        max_iter: iterations of the solver (20, as the paper's CCCP).
+        source: ``"parameters"`` (gradients on ``shared_parameters()``, default) or
+            ``"representation"`` (on the tensor passed to ``shared_representation()``).
+        ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
+            (average the per-task gradients first, so the method acts on the global gradients).
+        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+
+    Example::
+
+        import lightning.pytorch as pl
+        from lightning_aw import NashMTL
+
+        trainer = pl.Trainer(callbacks=[NashMTL(frequency=1)], gradient_clip_val=1.0)
+    """
+
+    def __init__(
+        self,
+        max_iter: int = 20,
+        *,
+        source: Source = "parameters",
+        ddp_sync: DDPSync = "gram",
+        frequency: int = 1,
+    ) -> None:
+        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency)
+        _check_int("max_iter", max_iter)
+        self.max_iter = max_iter
+
+    def hparams_repr(self) -> dict[str, Any]:
+        return {"max_iter": self.max_iter, **super().hparams_repr()}
+
+    def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
+        return G.nash_mtl_from_gram(gram, max_iter=self.max_iter)
+
+
+class AlignedMTL(GradientWeighting):
+    r"""Aligned-MTL: make the task gradients orthogonal and of equal norm (condition number 1).
+
+    Senushkin, Patakin, Kuznetsov & Konushin, "Independent Component Alignment for Multi-Task
+    Learning", CVPR 2023, https://arxiv.org/abs/2305.19000.
+
+    With :math:`GG^\top = V\Lambda V^\top`, :math:`B = \sqrt{\lambda}\,V\Lambda^{-1/2}V^\top` and
+    :math:`c = B\mathbf 1`, :math:`\lambda` chosen by ``scale_mode`` (:func:`lightning_aw.
+    functional.aligned_mtl`).
+
+    Args:
+        scale_mode: ``"min"`` (default, the paper), ``"median"`` or
+            ``"rmse"``.
+        source: ``"parameters"`` (gradients on ``shared_parameters()``, default) or
+            ``"representation"`` (on the tensor passed to ``shared_representation()``).
+        ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
+            (average the per-task gradients first, so the method acts on the global gradients).
+        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+
+    Example::
+
+        import lightning.pytorch as pl
+        from lightning_aw import AlignedMTL
+
+        trainer = pl.Trainer(callbacks=[AlignedMTL()])
+    """
+
+    def __init__(
+        self,
+        scale_mode: Literal["min", "median", "rmse"] = "min",
+        *,
+        source: Source = "parameters",
+        ddp_sync: DDPSync = "gram",
+        frequency: int = 1,
+    ) -> None:
+        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency)
+        if scale_mode not in ("min", "median", "rmse"):
+            raise ValueError(
+                f"Parameter `scale_mode` should be 'min', 'median' or 'rmse'. Found {scale_mode!r}."
+            )
+        self.scale_mode = scale_mode
+
+    def hparams_repr(self) -> dict[str, Any]:
+        return {"scale_mode": self.scale_mode, **super().hparams_repr()}
+
+    def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
+        return G.aligned_mtl_from_gram(gram, self.scale_mode)
+
+
+class UPGrad(GradientWeighting):
+    r"""Unconflicting projection of gradients.
+
+    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024,
+    https://arxiv.org/abs/2406.16232.
+
+    Each :math:`g_i` is projected onto the dual cone :math:`\{x : Gx \ge 0\}` and the projections
+    are averaged, so the update conflicts with no task; in weight space
+    :math:`w_i = \arg\min_{v \ge e_i} v^\top GG^\top v`, :math:`c = \tfrac1T\sum_i w_i`
+    (:func:`lightning_aw.functional.upgrad`).
+
+    Args:
+        source: ``"parameters"`` (gradients on ``shared_parameters()``, default) or
+            ``"representation"`` (on the tensor passed to ``shared_representation()``).
+        ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
+            (average the per-task gradients first, so the method acts on the global gradients).
+        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+
+    Example::
+
+        import lightning.pytorch as pl
+        from lightning_aw import UPGrad
+
+        trainer = pl.Trainer(callbacks=[UPGrad()])
+    """
+
+    def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
+        return G.upgrad_from_gram(gram)
+
+
+class GradVac(GradientWeighting):
+    r"""Gradient Vaccine: raise pairwise gradient cosines towards running targets.
+
+    Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine", ICLR 2021, https://arxiv.org/abs/2010.05874.
+
+    Like PCGrad, but each pair :math:`(i, j)` is adjusted whenever its cosine falls below an EMA
+    target :math:`\hat\phi_{ij}` (updated with rate ``beta``), see
+    :func:`lightning_aw.functional.gradvac`. Stateful: the ``T×T`` targets and the generator of
+    the random orders are saved in checkpoints.
+
+    Args:
+        beta: EMA rate of the cosine targets (0.5).
+        seed: seed of the random task orders.
+        source: ``"parameters"`` (gradients on ``shared_parameters()``, default) or
+            ``"representation"`` (on the tensor passed to ``shared_representation()``).
+        ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
+            (average the per-task gradients first, so the method acts on the global gradients).
+        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+
+    Example::
+
+        import lightning.pytorch as pl
+        from lightning_aw import GradVac
+
+        trainer = pl.Trainer(callbacks=[GradVac(beta=0.5)])
+    """
+
+    _state_attrs: ClassVar[tuple[str, ...]] = (
+        *GradientWeighting._state_attrs,
+        "_generator",
+        "_targets",
+    )
+
+    def __init__(
+        self,
+        beta: float = 0.5,
+        seed: int = 0,
+        *,
+        source: Source = "parameters",
+        ddp_sync: DDPSync = "gram",
+        frequency: int = 1,
+    ) -> None:
+        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency)
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+            raise ValueError(f"Parameter `beta` should be in [0, 1]. Found {beta!r}.")
+        _check_int("seed", seed, minimum=0)
+        self.beta = float(beta)
+        self.seed = seed
+        self._generator = GeneratorState(seed)
+        self._targets = torch.zeros(0, 0)
+
+    def hparams_repr(self) -> dict[str, Any]:
+        return {"beta": self.beta, "seed": self.seed, **super().hparams_repr()}
+
+    def init_state(self, num_tasks: int) -> None:
+        super().init_state(num_tasks)
+        self._targets = torch.zeros(num_tasks, num_tasks, dtype=torch.float64)
+
+    def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
+        idx = self._present_idx
+        targets = self._targets.to(gram.device)[idx][:, idx]
+        coefs, new = G.gradvac_from_gram(gram, targets, self.beta, self._generator.generator)
+        ix = torch.tensor(idx, device=gram.device)
+        full = self._targets.to(gram.device).clone()
+        full[ix.unsqueeze(1), ix.unsqueeze(0)] = new.to(full.dtype)
+        self._targets = full
+        return coefs

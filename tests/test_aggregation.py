@@ -1,0 +1,164 @@
+"""Gradient-based methods in real Trainers: the update is exactly sum_i c_i grad L_i."""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from _helpers import TinyNet, loader, params, trainer
+from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_aw import (
+    IMTLG,
+    MGDA,
+    AlignedMTL,
+    CAGrad,
+    GradVac,
+    NashMTL,
+    PCGrad,
+    UPGrad,
+)
+from lightning_aw import functional as AF
+
+METHODS = [MGDA(), MGDA(normalization="loss+"), PCGrad(), CAGrad(), IMTLG(), NashMTL(), AlignedMTL(), UPGrad(), GradVac()]
+
+
+class HandCheck(pl.Callback):
+    """At each optimizer step, recompute the window's update by hand from a copy of the model."""
+
+    def __init__(self, accumulate: int, rtol: float, coef_fn=None) -> None:
+        self.k, self.rtol, self.coef_fn = accumulate, rtol, coef_fn
+        self.window: list = []
+        self.checked = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx % self.k == 0:
+            self.ref = copy.deepcopy(pl_module).float()
+            self.window = []
+        self._batch = batch
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.window.append((self._batch, pl_module.weighting.weight_tensor().clone()))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        ref = self.ref
+        ref.zero_grad()
+        for batch, coefs in self.window:
+            out = ref.task_losses(batch, 0)
+            losses = torch.stack([out[t] for t in ref.tasks])
+            if self.coef_fn is not None:
+                shared = [p for p in ref.trunk.parameters()]
+                rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, shared, retain_graph=True)]) for l in losses]
+                G = torch.stack(rows) / self.k
+                torch.testing.assert_close(coefs, self.coef_fn(G, losses.detach()).float(), rtol=1e-4, atol=1e-5)
+            (coefs @ losses / self.k).backward()
+        for (name, p), q in zip(pl_module.named_parameters(), ref.parameters(), strict=True):
+            # relative error of the whole gradient: low precision rounds single entries more
+            err = (p.grad.float() - q.grad).norm() / q.grad.norm().clamp_min(1e-12)
+            assert err < self.rtol, (name, float(err))
+        self.checked += 1
+
+
+COEF_FNS = {
+    "MGDA": lambda G, L: AF.mgda(G),
+    "UPGrad": lambda G, L: AF.upgrad(G),
+    "IMTLG": lambda G, L: AF.imtlg(G),
+    "CAGrad": lambda G, L: AF.cagrad(G, 0.4, 1),
+    "AlignedMTL": lambda G, L: AF.aligned_mtl(G),
+    "NashMTL": lambda G, L: AF.nash_mtl(G),
+}
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+def test_update_equals_hand_computation_with_accumulation(tmp_path, method):
+    method = copy.deepcopy(method)
+    plain_mgda = isinstance(method, MGDA) and method.normalization == "none"
+    fn = COEF_FNS.get(type(method).__name__) if plain_mgda or not isinstance(method, MGDA) else None
+    check = HandCheck(accumulate=2, rtol=1e-4, coef_fn=fn)
+    t = trainer(tmp_path, [method, check], max_epochs=1, accumulate_grad_batches=2)
+    t.fit(TinyNet(optimizer={"name": "sgd", "lr": 0.05}), loader())
+    assert check.checked == 4
+    assert torch.isfinite(torch.tensor(list(method.weights.values()))).all()
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-scaler"])
+@pytest.mark.parametrize("method", [MGDA(), UPGrad(), PCGrad()], ids=repr)
+def test_update_under_mixed_precision(tmp_path, method, precision):
+    kw = {"plugins": [MixedPrecision("16-mixed", "cpu")]} if precision == "fp16-scaler" else {"precision": precision}
+    # bf16 keeps 8 mantissa bits: a mishandled loss scale (x65536) or accumulation (x2) is still
+    # far outside these tolerances
+    check = HandCheck(accumulate=2, rtol=0.1 if precision == "bf16-mixed" else 1e-2)
+    t = trainer(tmp_path, [copy.deepcopy(method), check], max_epochs=1, accumulate_grad_batches=2, **kw)
+    t.fit(TinyNet(optimizer={"name": "sgd", "lr": 0.05}), loader())
+    assert check.checked == 4
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+def test_representation_mode_trains_the_encoder(tmp_path, method):
+    method = copy.deepcopy(method)
+    method.source = "representation"
+    net = TinyNet(optimizer={"name": "adam", "lr": 0.01})
+    before = params(net)
+    trainer(tmp_path, [method], max_epochs=1).fit(net, loader())
+    after = params(net)
+    for name in ("trunk.0.weight", "trunk.2.weight", "heads.a.weight"):
+        assert not torch.equal(before[name], after[name]), name
+    assert method._fallbacks.item() == 0
+
+
+def test_representation_mode_needs_the_marker(tmp_path):
+    with pytest.raises(MisconfigurationException, match="shared_representation"):
+        trainer(tmp_path, [MGDA(source="representation")], max_epochs=1).fit(
+            TinyNet(mark_representation=False), loader()
+        )
+
+
+def test_absent_task_gets_zero_coefficient(tmp_path):
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_before_backward(self, trainer, pl_module, loss):
+            seen.append(pl_module.weighting.weight_tensor().clone())
+
+    absent = lambda i, t: t == "b" and i % 2 == 0  # noqa: E731
+    trainer(tmp_path, [UPGrad(), Spy()], max_epochs=1).fit(TinyNet(absent=absent), loader())
+    seen_t = torch.stack(seen)
+    assert (seen_t[0::2, 1] == 0).all()
+    assert (seen_t[1::2, 1] > 0).all()
+
+
+def test_nonfinite_gradients_fall_back_to_plain_sum():
+    mgda = MGDA()
+    mgda.tasks = ["a", "b"]
+    mgda.init_state(2)
+    module = TinyNet(tasks=("a", "b"))
+    module._present_list = [True, True]
+    mgda._module_ref = weakref.ref(module)
+    both = torch.ones(2, dtype=torch.bool)
+    grads = torch.tensor([[float("nan"), 1.0], [0.0, 1.0]])
+    torch.testing.assert_close(mgda._safe_coefficients(grads, torch.ones(2), both), torch.ones(2))
+    assert mgda._fallbacks.item() == 1
+    finite = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    torch.testing.assert_close(mgda._safe_coefficients(finite, torch.ones(2), both), torch.full((2,), 0.5))
+    assert mgda._fallbacks.item() == 1
+
+
+@pytest.mark.parametrize("method", [PCGrad(), GradVac()], ids=repr)
+def test_stateful_methods_resume_exactly(tmp_path, method):
+    def fit(root, epochs, ckpt=None):
+        net = TinyNet(optimizer={"name": "adam", "lr": 0.01})
+        t = trainer(root, [copy.deepcopy(method)], max_epochs=epochs)
+        t.fit(net, loader(), ckpt_path=ckpt)
+        return t, net
+
+    _, full = fit(tmp_path / "full", 4)
+    first, _ = fit(tmp_path / "a", 2)
+    first.save_checkpoint(tmp_path / "c.ckpt")
+    _, resumed = fit(tmp_path / "b", 4, str(tmp_path / "c.ckpt"))
+    for k, v in params(full).items():
+        torch.testing.assert_close(params(resumed)[k], v, rtol=0, atol=0, msg=k)
+    assert resumed.task_weights == full.task_weights
