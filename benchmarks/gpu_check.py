@@ -73,9 +73,10 @@ def check(cls: type[Weighting], precision: str, accelerator: str) -> str | None:
     w = torch.tensor(list(weighting.weights.values()))
     if not torch.isfinite(w).all():
         return f"non-finite weights {w.tolist()}"
-    if cls.total == "T" and abs(float(w.sum()) - 3.0) > 1e-3:
+    tol = 1e-3 if precision == "32-true" else 1e-2  # 16-bit gradients feed some methods
+    if cls.total == "T" and abs(float(w.sum()) - 3.0) > 3 * tol:
         return f"weights sum {float(w.sum())}, expected 3"
-    if cls.total == 1 and abs(float(w.sum()) - 1.0) > 1e-3:
+    if cls.total == 1 and abs(float(w.sum()) - 1.0) > tol:
         return f"weights sum {float(w.sum())}, expected 1"
     after = list(net.parameters())
     if not all(torch.isfinite(p).all() for p in after):

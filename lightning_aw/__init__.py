@@ -15,14 +15,32 @@ from lightning_aw.aggregation import (
     UPGrad,
 )
 from lightning_aw.module import MultiTaskModule, TaskOutput
-from lightning_aw.weighting import DWA, EqualWeighting, GradNorm, UncertaintyWeighting, Weighting
+from lightning_aw.weighting import (
+    DWA,
+    FAMO,
+    GLS,
+    IMTLL,
+    RLW,
+    STCH,
+    EqualWeighting,
+    GradNorm,
+    ScaleInvariant,
+    SoftAdapt,
+    UncertaintyWeighting,
+    Weighting,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "DWA",
+    "FAMO",
+    "GLS",
     "IMTLG",
+    "IMTLL",
     "MGDA",
+    "RLW",
+    "STCH",
     "AlignedMTL",
     "CAGrad",
     "EqualWeighting",
@@ -32,6 +50,8 @@ __all__ = [
     "MultiTaskModule",
     "NashMTL",
     "PCGrad",
+    "ScaleInvariant",
+    "SoftAdapt",
     "TaskOutput",
     "UPGrad",
     "UncertaintyWeighting",

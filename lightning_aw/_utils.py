@@ -87,8 +87,12 @@ class GeneratorState:
     callback's checkpoint state, a resumed run draws what the uninterrupted run would have.
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int | None = None) -> None:
         self.generator = torch.Generator(device="cpu")
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def manual_seed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 
     def to(self, device: torch.device) -> None:

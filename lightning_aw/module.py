@@ -126,6 +126,7 @@ class MultiTaskModule(pl.LightningModule):
         self._present: Tensor | None = None
         self._present_list: list[bool] = []
         self._shared_rep: Tensor | None = None
+        self._shared_rep_graph: Tensor | None = None
         self._mask_cache: dict[tuple[bool, ...], Tensor] = {}
 
     # ------------------------------------------------------------------ user hooks
@@ -158,6 +159,19 @@ class MultiTaskModule(pl.LightningModule):
         ``source="representation"`` take the per-task gradients with respect to it (MGDA-UB).
         It returns ``rep`` unchanged and costs nothing otherwise.
         """
+        weighting = self._weighting
+        if (
+            weighting is not None
+            and getattr(weighting, "cuts_representation", False)
+            and self.training
+            and torch.is_grad_enabled()
+            and rep.requires_grad
+        ):
+            # gradient methods: the heads run on a leaf copy, so per-task gradients stop at the
+            # representation and the trunk is traversed only as often as needed (see
+            # GradientWeighting); the one backward still reaches every parameter
+            self._shared_rep_graph = rep
+            rep = rep.detach().requires_grad_()
         self._shared_rep = rep
         return rep
 
@@ -203,7 +217,7 @@ class MultiTaskModule(pl.LightningModule):
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         self._step_skipped = False
-        self._shared_rep = None
+        self._shared_rep = self._shared_rep_graph = None
         outputs = self._call_task_losses(batch, batch_idx)
         losses, present_list = self._stack(outputs, batch_idx)
         present = self._mask(present_list, losses.device)
@@ -223,7 +237,8 @@ class MultiTaskModule(pl.LightningModule):
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._graph_losses = self._shared_rep = None  # release the step's graph
+        # release the step's graph
+        self._graph_losses = self._shared_rep = self._shared_rep_graph = None
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -68,3 +68,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # tear gloo down before interpreter exit (else it can abort with "terminate called ...")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -24,7 +24,10 @@ from lightning_aw import (
 )
 from lightning_aw import functional as AF
 
-METHODS = [MGDA(), MGDA(normalization="loss+"), PCGrad(), CAGrad(), IMTLG(), NashMTL(), AlignedMTL(), UPGrad(), GradVac()]
+METHODS = [
+    MGDA(), MGDA(normalization="loss+"), PCGrad(), CAGrad(), IMTLG(), NashMTL(), NashMTL(frequency=3),
+    AlignedMTL(), UPGrad(), GradVac(), MGDA(source="representation"), UPGrad(source="representation"),
+]
 
 
 class HandCheck(pl.Callback):
@@ -38,6 +41,7 @@ class HandCheck(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx % self.k == 0:
             self.ref = copy.deepcopy(pl_module).float()
+            self.ref._weighting = None  # a plain module: its losses reach the trunk directly
             self.window = []
         self._batch = batch
 
@@ -73,27 +77,36 @@ COEF_FNS = {
 }
 
 
+@pytest.mark.parametrize("marked", [True, False], ids=["marked-representation", "unmarked"])
 @pytest.mark.parametrize("method", METHODS, ids=repr)
-def test_update_equals_hand_computation_with_accumulation(tmp_path, method):
+def test_update_equals_hand_computation_with_accumulation(tmp_path, method, marked):
+    """The update is sum_i c_i grad L_i / k, both on the fast path (the module marks its shared
+    representation) and on the general path (it does not)."""
     method = copy.deepcopy(method)
+    if method.source == "representation" and not marked:
+        pytest.skip("representation source needs the marked representation")
     plain_mgda = isinstance(method, MGDA) and method.normalization == "none"
-    fn = COEF_FNS.get(type(method).__name__) if plain_mgda or not isinstance(method, MGDA) else None
+    check_coefs = method.source == "parameters" and method.frequency == 1
+    fn = COEF_FNS.get(type(method).__name__) if check_coefs and (plain_mgda or not isinstance(method, MGDA)) else None
     check = HandCheck(accumulate=2, rtol=1e-4, coef_fn=fn)
     t = trainer(tmp_path, [method, check], max_epochs=1, accumulate_grad_batches=2)
-    t.fit(TinyNet(optimizer={"name": "sgd", "lr": 0.05}), loader())
+    t.fit(TinyNet(optimizer={"name": "sgd", "lr": 0.05}, mark_representation=marked), loader())
     assert check.checked == 4
     assert torch.isfinite(torch.tensor(list(method.weights.values()))).all()
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-scaler"])
-@pytest.mark.parametrize("method", [MGDA(), UPGrad(), PCGrad()], ids=repr)
-def test_update_under_mixed_precision(tmp_path, method, precision):
+@pytest.mark.parametrize("marked", [True, False], ids=["marked-representation", "unmarked"])
+@pytest.mark.parametrize("method", [MGDA(), UPGrad(), PCGrad(), MGDA(source="representation")], ids=repr)
+def test_update_under_mixed_precision(tmp_path, method, precision, marked):
+    if method.source == "representation" and not marked:
+        pytest.skip("representation source needs the marked representation")
     kw = {"plugins": [MixedPrecision("16-mixed", "cpu")]} if precision == "fp16-scaler" else {"precision": precision}
     # bf16 keeps 8 mantissa bits: a mishandled loss scale (x65536) or accumulation (x2) is still
     # far outside these tolerances
     check = HandCheck(accumulate=2, rtol=0.1 if precision == "bf16-mixed" else 1e-2)
     t = trainer(tmp_path, [copy.deepcopy(method), check], max_epochs=1, accumulate_grad_batches=2, **kw)
-    t.fit(TinyNet(optimizer={"name": "sgd", "lr": 0.05}), loader())
+    t.fit(TinyNet(optimizer={"name": "sgd", "lr": 0.05}, mark_representation=marked), loader())
     assert check.checked == 4
 
 

@@ -82,6 +82,8 @@ class GradientWeighting(Weighting):
         self._module_ref: weakref.ref[Any] | None = None
         self._params: list[Tensor] = []
         self._present_idx: list[int] = []
+        self._upstream: list[Tensor] | None = None
+        self._shared_index: list[int] = []
 
     # ------------------------------------------------------------------ template methods
     def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
@@ -129,11 +131,13 @@ class GradientWeighting(Weighting):
         state = self.__dict__.copy()
         state["_trainer_ref"] = state["_module_ref"] = None
         state["_params"] = []
+        state["_upstream"] = None
         return state
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        self._upstream = None
         if self.source == "parameters":
             self._params = [p for p in pl_module.shared_parameters() if p.requires_grad]
             if not self._params:
@@ -143,15 +147,114 @@ class GradientWeighting(Weighting):
                     "parameters there."
                 )
 
+    #: ask MultiTaskModule.shared_representation to hand the heads a leaf copy (the fast path)
+    cuts_representation: ClassVar[bool] = True
+
     def combine(self, losses: Tensor, present: Tensor) -> Tensor:
         module = self._pl_module
         if module is None or not torch.is_grad_enabled() or not losses.requires_grad:
             return (self._coefs.to(losses) * losses).sum()
-        if self._optimizer_steps % self.frequency != 0:
-            return (self._coefs.to(losses) * losses).sum()  # reuse the last coefficients
-        grads = self._task_gradients(module, losses, module._present_list)
-        self._coefs = self._safe_coefficients(grads, losses.detach(), present).detach()
+        if module._shared_rep_graph is not None:
+            return self._combine_cut(module, losses, present)
+        if self._optimizer_steps % self.frequency == 0:
+            grads = self._task_gradients(module, losses, module._present_list)
+            self._coefs = self._safe_coefficients(grads, losses.detach(), present).detach()
         return (self._coefs.to(losses) * losses).sum()
+
+    def _combine_cut(self, module: Any, losses: Tensor, present: Tensor) -> Tensor:
+        """The fast path, when the module marked its shared representation ``z``.
+
+        The heads ran on a leaf copy of ``z``, so ``c^T L`` backpropagates into the heads only;
+        the trunk receives the aggregated gradient through the surrogate
+        ``<g, theta> - <g, theta>.detach()`` (value 0, gradient ``g``), with ``g`` the aggregated
+        gradient on the trunk's parameters (parameter source) or on ``z`` (representation
+        source). One ordinary backward still carries the whole update, so loss scaling,
+        accumulation, clipping and DDP apply as usual, and the trunk is traversed ``T`` times
+        (parameter source) or once (representation source) instead of ``T + 1`` times.
+        """
+        leaf, rep = module._shared_rep, module._shared_rep_graph
+        trainer = self._trainer
+        scaler = grad_scaler(trainer) if trainer is not None else None
+        scale = 1.0 if scaler is None else scaler.scale(torch.ones((), device=losses.device))
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        present_list = module._present_list
+        update = self._optimizer_steps % self.frequency == 0
+        if not update:  # reuse the coefficients: the trunk gets c^T dL/dz through z, once
+            (g_rep,) = torch.autograd.grad(
+                (self._coefs.to(losses) * losses).sum(),
+                leaf,
+                retain_graph=True,
+                allow_unused=True,
+            )
+            surrogate = _surrogate([rep], [g_rep])
+            return (self._coefs.to(losses) * losses).sum() + surrogate
+        # per-task gradients on z: through the heads only (scaled under fp16)
+        rows = []
+        for i, here in enumerate(present_list):
+            g = None
+            if here:
+                out = losses[i] if scaler is None else scaler.scale(losses[i])
+                (g,) = torch.autograd.grad(out, leaf, retain_graph=True, allow_unused=True)
+            rows.append(torch.zeros_like(leaf) if g is None else g)
+        grads_rep = torch.stack(rows)  # [T, *z.shape], scaled
+        if self.source == "representation":
+            G = grads_rep.reshape(len(rows), -1).float() / (scale * accumulate)
+            coefs = self._safe_coefficients(G, losses.detach(), present)
+            g_rep = torch.einsum("t,t...->...", coefs.to(grads_rep.dtype), grads_rep) / scale
+            surrogate = _surrogate([rep], [g_rep])
+        else:
+            targets = self._upstream_params(module, rep)
+            per_task = []
+            for i, here in enumerate(present_list):
+                if not here:
+                    per_task.append([torch.zeros_like(p) for p in targets])
+                    continue
+                gs = torch.autograd.grad(
+                    rep, targets, grad_outputs=grads_rep[i], retain_graph=True, allow_unused=True
+                )
+                per_task.append(
+                    [
+                        torch.zeros_like(p) if g is None else g
+                        for g, p in zip(gs, targets, strict=False)
+                    ]
+                )
+            shared = self._shared_index
+            G = torch.stack(
+                [torch.cat([g[j].reshape(-1).float() for j in shared]) for g in per_task]
+            ) / (scale * accumulate)
+            coefs = self._safe_coefficients(G, losses.detach(), present)
+            agg = [
+                sum(coefs[t].to(per_task[t][j].dtype) * per_task[t][j] for t in range(len(rows)))
+                / scale
+                for j in range(len(targets))
+            ]
+            surrogate = _surrogate(targets, agg)
+        self._coefs = coefs.detach()
+        return (self._coefs.to(losses) * losses).sum() + surrogate
+
+    def _upstream_params(self, module: Any, rep: Tensor) -> list[Tensor]:
+        """Trainable parameters that produce ``rep`` (found once per fit), shared ones first."""
+        if self._upstream is None:
+            shared_ids = {id(p) for p in self._params}
+            others = [p for p in module.parameters() if p.requires_grad and id(p) not in shared_ids]
+            probe = torch.autograd.grad(
+                rep.sum(), self._params + others, retain_graph=True, allow_unused=True
+            )
+            missing = [i for i, g in enumerate(probe[: len(self._params)]) if g is None]
+            if missing:
+                names = {id(p): n for n, p in module.named_parameters()}
+                raise MisconfigurationException(
+                    f"{self!r}: shared_parameters() includes "
+                    f"{[names.get(id(self._params[i]), '?') for i in missing]}, which do not "
+                    "produce the tensor passed to shared_representation(). Return only the "
+                    "trunk's parameters there, or mark the trunk's output."
+                )
+            extra = [
+                p for p, g in zip(others, probe[len(self._params) :], strict=False) if g is not None
+            ]
+            self._upstream = self._params + extra
+            self._shared_index = list(range(len(self._params)))
+        return self._upstream
 
     # ------------------------------------------------------------------ internals
     def _task_gradients(self, module: Any, losses: Tensor, present_list: list[bool]) -> Tensor:
@@ -236,3 +339,9 @@ class GradientWeighting(Weighting):
         full = torch.zeros(num, dtype=torch.float32, device=grads.device)
         full[ix] = coefs.float()
         return full
+
+
+def _surrogate(tensors: list[Tensor], grads: list[Tensor]) -> Tensor:
+    """A zero-valued scalar whose gradient with respect to ``tensors`` is ``grads``."""
+    total = sum((t * g.detach().to(t.dtype)).sum() for t, g in zip(tensors, grads, strict=True))
+    return total - total.detach()

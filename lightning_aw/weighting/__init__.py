@@ -3,7 +3,28 @@
 from lightning_aw.weighting._base import Weighting
 from lightning_aw.weighting._dwa import DWA
 from lightning_aw.weighting._equal import EqualWeighting
+from lightning_aw.weighting._famo import FAMO
+from lightning_aw.weighting._gls import GLS, ScaleInvariant
 from lightning_aw.weighting._gradnorm import GradNorm
+from lightning_aw.weighting._imtl_l import IMTLL
+from lightning_aw.weighting._positive import PositiveLossWeighting
+from lightning_aw.weighting._rlw import RLW
+from lightning_aw.weighting._softadapt import SoftAdapt
+from lightning_aw.weighting._stch import STCH
 from lightning_aw.weighting._uncertainty import UncertaintyWeighting
 
-__all__ = ["DWA", "EqualWeighting", "GradNorm", "UncertaintyWeighting", "Weighting"]
+__all__ = [
+    "DWA",
+    "FAMO",
+    "GLS",
+    "IMTLL",
+    "RLW",
+    "STCH",
+    "EqualWeighting",
+    "GradNorm",
+    "PositiveLossWeighting",
+    "ScaleInvariant",
+    "SoftAdapt",
+    "UncertaintyWeighting",
+    "Weighting",
+]

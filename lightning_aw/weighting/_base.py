@@ -208,14 +208,21 @@ class Weighting(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.interval is None or trainer.global_step == self._last_global_step:
-            return  # no interval, or inside an accumulation window
+        if trainer.global_step == self._last_global_step:
+            return  # inside an accumulation window
         self._last_global_step = trainer.global_step
         if getattr(pl_module, "_step_skipped", False):
             return  # a step skipped for a non-finite loss changes nothing
         self._optimizer_steps += 1
+        self.after_optimizer_step(trainer, pl_module, batch, batch_idx)
         if self.interval == "step" and self._optimizer_steps % self.frequency == 0:
             self._run_update(trainer)
+
+    def after_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Called once after every optimizer step (not inside accumulation windows, not after a
+        skipped step), with the last micro-batch. Override to update state from it."""
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

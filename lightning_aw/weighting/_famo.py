@@ -1,0 +1,212 @@
+"""FAMO: Fast Adaptive Multitask Optimization (Liu et al., NeurIPS 2023)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_aw._utils import AdamState, reduce_sum
+from lightning_aw.functional import famo_logit_grad, famo_loss, famo_weights
+from lightning_aw.weighting._positive import (
+    PositiveLossWeighting,
+    _per_task_tensor,
+    _validate_per_task,
+)
+
+
+class FAMO(PositiveLossWeighting):
+    r"""FAMO: balance the tasks' rates of improvement with one extra forward pass per step.
+
+    Liu, Feng, Stone, Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023,
+    https://arxiv.org/abs/2306.03792, Alg. 2.
+
+    With logits :math:`\xi` (:math:`\xi_0 = 0`), :math:`z = \operatorname{softmax}(\xi)` and the
+    gaps :math:`D_i = L_i - L_i^{\min} + \epsilon`, the network minimises
+
+    .. math::
+
+        \mathcal{L} = c \sum_i z_i \log D_i, \qquad
+        c = \Bigl(\sum_i z_i / D_i\Bigr)^{-1} \text{ (held constant)},
+
+    i.e. the update :math:`\sum_i w_i\nabla L_i` with effective weights :math:`w_i = c z_i/D_i`,
+    which **sum to 1**. After each optimizer step the task losses are recomputed on the *same*
+    batch without gradients, and the logits take an Adam step on
+
+    .. math::
+
+        \delta = J_{\operatorname{softmax}}(\xi)^\top\bigl[\log D(t) - \log D(t+1)\bigr],
+        \qquad \xi \leftarrow \operatorname{Adam}(\xi;\ \delta + \gamma\xi),
+
+    so a task whose loss fell faster than the others loses weight.
+
+    Conventions:
+
+    - The logits are *not* in the user's optimizer: FAMO owns a small Adam (``lr``, default the
+      paper's 0.025; L2 decay ``gamma``, default ``1e-3``) whose state is saved with the
+      callback's. The paper also clips the network's gradient norm at 1.0: pass
+      ``gradient_clip_val=1.0`` to the Trainer to do the same.
+    - The recomputation calls ``pl_module.task_losses(batch, batch_idx)`` under ``torch.no_grad()``
+      and the precision plugin's autocast, in training mode (as the official code does: batch-norm
+      running statistics see the batch twice and dropout draws new masks). It costs one forward
+      pass per optimizer step; keep ``task_losses`` free of side effects (logging, metric
+      updates), since it runs twice per step.
+    - With ``accumulate_grad_batches=k`` the logits are updated once per optimizer step, from the
+      last micro-batch of the window (its losses before and after the step).
+    - Under DDP the losses before and after are averaged over the ranks (per task, over the ranks
+      where it is present) before :math:`\delta` is formed, so every rank holds the same logits.
+      The effective weights :math:`c z_i/D_i` use each rank's own batch losses.
+    - A step skipped by ``MultiTaskModule(on_nonfinite="skip")`` leaves the logits unchanged; a
+      non-finite :math:`\delta` (e.g. a loss that overflowed) skips the Adam step.
+    - :math:`D_i` must be positive, i.e. every loss must stay above its ``min_losses`` bound
+      (default 0): a task whose loss does not is left out of that step, and a ``ValueError``
+      naming it is raised at the next check (every ``check_every`` optimizer steps and at every
+      epoch end; one host synchronisation each). Losses that can be negative need ``min_losses``.
+
+    The weights reported (``weights/<task>``) are the effective weights of the last training step
+    (``1/T`` before the first); ``famo/z/<task>`` logs :math:`z`. :attr:`logits` gives
+    :math:`\xi`.
+
+    Args:
+        lr: learning rate of the logits' Adam (default 0.025, the paper's).
+        gamma: L2 decay :math:`\gamma \ge 0` of the logits (default ``1e-3``).
+        min_losses: :math:`L^{\min}`, lower bounds of the task losses: one number per task (in the
+            module's task order) or a mapping of task name to bound (missing tasks: 0).
+            Default: 0 for every task.
+        eps: :math:`\epsilon` added to the gaps (default ``1e-8``, the paper's).
+        check_every: optimizer steps between two checks that the gaps were positive (default 100).
+
+    Example::
+
+        import lightning.pytorch as pl
+        from lightning_aw import FAMO
+
+        trainer = pl.Trainer(callbacks=[FAMO(gamma=1e-3)], gradient_clip_val=1.0, max_epochs=5)
+    """
+
+    total: ClassVar[str | float | None] = 1
+    _state_attrs = ("_logits", "_adam", "_weights")
+    _needs = "task losses above their `min_losses` (it takes the logarithm of the gap)"
+    _cure = (
+        "Pass FAMO(min_losses=...) with a lower bound below every value the loss can take "
+        "(e.g. its known minimum, or a negative number for losses that can be negative)."
+    )
+
+    def __init__(
+        self,
+        lr: float = 0.025,
+        gamma: float = 1e-3,
+        min_losses: Sequence[float] | Mapping[str, float] | None = None,
+        eps: float = 1e-8,
+        check_every: int = 100,
+    ) -> None:
+        super().__init__(check_every=check_every)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+            raise ValueError(f"Parameter `lr` should be a finite number > 0. Found {lr!r}.")
+        if (
+            isinstance(gamma, bool)
+            or not isinstance(gamma, (int, float))
+            or not 0 <= gamma < float("inf")
+        ):
+            raise ValueError(f"Parameter `gamma` should be a finite number >= 0. Found {gamma!r}.")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
+            raise ValueError(f"Parameter `eps` should be a number in [0, 1). Found {eps!r}.")
+        self.lr = float(lr)
+        self.gamma = float(gamma)
+        self.eps = float(eps)
+        self.min_losses = _validate_per_task(min_losses, "min_losses")
+        self._adam = AdamState(lr=self.lr, weight_decay=self.gamma)
+        self._logits = torch.zeros(0)
+        self._weights = torch.ones(0)
+        self._min = torch.zeros(0)
+        self._before: Tensor | None = None
+        self._before_present: Tensor | None = None
+
+    def hparams_repr(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "gamma": self.gamma,
+            "min_losses": self.min_losses,
+            "eps": self.eps,
+            "check_every": self.check_every,
+        }
+
+    def init_state(self, num_tasks: int) -> None:
+        super().init_state(num_tasks)
+        self._logits = torch.zeros(num_tasks)
+        self._weights = torch.full((num_tasks,), 1.0 / num_tasks)
+        self._min = _per_task_tensor(self.min_losses, self.tasks, "min_losses")
+
+    def _move_state(self, device: torch.device) -> None:
+        super()._move_state(device)
+        self._min = self._min.to(device)
+
+    @property
+    def logits(self) -> Tensor:
+        r"""FAMO's logits :math:`\xi`, shape ``[T]`` (:math:`z = \operatorname{softmax}(\xi)`)."""
+        return self._logits
+
+    def weight_tensor(self) -> Tensor:
+        return self._weights
+
+    def log_items(self) -> dict[str, Tensor]:
+        z = torch.softmax(self._logits, dim=0)
+        return {f"famo/z/{t}": z[i] for i, t in enumerate(self.tasks)}
+
+    def combine(self, losses: Tensor, present: Tensor) -> Tensor:
+        current = losses.detach()
+        gaps = current - self._min + self.eps
+        usable = self._nonpositive.record(gaps, present, reported=current)
+        self._weights = famo_weights(current, self._logits, self._min, usable, eps=self.eps)
+        return famo_loss(losses, self._logits, self._min, usable, eps=self.eps)
+
+    def observe(self, trainer: pl.Trainer, losses: Tensor, present: Tensor) -> None:
+        super().observe(trainer, losses, present)
+        # the losses the coming optimizer step is taken on (the last micro-batch's)
+        self._before = losses.detach()
+        self._before_present = present
+
+    def after_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        super().after_optimizer_step(trainer, pl_module, batch, batch_idx)
+        before, present = self._before, self._before_present
+        self._before = self._before_present = None
+        if before is not None and present is not None:
+            self._update_logits(trainer, pl_module, batch, batch_idx, before, present)
+
+    def _update_logits(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        before: Tensor,
+        present: Tensor,
+    ) -> None:
+        with torch.no_grad(), trainer.precision_plugin.train_step_context():
+            outputs = pl_module._call_task_losses(batch, batch_idx)  # type: ignore[operator]
+            after, after_list = pl_module._stack(outputs, batch_idx)  # type: ignore[operator]
+        after = after.detach().float()
+        present = present & pl_module._mask(after_list, after.device)  # type: ignore[operator]
+        if trainer.world_size > 1:
+            zero = torch.zeros_like(before)
+            stats = torch.cat(
+                [
+                    torch.where(present, before, zero),
+                    torch.where(present, after, zero),
+                    present.to(before.dtype),
+                ]
+            )
+            before_sum, after_sum, count = reduce_sum(trainer, stats).chunk(3)
+            present = count > 0
+            before = before_sum / count.clamp_min(1.0)
+            after = after_sum / count.clamp_min(1.0)
+        # count a loss that fell below its bound during the step (once per step and task)
+        fresh = present & torch.isfinite(after) & (before - self._min + self.eps > 0)
+        self._nonpositive.record(after - self._min + self.eps, fresh, reported=after)
+        grad = famo_logit_grad(self._logits, before, after, self._min, present, eps=self.eps)
+        self._logits = self._adam.update(self._logits, grad)

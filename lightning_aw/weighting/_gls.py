@@ -1,0 +1,128 @@
+"""Geometric loss strategy (Chennupati et al., CVPRW 2019) and the scale-invariant log loss."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_aw.functional import (
+    gls_loss,
+    gls_weights,
+    scale_invariant_loss,
+    scale_invariant_weights,
+)
+from lightning_aw.weighting._positive import PositiveLossWeighting
+
+
+class GLS(PositiveLossWeighting):
+    r"""Geometric loss strategy: minimise the geometric mean of the task losses.
+
+    Chennupati, Sistu, Yogamani, Rawashdeh, "MultiNet++: Multi-Stream Feature Aggregation and
+    Geometric Loss Strategy for Multi-Task Learning", CVPR Workshops 2019,
+    https://arxiv.org/abs/1904.08492.
+
+    .. math::
+
+        \mathcal{L} = \Bigl(\prod_{i} L_i\Bigr)^{1/T} = \exp\Bigl(\frac1T\sum_i \log L_i\Bigr),
+        \qquad w_i = \frac{\partial\mathcal{L}}{\partial L_i} = \frac{\mathcal{L}}{T L_i}
+
+    over the tasks present in the batch (``T`` counts them), computed in the log domain. No
+    hyperparameters and no learned state: the weights are the *effective* weights
+    :math:`\mathcal{L}/(T L_i)` of the last training step, which favour the tasks with small
+    losses. They are not normalised (``total = None``); before the first step they are ``1/T``.
+    Under DDP each rank's effective weights come from its own batch, like its losses.
+
+    Needs positive losses: a task with a non-positive loss is left out of the step, and a
+    ``ValueError`` naming it is raised at the next check (every ``check_every`` optimizer steps
+    and at every epoch end; each check costs one host synchronisation).
+
+    Args:
+        check_every: optimizer steps between two positivity checks (default 100).
+
+    Example::
+
+        import lightning.pytorch as pl
+        from lightning_aw import GLS
+
+        trainer = pl.Trainer(callbacks=[GLS()], max_epochs=5)
+    """
+
+    total: ClassVar[str | float | None] = None
+    _state_attrs = ("_weights",)
+
+    def __init__(self, check_every: int = 100) -> None:
+        super().__init__(check_every=check_every)
+        self._weights = torch.ones(0)
+
+    def hparams_repr(self) -> dict[str, Any]:
+        return {"check_every": self.check_every}
+
+    def init_state(self, num_tasks: int) -> None:
+        super().init_state(num_tasks)
+        self._weights = torch.full((num_tasks,), 1.0 / num_tasks)
+
+    def weight_tensor(self) -> Tensor:
+        return self._weights
+
+    def combine(self, losses: Tensor, present: Tensor) -> Tensor:
+        usable = self._nonpositive.record(losses.detach(), present)
+        self._weights = gls_weights(losses.detach(), usable)
+        return gls_loss(losses, usable)
+
+
+class ScaleInvariant(PositiveLossWeighting):
+    r"""The scale-invariant (logarithmic) loss :math:`\sum_i \log L_i`.
+
+    Multiplying a task's loss by a constant only adds a constant to the total, so the update does
+    not depend on the tasks' scales (a baseline in e.g. Navon et al., "Multi-Task Learning as a
+    Bargaining Game", ICML 2022, https://arxiv.org/abs/2202.01017, and the optimum of
+    :class:`IMTLL`):
+
+    .. math::
+
+        \mathcal{L} = \sum_i \log L_i, \qquad
+        w_i = \frac{\partial\mathcal{L}}{\partial L_i} = \frac{1}{L_i}
+
+    over the tasks present in the batch. No hyperparameters and no learned state: the weights are
+    the effective weights :math:`1/L_i` of the last training step (1 before the first step); they
+    are not normalised (``total = None``). Under DDP each rank's effective weights come from its
+    own batch.
+
+    Needs positive losses: a task with a non-positive loss is left out of the step, and a
+    ``ValueError`` naming it is raised at the next check (every ``check_every`` optimizer steps
+    and at every epoch end; each check costs one host synchronisation).
+
+    Args:
+        check_every: optimizer steps between two positivity checks (default 100).
+
+    Example::
+
+        import lightning.pytorch as pl
+        from lightning_aw import ScaleInvariant
+
+        trainer = pl.Trainer(callbacks=[ScaleInvariant()], max_epochs=5)
+    """
+
+    total: ClassVar[str | float | None] = None
+    _state_attrs = ("_weights",)
+
+    def __init__(self, check_every: int = 100) -> None:
+        super().__init__(check_every=check_every)
+        self._weights = torch.ones(0)
+
+    def hparams_repr(self) -> dict[str, Any]:
+        return {"check_every": self.check_every}
+
+    def init_state(self, num_tasks: int) -> None:
+        super().init_state(num_tasks)
+        self._weights = torch.ones(num_tasks)
+
+    def weight_tensor(self) -> Tensor:
+        return self._weights
+
+    def combine(self, losses: Tensor, present: Tensor) -> Tensor:
+        usable = self._nonpositive.record(losses.detach(), present)
+        self._weights = scale_invariant_weights(losses.detach(), usable)
+        return scale_invariant_loss(losses, usable)

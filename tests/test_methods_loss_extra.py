@@ -1,0 +1,484 @@
+"""RLW, GLS, ScaleInvariant, IMTL-L, FAMO, SoftAdapt and STCH in real (tiny) Trainers."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from _helpers import TASKS, TinyNet, WeightRecorder, loader, params, trainer
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
+
+from lightning_aw.weighting._famo import FAMO
+from lightning_aw.weighting._gls import GLS, ScaleInvariant
+from lightning_aw.weighting._imtl_l import IMTLL
+from lightning_aw.weighting._rlw import RLW
+from lightning_aw.weighting._softadapt import SoftAdapt
+from lightning_aw.weighting._stch import STCH
+
+METHODS = [
+    RLW(seed=3),
+    RLW(),
+    RLW(seed=1, distribution="dirichlet", interval="epoch"),
+    GLS(),
+    ScaleInvariant(),
+    IMTLL(lr=0.05),
+    FAMO(),
+    FAMO(min_losses=[-1.0, -1.0, -1.0], gamma=0.0, check_every=3),
+    SoftAdapt(beta=5.0),
+    SoftAdapt(beta=5.0, normalize=True, loss_weighted=True, interval="step", frequency=3),
+    STCH(warmup_epochs=1),
+    STCH(warmup_epochs=3),
+    STCH(reference=[1.0, 5.0, 0.1], logarithmic=False, mu=0.5),
+]
+
+
+def _fit(tmp_path, method, max_epochs, ckpt_path=None, **kw):
+    net = TinyNet(optimizer={"name": "adam", "lr": 0.01})
+    cb = copy.deepcopy(method)
+    t = trainer(tmp_path, [cb], max_epochs=max_epochs, **kw)
+    t.fit(net, loader(), ckpt_path=ckpt_path)
+    return t, net, cb
+
+
+def _flat(state, prefix=""):
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _assert_same_state(a, b):
+    fa, fb = _flat(a.state_dict()), _flat(b.state_dict())
+    assert fa.keys() == fb.keys()
+    for k, v in fa.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v.cpu(), fb[k].cpu()), k
+        else:
+            assert v == fb[k], k
+
+
+# ---------------------------------------------------------------------------------- all methods
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+def test_resume_equals_uninterrupted(tmp_path, method):
+    _, full, full_cb = _fit(tmp_path / "full", method, 4)
+    first, _, _ = _fit(tmp_path / "a", method, 2)
+    ckpt = tmp_path / "two_epochs.ckpt"
+    first.save_checkpoint(ckpt)
+    resumed_trainer, resumed, resumed_cb = _fit(tmp_path / "b", method, 4, ckpt_path=str(ckpt))
+    assert resumed_trainer.global_step == 32
+    for k, v in params(full).items():
+        torch.testing.assert_close(params(resumed)[k], v, rtol=0, atol=0, msg=k)
+    assert resumed.task_weights == full.task_weights
+    _assert_same_state(resumed_cb, full_cb)
+    initial = copy.deepcopy(method)
+    initial.tasks = list(TASKS)
+    initial.init_state(3)
+    assert resumed.task_weights != dict(zip(TASKS, initial.weight_tensor().tolist(), strict=True))
+
+
+def _absent_c(batch_idx, task):
+    return task == "c" and batch_idx % 2 == 1
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+def test_weights_finite_with_the_documented_total(tmp_path, method):
+    rec = WeightRecorder()
+    cb = copy.deepcopy(method)
+    logger = CSVLogger(tmp_path, name="run")
+    t = trainer(tmp_path, [cb, rec], max_epochs=3, logger=logger, log_every_n_steps=4)
+    t.fit(TinyNet(absent=_absent_c, optimizer={"name": "adam", "lr": 0.01}), loader())
+    w = torch.tensor(rec.weights)
+    assert torch.isfinite(w).all() and (w >= 0).all()
+    if method.total == 1:
+        torch.testing.assert_close(w.sum(1), torch.ones(len(w)), rtol=0, atol=1e-6)
+    else:
+        assert method.total is None
+    with open(Path(logger.log_dir) / "metrics.csv") as fh:
+        columns = next(csv.reader(fh))
+    assert {f"weights/{t}" for t in TASKS} <= set(columns)
+    assert set(cb.log_items()) <= set(columns)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+def test_pickle_deepcopy_repr_and_state_key(method):
+    clone = pickle.loads(pickle.dumps(method))
+    assert repr(clone) == repr(method) == repr(copy.deepcopy(method))
+    for name, value in method.hparams_repr().items():
+        assert f"{name}={value!r}" in repr(method)
+    assert type(method).__name__ in method.state_key
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-scaler"])
+@pytest.mark.parametrize(
+    "method",
+    [RLW(seed=0), GLS(), ScaleInvariant(), IMTLL(), FAMO(), SoftAdapt(), STCH(warmup_epochs=1)],
+    ids=repr,
+)
+def test_mixed_precision_accumulation_and_clipping(tmp_path, method, precision):
+    kw = (
+        {"plugins": [MixedPrecision("16-mixed", "cpu")]}
+        if precision == "fp16-scaler"
+        else {"precision": precision}
+    )
+    rec = WeightRecorder()
+    net = TinyNet(optimizer={"name": "adam", "lr": 0.01})
+    before = params(net)
+    t = trainer(
+        tmp_path, [copy.deepcopy(method), rec], max_epochs=2, accumulate_grad_batches=2,
+        gradient_clip_val=0.5, **kw,
+    )
+    t.fit(net, loader())
+    assert t.global_step == 8
+    assert all(torch.isfinite(v).all() for v in params(net).values())
+    assert any(not torch.equal(before[k], v) for k, v in params(net).items())
+    w = torch.tensor(rec.weights)
+    assert torch.isfinite(w).all() and (w >= 0).all()
+    if method.total == 1:
+        torch.testing.assert_close(w.sum(1), torch.ones(len(w)), rtol=0, atol=1e-6)
+    if isinstance(method, (RLW, SoftAdapt, IMTLL)):  # weights that are state: constant in windows
+        torch.testing.assert_close(w[0::2], w[1::2])
+
+
+def test_callback_examples_run():
+    for cls in (RLW, GLS, ScaleInvariant, IMTLL, FAMO, SoftAdapt, STCH):
+        doc = cls.__doc__ or ""
+        assert "Example::" in doc and "https://" in doc, cls
+        example = textwrap.dedent(doc.split("Example::", 1)[1])
+        namespace: dict = {}
+        exec(compile(example, f"<{cls.__name__} example>", "exec"), namespace)
+        assert any(isinstance(c, cls) for c in namespace["trainer"].callbacks), cls
+
+
+BAD_HPARAMS = [
+    (lambda: RLW(seed=-1), "Parameter `seed`"),
+    (lambda: RLW(seed=1.5), "Parameter `seed`"),
+    (lambda: RLW(distribution="gamma"), "Parameter `distribution`"),
+    (lambda: RLW(interval="batch"), "Parameter `interval`"),
+    (lambda: RLW(frequency=0), "Parameter `frequency`"),
+    (lambda: GLS(check_every=0), "Parameter `check_every`"),
+    (lambda: ScaleInvariant(check_every=True), "Parameter `check_every`"),
+    (lambda: IMTLL(lr=0.0), "Parameter `lr`"),
+    (lambda: IMTLL(init=float("nan")), "Parameter `init`"),
+    (lambda: FAMO(lr=-0.1), "Parameter `lr`"),
+    (lambda: FAMO(gamma=-1e-3), "Parameter `gamma`"),
+    (lambda: FAMO(eps=-1.0), "Parameter `eps`"),
+    (lambda: FAMO(min_losses="low"), "Parameter `min_losses`"),
+    (lambda: FAMO(min_losses=[0.0, float("nan"), 0.0]), "Parameter `min_losses`"),
+    (lambda: SoftAdapt(beta=float("inf")), "Parameter `beta`"),
+    (lambda: SoftAdapt(normalize="yes"), "Parameter `normalize`"),
+    (lambda: SoftAdapt(interval="batch"), "Parameter `interval`"),
+    (lambda: STCH(mu=0.0), "Parameter `mu`"),
+    (lambda: STCH(warmup_epochs=-1), "Parameter `warmup_epochs`"),
+    (lambda: STCH(warmup_epochs=0), "Parameter `warmup_epochs` should be >= 1 when no `reference`"),
+    (lambda: STCH(reference=[1.0, -1.0, 1.0]), "Parameter `reference` should be positive"),
+    (lambda: STCH(logarithmic=1), "Parameter `logarithmic`"),
+]
+
+
+@pytest.mark.parametrize(("factory", "match"), BAD_HPARAMS)
+def test_bad_hyperparameters_are_clear_errors(factory, match):
+    with pytest.raises(ValueError, match=match):
+        factory()
+
+
+@pytest.mark.parametrize(
+    ("method", "match"),
+    [
+        (FAMO(min_losses=[0.0, 0.0]), r"`min_losses` should have one number per task \(3"),
+        (FAMO(min_losses={"x": -1.0}), r"`min_losses` names unknown task\(s\) \['x'\]"),
+        (STCH(reference={"zz": 1.0}), r"`reference` names unknown task\(s\) \['zz'\]"),
+    ],
+    ids=repr,
+)
+def test_per_task_arguments_are_checked_against_the_tasks(tmp_path, method, match):
+    with pytest.raises(ValueError, match=match):
+        trainer(tmp_path, [method], max_epochs=1).fit(TinyNet(), loader())
+
+
+# ---------------------------------------------------------------------------------- bad losses
+def _negative_b(batch_idx, task, loss):
+    return loss - 100.0 if task == "b" and batch_idx >= 2 else loss
+
+
+LOG_METHODS = [GLS(), ScaleInvariant(), IMTLL(), FAMO(), STCH(warmup_epochs=1)]
+
+
+@pytest.mark.parametrize("method", LOG_METHODS, ids=repr)
+def test_nonpositive_loss_is_a_clear_error_and_never_nan(tmp_path, method):
+    rec = WeightRecorder()
+    net = TinyNet(loss_hook=_negative_b)
+    t = trainer(tmp_path, [copy.deepcopy(method), rec], max_epochs=2)
+    with pytest.raises(ValueError, match=r"task 'b' in 6 step\(s\) \(lowest -\d+\.?\d*\), up to global step 8 \(epoch 0\)"):
+        t.fit(net, loader())
+    assert torch.isfinite(torch.tensor(rec.weights)).all()
+    assert all(torch.isfinite(v).all() for v in params(net).values())
+
+
+@pytest.mark.parametrize("method", LOG_METHODS, ids=repr)
+def test_nonpositive_loss_check_every(tmp_path, method):
+    method = copy.deepcopy(method)
+    method.check_every = 2
+    t = trainer(tmp_path, [method], max_epochs=1)
+    with pytest.raises(ValueError, match=r"task 'b' in 2 step\(s\).*up to global step 4 "):
+        t.fit(TinyNet(loss_hook=_negative_b), loader())
+
+
+@pytest.mark.parametrize(
+    "method",
+    [FAMO(min_losses={"b": -200.0}), STCH(warmup_epochs=1, logarithmic=False), RLW(seed=0)],
+    ids=repr,
+)
+def test_negative_losses_where_allowed(tmp_path, method):
+    rec = WeightRecorder()
+    trainer(tmp_path, [method, rec], max_epochs=3).fit(TinyNet(loss_hook=_negative_b), loader())
+    w = torch.tensor(rec.weights)
+    assert torch.isfinite(w).all() and (w > 0).all()
+
+
+def test_softadapt_loss_weighted_needs_positive_means(tmp_path):
+    t = trainer(tmp_path, [SoftAdapt(loss_weighted=True)], max_epochs=2)
+    with pytest.raises(ValueError, match=r"needs positive mean losses, but task 'b' has mean -\d"):
+        t.fit(TinyNet(loss_hook=_negative_b), loader())
+
+
+# ---------------------------------------------------------------------------------- RLW
+def _draws(seed, n):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.softmax(torch.randn(3, generator=gen), dim=0) for _ in range(n)]
+
+
+def test_rlw_weights_are_the_seeded_gaussian_softmax_draws(tmp_path):
+    rec = WeightRecorder()
+    trainer(tmp_path, [RLW(seed=7), rec], max_epochs=1).fit(TinyNet(), loader())
+    draws = _draws(7, 8)  # one at setup, then one after every optimizer step
+    for k, w in enumerate(rec.weights):
+        torch.testing.assert_close(torch.tensor(w), draws[k], rtol=0, atol=0)
+        assert sum(w) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_rlw_constant_within_accumulation_windows_and_epochs(tmp_path):
+    rec = WeightRecorder()
+    t = trainer(tmp_path, [RLW(seed=7), rec], max_epochs=1, accumulate_grad_batches=2)
+    t.fit(TinyNet(), loader())
+    draws = _draws(7, 4)
+    for k, w in enumerate(rec.weights):
+        torch.testing.assert_close(torch.tensor(w), draws[k // 2], rtol=0, atol=0)
+    rec = WeightRecorder()
+    trainer(tmp_path, [RLW(seed=7, interval="epoch"), rec], max_epochs=3).fit(TinyNet(), loader())
+    draws = _draws(7, 3)
+    for e, w in zip(rec.epochs, rec.weights, strict=True):
+        torch.testing.assert_close(torch.tensor(w), draws[e], rtol=0, atol=0)
+
+
+def test_rlw_reproducible_with_a_seed(tmp_path):
+    runs = {}
+    for name, seed in (("a", 11), ("b", 11), ("c", 12)):
+        rec = WeightRecorder()
+        trainer(tmp_path, [RLW(seed=seed), rec], max_epochs=1).fit(TinyNet(), loader())
+        runs[name] = rec.weights
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]
+
+
+# ---------------------------------------------------------------------------------- GLS / log
+def test_gls_and_log_weights_are_their_gradients_on_the_last_batch(tmp_path):
+    for method, formula in (
+        (GLS(), lambda L: torch.prod(L) ** (1 / 3) / (3 * L)),
+        (ScaleInvariant(), lambda L: 1 / L),
+    ):
+        rec = WeightRecorder()
+        trainer(tmp_path, [method, rec], max_epochs=1).fit(TinyNet(), loader())
+        for k in range(1, len(rec.weights)):  # weights at batch k come from batch k - 1
+            expected = formula(torch.tensor(rec.losses[k - 1], dtype=torch.float64))
+            torch.testing.assert_close(
+                torch.tensor(rec.weights[k], dtype=torch.float64), expected, rtol=1e-5, atol=0
+            )
+
+
+def test_imtl_l_scales_are_learned_without_weight_decay(tmp_path):
+    m = IMTLL(lr=0.05)
+    net = TinyNet(optimizer={"name": "adamw", "lr": 0.01, "weight_decay": 0.1})
+    t = trainer(tmp_path, [m], max_epochs=2)
+    t.fit(net, loader())
+    groups = t.optimizers[0].param_groups
+    (group,) = [g for g in groups if any(p is m.log_scales for p in g["params"])]
+    assert group["weight_decay"] == 0.0 and group["lr"] == 0.05
+    assert not torch.equal(m.log_scales.detach(), torch.zeros(3))
+    torch.testing.assert_close(
+        torch.tensor(list(m.weights.values())), torch.exp(m.log_scales.detach())
+    )
+    # e^{s_i} moves towards 1 / L_i: task "b" (targets scaled by 3) gets the smallest scale
+    assert m.log_scales.detach().argmin() == 1
+
+
+# ---------------------------------------------------------------------------------- FAMO
+def test_famo_first_step_is_the_paper_update(tmp_path):
+    """One step by hand: network update with c z_i / D_i, then Adam's first step on the logits."""
+    ref = TinyNet()
+    batch = next(iter(loader()))
+    losses = torch.stack(list(ref.task_losses(batch, 0).values()))
+    D0 = losses.detach() + 1e-8
+    w = (1 / D0) / (1 / D0).sum()  # z uniform at xi = 0
+    grads = torch.autograd.grad((w * losses).sum(), list(ref.parameters()))
+    with torch.no_grad():
+        for p, g in zip(ref.parameters(), grads, strict=True):
+            p -= 0.05 * g  # TinyNet's default SGD, lr 0.05
+        D1 = torch.stack(list(ref.task_losses(batch, 0).values())) + 1e-8
+    xi = torch.zeros(3, requires_grad=True)
+    (delta,) = torch.autograd.grad(
+        torch.softmax(xi, 0), xi, grad_outputs=torch.log(D0) - torch.log(D1)
+    )
+    expected = -0.025 * torch.sign(delta)  # Adam's first step: lr * sign(gradient)
+
+    famo = FAMO()
+    net = TinyNet()
+    trainer(tmp_path, [famo], max_steps=1).fit(net, loader())
+    torch.testing.assert_close(famo.logits, expected, rtol=1e-5, atol=1e-7)
+    for k, v in params(ref).items():
+        torch.testing.assert_close(params(net)[k], v, rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_famo_updates_once_per_optimizer_step(tmp_path):
+    famo = FAMO()
+    t = trainer(tmp_path, [famo], max_epochs=1, accumulate_grad_batches=2)
+    t.fit(TinyNet(), loader())
+    assert t.global_step == 4 and famo._adam.step.item() == 4
+
+    def nan_a_at_3(batch_idx, task, loss):
+        return loss * float("nan") if batch_idx == 3 and task == "a" else loss
+
+    famo = FAMO()
+    net = TinyNet(on_nonfinite="skip", loss_hook=nan_a_at_3)
+    t = trainer(tmp_path, [famo], max_epochs=1)
+    t.fit(net, loader())
+    assert net.skipped_steps == 1
+    assert famo._adam.step.item() == t.global_step - 1  # the skipped step left xi alone
+    assert torch.isfinite(famo.logits).all()
+
+
+def test_famo_gives_weight_to_the_slowest_task(tmp_path):
+    """A constant offset on task "c" makes its gap D_c large, so its relative (log) improvement is
+    the smallest: FAMO raises its logit above the others' (delta_c < 0)."""
+
+    def offset_c(batch_idx, task, loss):
+        return loss + 5.0 if task == "c" else loss
+
+    famo = FAMO(gamma=0.0)
+    trainer(tmp_path, [famo], max_epochs=3).fit(
+        TinyNet(loss_hook=offset_c, optimizer={"name": "adam", "lr": 0.01}), loader()
+    )
+    assert famo.logits.argmax() == 2, famo.logits
+
+
+# ---------------------------------------------------------------------------------- SoftAdapt
+def _epoch_means(rec):
+    out: dict[int, list[list[float]]] = {}
+    for e, l in zip(rec.epochs, rec.losses, strict=True):
+        out.setdefault(e, []).append(l)
+    return {e: torch.tensor(v, dtype=torch.float64).mean(0) for e, v in out.items()}
+
+
+def test_softadapt_epoch_weights_by_hand(tmp_path):
+    rec = WeightRecorder()
+    trainer(tmp_path, [SoftAdapt(beta=10.0), rec], max_epochs=4).fit(TinyNet(), loader())
+    means = _epoch_means(rec)
+    w = torch.tensor(rec.weights, dtype=torch.float64)
+    epochs = torch.tensor(rec.epochs)
+    assert w[epochs < 2].sub(1 / 3).abs().max() < 1e-7
+    for e in (2, 3):
+        slopes = means[e - 1] - means[e - 2]
+        expected = torch.exp(10.0 * slopes) / torch.exp(10.0 * slopes).sum()
+        torch.testing.assert_close(w[epochs == e], expected.expand(8, 3), rtol=1e-5, atol=1e-7)
+
+
+def test_softadapt_normalized_loss_weighted_step_windows_by_hand(tmp_path):
+    rec = WeightRecorder()
+    m = SoftAdapt(beta=10.0, normalize=True, loss_weighted=True, interval="step", frequency=2)
+    trainer(tmp_path, [m, rec], max_epochs=1).fit(TinyNet(), loader())
+    l = torch.tensor(rec.losses, dtype=torch.float64)
+    w = torch.tensor(rec.weights, dtype=torch.float64)
+    assert w[:4].sub(1 / 3).abs().max() < 1e-7
+    old, new = l[0:2].mean(0), l[2:4].mean(0)
+    s = (new - old) / (new - old).abs().sum()
+    e = 0.5 * (new + old) * torch.exp(10.0 * s)
+    torch.testing.assert_close(w[4], e / e.sum(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w[5], w[4])
+
+
+# ---------------------------------------------------------------------------------- STCH
+def test_stch_warmup_reference_and_weights_by_hand(tmp_path):
+    rec = WeightRecorder()
+    m = STCH(warmup_epochs=2, mu=0.5)
+    trainer(tmp_path, [m, rec], max_epochs=3).fit(TinyNet(), loader())
+    L = torch.tensor(rec.losses, dtype=torch.float64)
+    w = torch.tensor(rec.weights, dtype=torch.float64)
+    means = _epoch_means(rec)
+    assert m.active
+    torch.testing.assert_close(m.reference_point.double(), means[1], rtol=1e-6, atol=0)
+    for k in range(1, 24):  # weights at batch k come from the losses of batch k - 1
+        if k <= 16:  # warm-up: the log sum, weights 1 / L
+            expected = 1 / L[k - 1]
+        else:
+            f = torch.log(L[k - 1] / means[1])
+            expected = 3 * torch.softmax(f / 0.5, 0) / L[k - 1]
+        torch.testing.assert_close(w[k], expected, rtol=1e-5, atol=1e-7, msg=str(k))
+
+
+def test_stch_with_a_reference_starts_at_once(tmp_path):
+    rec = WeightRecorder()
+    ref = torch.tensor([0.5, 2.0, 0.1], dtype=torch.float64)
+    m = STCH(reference=ref.tolist(), logarithmic=False, mu=2.0)
+    assert m.warmup_epochs == 0
+    trainer(tmp_path, [m, rec], max_epochs=1).fit(TinyNet(), loader())
+    L = torch.tensor(rec.losses, dtype=torch.float64)
+    for k in range(1, 8):
+        expected = 3 * torch.softmax((L[k - 1] - ref) / 2.0, 0)
+        torch.testing.assert_close(torch.tensor(rec.weights[k], dtype=torch.float64), expected)
+        assert sum(rec.weights[k]) == pytest.approx(3.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------- DDP
+DDP_SCRIPT = Path(__file__).with_name("ddp_loss_extra_script.py")
+DDP_METHODS = ["rlw", "famo", "softadapt-step", "imtl_l", "stch"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_loss_extra")
+    prefixes = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    proc = subprocess.run(
+        [sys.executable, str(DDP_SCRIPT), str(out), *DDP_METHODS],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("method", DDP_METHODS)
+def test_ddp_ranks_hold_identical_state_and_parameters(ddp_run, method):
+    r0 = torch.load(ddp_run / f"{method}-rank0.pt", weights_only=True)
+    r1 = torch.load(ddp_run / f"{method}-rank1.pt", weights_only=True)
+    assert r0["global_step"] == r1["global_step"] == 3 * 8
+    for k, v in r0["state"].items():
+        torch.testing.assert_close(r1["state"][k], v, rtol=0, atol=0, msg=k)
+        assert torch.isfinite(v).all()
+    for k, v in r0["params"].items():
+        torch.testing.assert_close(r1["params"][k], v, rtol=0, atol=0, msg=k)
+    if method in ("rlw", "softadapt-step"):  # their weights are state: identical too
+        assert not torch.allclose(r0["weights"], torch.full((3,), 1 / 3))
+        assert math.isclose(r0["weights"].sum().item(), 1.0, abs_tol=1e-6)
