@@ -92,6 +92,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--bench-rounds", type=int, default=3)
     args = parser.parse_args()
     accelerator = "cpu" if args.cpu or not torch.cuda.is_available() else "gpu"
     if accelerator == "gpu":
@@ -115,7 +116,7 @@ def main() -> int:
     if not args.skip_bench and accelerator == "gpu":
         from bench_weighting import main as bench
 
-        bench(["--rounds", "3", "--accelerator", "gpu"])
+        bench(["--rounds", str(args.bench_rounds), "--accelerator", "gpu"])
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 
