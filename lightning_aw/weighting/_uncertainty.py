@@ -62,7 +62,6 @@ class UncertaintyWeighting(Weighting):
         self.init = float(init)
         self.lr = lr
         self._flags: list[bool] = []
-        self._coef = torch.zeros(0)
 
     def hparams_repr(self) -> dict[str, Any]:
         return {"classification": self.classification, "init": self.init, "lr": self.lr}
@@ -75,9 +74,11 @@ class UncertaintyWeighting(Weighting):
                 f"the module's tasks are {self.tasks}."
             )
         self._flags = [t in self.classification for t in self.tasks]
-        self._coef = torch.tensor([1.0 if f else 0.5 for f in self._flags])
         module = nn.Module()
         module.log_vars = nn.Parameter(torch.full((num_tasks,), self.init))
+        # a buffer of the attached module: it follows the parameters' device, also at teardown
+        coef = torch.tensor([1.0 if f else 0.5 for f in self._flags])
+        module.register_buffer("coef", coef, persistent=False)
         self._register_module(module)
 
     @property
@@ -91,17 +92,13 @@ class UncertaintyWeighting(Weighting):
         values = torch.exp(0.5 * self.log_vars.detach().float()).tolist()
         return dict(zip(self.tasks, values, strict=True))
 
-    def _move_state(self, device: torch.device) -> None:
-        super()._move_state(device)
-        self._coef = self._coef.to(device)
-
     def weight_tensor(self) -> Tensor:
-        return self._coef * torch.exp(-self.log_vars.detach().float())
+        return self.module.coef * torch.exp(-self.log_vars.detach().float())
 
     def combine(self, losses: Tensor, present: Tensor) -> Tensor:
         # inline form of `functional.uncertainty_loss` (same formula, no per-step validation)
         s = self.log_vars.float()
-        terms = self._coef * torch.exp(-s) * losses + 0.5 * s
+        terms = self.module.coef * torch.exp(-s) * losses + 0.5 * s
         return (terms * present).sum()
 
     def log_items(self) -> dict[str, Tensor]:
