@@ -88,6 +88,8 @@ CONFIGS: dict[str, Callable[[], tuple[pl.LightningModule, list[pl.Callback]]]] =
     "DWA": lambda: (_Metricless(), [DWA(interval="step", frequency=10)]),
     "GradNorm": lambda: (_Metricless(), [GradNorm()]),
 }
+for _name in ["RLW", "GLS", "ScaleInvariant", "IMTLL", "FAMO", "SoftAdapt", "STCH"]:
+    CONFIGS[_name] = lambda n=_name: (_Metricless(), [getattr(aw, n)()])
 GRADIENT_METHODS = ["MGDA", "PCGrad", "CAGrad", "IMTLG", "NashMTL", "AlignedMTL", "UPGrad", "GradVac"]
 for _name in GRADIENT_METHODS:
     for _source in ("parameters", "representation"):

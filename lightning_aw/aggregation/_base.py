@@ -77,7 +77,7 @@ class GradientWeighting(Weighting):
         self.source = source
         self.ddp_sync = ddp_sync
         self._coefs = torch.ones(0)
-        self._fallbacks = torch.zeros((), dtype=torch.long)
+        self._fallbacks = torch.zeros(())  # a float count, so it logs without conversion
         self._trainer_ref: weakref.ref[pl.Trainer] | None = None
         self._module_ref: weakref.ref[Any] | None = None
         self._params: list[Tensor] = []
@@ -334,7 +334,7 @@ class GradientWeighting(Weighting):
         else:
             coefs = self.coefficients(sub_gram, losses[ix])
         ok = finite & torch.isfinite(coefs).all()
-        self._fallbacks = self._fallbacks.to(coefs.device) + (~ok).long()
+        self._fallbacks = self._fallbacks.to(coefs.device) + (~ok).float()
         coefs = torch.where(ok, coefs, torch.ones_like(coefs))
         full = torch.zeros(num, dtype=torch.float32, device=grads.device)
         full[ix] = coefs.float()
