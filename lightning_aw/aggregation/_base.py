@@ -323,22 +323,28 @@ class GradientWeighting(Weighting):
             gram = grads @ grads.T
             idx = [i for i, here in enumerate(self._pl_module._present_list) if here]
         self._present_idx = idx
-        finite = torch.isfinite(gram).all()
-        ix = torch.tensor(idx, device=grads.device)
-        sub_gram = torch.where(finite, gram, torch.zeros_like(gram))[ix][:, ix]
         if self.needs_gradients:
+            ix = torch.tensor(idx, device=grads.device)
             sub = grads[ix]
-            finite = finite & torch.isfinite(sub).all()
+            finite = torch.isfinite(sub).all()
             sub = torch.where(torch.isfinite(sub), sub, torch.zeros_like(sub))
             coefs = self.coefficients_from_gradients(sub, losses[ix])
         else:
+            # The T x T problem is solved on the CPU in float64: one small device-to-host copy
+            # (one synchronisation) instead of the many tiny kernels and convergence read-backs
+            # an iterative solver costs on an accelerator.
+            gram = gram.to("cpu", torch.float64)
+            losses = losses.to("cpu", torch.float64)
+            ix = torch.tensor(idx)
+            finite = torch.isfinite(gram).all()
+            sub_gram = torch.where(finite, gram, torch.zeros_like(gram))[ix][:, ix]
             coefs = self.coefficients(sub_gram, losses[ix])
         ok = finite & torch.isfinite(coefs).all()
         self._fallbacks = self._fallbacks.to(coefs.device) + (~ok).float()
         coefs = torch.where(ok, coefs, torch.ones_like(coefs))
-        full = torch.zeros(num, dtype=torch.float32, device=grads.device)
+        full = torch.zeros(num, dtype=torch.float32, device=coefs.device)
         full[ix] = coefs.float()
-        return full
+        return full.to(grads.device, non_blocking=True)
 
 
 def _surrogate(tensors: list[Tensor], grads: list[Tensor]) -> Tensor:
