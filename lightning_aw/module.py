@@ -228,7 +228,12 @@ class MultiTaskModule(pl.LightningModule):
             return None
         self._graph_losses, self._present, self._present_list = losses, present, present_list
         weighting = self._weighting
-        total = losses.sum() if weighting is None else weighting.combine(losses, present)
+        if weighting is None:
+            total = losses.sum()
+        else:
+            # the weighting's maths (exp, Gram matrices, solvers) runs in float32, not autocast
+            with torch.autocast(losses.device.type, enabled=False):
+                total = weighting.combine(losses, present)
         if weighting is not None:
             weighting.observe(self.trainer, losses.detach(), present)
         if self._should_log():

@@ -94,6 +94,7 @@ def test_update_equals_hand_computation_with_accumulation(tmp_path, method, mark
     t = trainer(tmp_path, [method, check], max_epochs=1, accumulate_grad_batches=2)
     t.fit(TinyNet(optimizer={"name": "sgd", "lr": 0.05}, mark_representation=marked), loader())
     assert check.checked == 4
+    assert t.callbacks[0]._fallbacks.item() == 0  # no overflow fell back to the plain sum
     assert torch.isfinite(torch.tensor(list(method.weights.values()))).all()
 
 
@@ -110,6 +111,7 @@ def test_update_under_mixed_precision(tmp_path, method, precision, marked):
     t = trainer(tmp_path, [copy.deepcopy(method), check], max_epochs=1, accumulate_grad_batches=2, **kw)
     t.fit(TinyNet(optimizer={"name": "sgd", "lr": 0.05}, mark_representation=marked), loader())
     assert check.checked == 4
+    assert t.callbacks[0]._fallbacks.item() == 0  # no overflow fell back to the plain sum
 
 
 @pytest.mark.parametrize("method", METHODS, ids=repr)

@@ -76,3 +76,21 @@ def test_gradnorm_fp16_matches_fp32_weights(tmp_path):
         weights[name] = torch.tensor(list(gn.weights.values()))
     assert not torch.allclose(weights["fp32"], torch.ones(3))
     torch.testing.assert_close(weights["fp16"], weights["fp32"], rtol=0.02, atol=0.02)
+
+
+class _AutocastProbe(EqualWeighting):
+    def __init__(self):
+        super().__init__()
+        self.autocast_seen: list[bool] = []
+
+    def combine(self, losses, present):
+        self.autocast_seen.append(torch.is_autocast_enabled("cpu"))
+        return super().combine(losses, present)
+
+
+def test_weighting_maths_runs_outside_autocast(tmp_path):
+    """training_step runs under autocast; the weighting's maths (Gram matrices, exp) must not."""
+    probe = _AutocastProbe()
+    trainer(tmp_path, [probe], max_epochs=1, precision="bf16-mixed").fit(TinyNet(), loader())
+    assert probe.autocast_seen
+    assert not any(probe.autocast_seen)
