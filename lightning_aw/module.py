@@ -233,7 +233,7 @@ class MultiTaskModule(pl.LightningModule):
         else:
             # the weighting's maths (exp, Gram matrices, solvers) runs in float32, not autocast
             with torch.autocast(losses.device.type, enabled=False):
-                total = weighting.combine(losses, present)
+                total = weighting.combine_applied(losses, present)
         if weighting is not None:
             weighting.observe(self.trainer, losses.detach(), present)
         if self._should_log():
@@ -259,7 +259,7 @@ class MultiTaskModule(pl.LightningModule):
         weights = (
             torch.ones_like(losses)
             if self._weighting is None
-            else self._weighting.weight_tensor().to(losses)
+            else self._weighting.current_weights().to(losses)
         )
         items = {
             f"{stage}/loss/{t}": losses[i] for i, t in enumerate(self.tasks) if present_list[i]
@@ -390,7 +390,7 @@ class MultiTaskModule(pl.LightningModule):
         items["loss/total"] = total
         weighting = self._weighting
         if weighting is not None:
-            weights = weighting.weight_tensor()
+            weights = weighting.current_weights()
             items.update({f"weights/{t}": weights[i] for i, t in enumerate(self.tasks)})
             items.update(weighting.log_items())
         self.log_dict(items, on_step=True, on_epoch=False)

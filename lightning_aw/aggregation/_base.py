@@ -110,6 +110,17 @@ class GradientWeighting(Weighting):
     def weight_tensor(self) -> Tensor:
         return self._coefs
 
+    def combine_applied(self, losses: Tensor, present: Tensor) -> Tensor:
+        # the transforms act on the coefficients before they are applied (see _transformed)
+        return self.combine(losses, present)
+
+    def _transformed(self, coefs: Tensor) -> Tensor:
+        if self.transform is None:
+            return coefs
+        applied = self.transform.apply(coefs, self._optimizer_steps)
+        self._applied = applied.detach()
+        return applied
+
     def log_items(self) -> dict[str, Tensor]:
         return {"aggregation/fallbacks": self._fallbacks}
 
@@ -158,7 +169,8 @@ class GradientWeighting(Weighting):
             return self._combine_cut(module, losses, present)
         if self._optimizer_steps % self.frequency == 0:
             grads = self._task_gradients(module, losses, module._present_list)
-            self._coefs = self._safe_coefficients(grads, losses.detach(), present).detach()
+            coefs = self._safe_coefficients(grads, losses.detach(), present)
+            self._coefs = self._transformed(coefs).detach()
         return (self._coefs.to(losses) * losses).sum()
 
     def _combine_cut(self, module: Any, losses: Tensor, present: Tensor) -> Tensor:
@@ -199,7 +211,7 @@ class GradientWeighting(Weighting):
         grads_rep = torch.stack(rows)  # [T, *z.shape], scaled
         if self.source == "representation":
             G = grads_rep.reshape(len(rows), -1).float() / (scale * accumulate)
-            coefs = self._safe_coefficients(G, losses.detach(), present)
+            coefs = self._transformed(self._safe_coefficients(G, losses.detach(), present))
             g_rep = torch.einsum("t,t...->...", coefs.to(grads_rep.dtype), grads_rep) / scale
             surrogate = _surrogate([rep], [g_rep])
         else:
@@ -222,7 +234,7 @@ class GradientWeighting(Weighting):
             G = torch.stack(
                 [torch.cat([g[j].reshape(-1).float() for j in shared]) for g in per_task]
             ) / (scale * accumulate)
-            coefs = self._safe_coefficients(G, losses.detach(), present)
+            coefs = self._transformed(self._safe_coefficients(G, losses.detach(), present))
             agg = [
                 sum(coefs[t].to(per_task[t][j].dtype) * per_task[t][j] for t in range(len(rows)))
                 / scale

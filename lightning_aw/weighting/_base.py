@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_aw._utils import reduce_sum
+from lightning_aw.transforms import WeightTransform, as_transform
 
 Interval = Literal["step", "epoch"]
 
@@ -63,6 +64,9 @@ class Weighting(Callback):
         self._num_updates = 0
         self._optimizer_steps = 0
         self._last_global_step = -1
+        #: weight transforms (see :meth:`transformed`); ``None``: the method's weights as they are
+        self.transform: WeightTransform | None = None
+        self._applied: Tensor | None = None
 
     # ------------------------------------------------------------------ template methods
     def init_state(self, num_tasks: int) -> None:
@@ -89,13 +93,52 @@ class Weighting(Callback):
         """Extra diagnostics logged with the weights (tensors, no host synchronisation)."""
         return {}
 
+    # ------------------------------------------------------------------ transforms
+    def transformed(self, *transforms: WeightTransform) -> Weighting:
+        """Apply weight transforms (:mod:`lightning_aw.transforms`) to this method's weights.
+
+        Returns ``self``, so ``GradNorm().transformed(Warmup(100), EMA(0.9))`` reads naturally.
+        Transforms compose left to right; their state is saved with the callback's.
+
+        Example::
+
+            from lightning_aw import DWA
+            from lightning_aw.transforms import Clamp, EMA
+
+            weighting = DWA().transformed(EMA(0.5), Clamp(0.2, 5.0))
+        """
+        self.transform = as_transform(transforms)
+        return self
+
+    def combine_applied(self, losses: Tensor, present: Tensor) -> Tensor:
+        """:meth:`combine`, with the transforms applied to the weights the network sees.
+
+        The method's own loss keeps its extra terms (e.g. uncertainty weighting's regulariser);
+        the correction ``sum_i (w'_i - w_i) L_i`` (weights detached) replaces the weights ``w`` of
+        this step by the transformed ``w'`` in the network's gradient.
+        """
+        total = self.combine(losses, present)
+        if self.transform is None:
+            return total
+        raw = self.weight_tensor().to(losses)
+        applied = self.transform.apply(raw, self._optimizer_steps)
+        self._applied = applied.detach()
+        return total + ((self._applied - raw.detach()) * losses).sum()
+
+    def current_weights(self) -> Tensor:
+        """The weights applied at the current step, after the transforms, shape ``[T]``."""
+        if self.transform is not None and self._applied is not None:
+            return self._applied
+        return self.weight_tensor()
+
     # ------------------------------------------------------------------ public helpers
     @property
     def weights(self) -> dict[str, float]:
-        """The weights currently applied, by task name (reads them to the host)."""
+        """The weights currently applied (after any transform), by task name (reads them to the
+        host)."""
         if not self.tasks:
             return {}
-        return dict(zip(self.tasks, self.weight_tensor().float().tolist(), strict=True))
+        return dict(zip(self.tasks, self.current_weights().float().tolist(), strict=True))
 
     @property
     def num_tasks(self) -> int:
@@ -111,12 +154,14 @@ class Weighting(Callback):
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams_repr().items())
-        return f"{type(self).__name__}({args})"
+        base = f"{type(self).__name__}({args})"
+        return base if self.transform is None else f"{base}.transformed({self.transform!r})"
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**self.hparams_repr())
+        extra = {} if self.transform is None else {"transform": repr(self.transform)}
+        return self._generate_state_key(**self.hparams_repr(), **extra)
 
     # ------------------------------------------------------------------ Lightning hooks
     @override
@@ -145,6 +190,8 @@ class Weighting(Callback):
             return  # setup runs again for validate/test: attach once
         self.tasks = list(pl_module.tasks)
         self.init_state(len(self.tasks))
+        if self.transform is not None:
+            self.transform.reset(len(self.tasks))
         self._window_loss_sum = torch.zeros(len(self.tasks))
         self._window_count = torch.zeros(len(self.tasks))
         pl_module._attach_weighting(self)
@@ -214,6 +261,8 @@ class Weighting(Callback):
         if getattr(pl_module, "_step_skipped", False):
             return  # a step skipped for a non-finite loss changes nothing
         self._optimizer_steps += 1
+        if self.transform is not None:
+            self.transform.commit()
         self.after_optimizer_step(trainer, pl_module, batch, batch_idx)
         if self.interval == "step" and self._optimizer_steps % self.frequency == 0:
             self._run_update(trainer)
@@ -242,6 +291,8 @@ class Weighting(Callback):
     # ------------------------------------------------------------------ state
     def _state_names(self) -> tuple[str, ...]:
         base = ("_window_loss_sum", "_window_count", "_num_updates", "_optimizer_steps")
+        if self.transform is not None:
+            base = (*base, "transform", "_applied")
         return base + self._state_attrs
 
     @override
