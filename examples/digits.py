@@ -21,24 +21,21 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_aw import (
-    DWA,
-    EqualWeighting,
-    GradNorm,
-    MultiTaskModule,
-    TaskOutput,
-    UncertaintyWeighting,
-    Weighting,
-)
+from lightning_aw import MultiTaskModule, TaskOutput, Weighting
 from lightning_aw.datasets import TwoDigitsDataModule
+from lightning_aw.registry import create_method, list_methods
 
-METHODS = {
-    "none": lambda: None,
-    "equal": EqualWeighting,
-    "uncertainty": lambda: UncertaintyWeighting(classification=["left", "right"], lr=0.025),
-    "dwa": DWA,
-    "gradnorm": lambda: GradNorm(alpha=1.5),
+# every registered method can be chosen; a few get example-specific arguments
+OVERRIDES = {
+    "uncertainty": {"classification": ["left", "right"], "lr": 0.025},
+    "gradnorm": {"alpha": 1.5},
 }
+
+
+def make_weighting(name: str) -> Weighting | None:
+    if name == "none":
+        return None
+    return create_method(name, **OVERRIDES.get(name, {}))
 
 
 class DigitsNet(MultiTaskModule):
@@ -87,7 +84,10 @@ class DigitsNet(MultiTaskModule):
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=sorted(METHODS), default="gradnorm")
+    parser.add_argument(
+        "--method", choices=["none", *list_methods()], default="gradnorm",
+        help="weighting method (none: plain sum)",
+    )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--train-pairs", type=int, default=10_000)
     parser.add_argument("--logdir", default="runs")
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     pl.seed_everything(args.seed, verbose=False)
-    weighting: Weighting | None = METHODS[args.method]()
+    weighting = make_weighting(args.method)
     model = DigitsNet()
     logger = TensorBoardLogger(args.logdir, name=f"digits-{args.method}")
     trainer = pl.Trainer(

@@ -105,7 +105,8 @@ class GradientWeighting(Weighting):
         return out
 
     def init_state(self, num_tasks: int) -> None:
-        self._coefs = torch.ones(num_tasks)
+        # before the first step: equal coefficients with the method's documented total
+        self._coefs = torch.full((num_tasks,), 1.0 / num_tasks if self.total == 1 else 1.0)
 
     def weight_tensor(self) -> Tensor:
         return self._coefs
