@@ -58,6 +58,7 @@ class GradientWeighting(Weighting):
     """
 
     total: ClassVar[str | float | None] = None
+    uses_window_means: ClassVar[bool] = False
     #: whether the method needs the gradient matrix itself rather than its Gram matrix
     needs_gradients: ClassVar[bool] = False
     _state_attrs: ClassVar[tuple[str, ...]] = ("_coefs", "_fallbacks")

@@ -42,6 +42,8 @@ class Weighting(Callback):
 
     #: What the weights sum to: ``"T"`` (number of tasks), ``1`` or ``None`` (not normalised).
     total: ClassVar[str | float | None] = "T"
+    #: Whether :meth:`update` reads the window-mean losses (else none are gathered: cheaper).
+    uses_window_means: ClassVar[bool] = True
     #: Names of the attributes saved by :meth:`state_dict` (tensors, numbers, lists, dicts).
     _state_attrs: ClassVar[tuple[str, ...]] = ()
 
@@ -240,7 +242,7 @@ class Weighting(Callback):
         Methods without an update interval (their weights change only through the optimizer, or
         never) keep no window statistics.
         """
-        if self.interval is None:
+        if self.interval is None or not self.uses_window_means:
             return
         mask = present.to(self._window_count.dtype)
         self._window_loss_sum = self._window_loss_sum + losses.detach() * mask
@@ -279,6 +281,10 @@ class Weighting(Callback):
             self._run_update(trainer)
 
     def _run_update(self, trainer: pl.Trainer) -> None:
+        if not self.uses_window_means:
+            self.update(trainer, self._window_loss_sum, self._window_count > 0)
+            self._num_updates += 1
+            return
         stats = reduce_sum(trainer, torch.cat([self._window_loss_sum, self._window_count]))
         loss_sum, count = stats.chunk(2)
         present = count > 0

@@ -88,6 +88,8 @@ class RLW(Weighting):
             self._generator.manual_seed(seed)
         super().setup(trainer, pl_module, stage)
 
+    uses_window_means: ClassVar[bool] = False
+
     def init_state(self, num_tasks: int) -> None:
         self._weights = self._draw(num_tasks)
 
