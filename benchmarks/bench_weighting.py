@@ -90,7 +90,10 @@ CONFIGS: dict[str, Callable[[], tuple[pl.LightningModule, list[pl.Callback]]]] =
 }
 for _name in ["RLW", "GLS", "ScaleInvariant", "IMTLL", "FAMO", "SoftAdapt", "STCH"]:
     CONFIGS[_name] = lambda n=_name: (_Metricless(), [getattr(aw, n)()])
-GRADIENT_METHODS = ["MGDA", "PCGrad", "CAGrad", "IMTLG", "NashMTL", "AlignedMTL", "UPGrad", "GradVac"]
+CONFIGS["GradDrop (repr.)"] = lambda: (_Metricless(), [aw.GradDrop()])
+GRADIENT_METHODS = [
+    "MGDA", "PCGrad", "CAGrad", "IMTLG", "NashMTL", "AlignedMTL", "UPGrad", "GradVac", "DBMTL",
+]
 for _name in GRADIENT_METHODS:
     for _source in ("parameters", "representation"):
         CONFIGS[f"{_name} ({_source[:4]}.)"] = lambda n=_name, s=_source: (

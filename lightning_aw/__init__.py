@@ -4,10 +4,12 @@ Subclass :class:`MultiTaskModule`, add one weighting callback to the Trainer, op
 """
 
 from lightning_aw.aggregation import (
+    DBMTL,
     IMTLG,
     MGDA,
     AlignedMTL,
     CAGrad,
+    GradDrop,
     GradientWeighting,
     GradVac,
     NashMTL,
@@ -33,6 +35,7 @@ from lightning_aw.weighting import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "DBMTL",
     "DWA",
     "FAMO",
     "GLS",
@@ -44,6 +47,7 @@ __all__ = [
     "AlignedMTL",
     "CAGrad",
     "EqualWeighting",
+    "GradDrop",
     "GradNorm",
     "GradVac",
     "GradientWeighting",

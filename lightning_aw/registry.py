@@ -9,7 +9,7 @@ Example::
 
     >>> from lightning_aw.registry import create_method, get_method, list_methods
     >>> list_methods("*grad*")
-    ['cagrad', 'gradnorm', 'gradvac', 'pcgrad', 'upgrad']
+    ['cagrad', 'graddrop', 'gradnorm', 'gradvac', 'pcgrad', 'upgrad']
     >>> info = get_method("dwa")
     >>> info.cls.__name__, info.total, info.default_interval
     ('DWA', 'T', 'epoch')
@@ -29,10 +29,12 @@ from types import MappingProxyType
 from typing import Any
 
 from lightning_aw.aggregation import (
+    DBMTL,
     IMTLG,
     MGDA,
     AlignedMTL,
     CAGrad,
+    GradDrop,
     GradientWeighting,
     GradVac,
     NashMTL,
@@ -201,7 +203,7 @@ def list_methods(pattern: str | Sequence[str] | None = None) -> list[str]:
         >>> list_methods("imtl*")
         ['imtl_g', 'imtl_l']
         >>> list_methods(["dwa", "*_mtl"])
-        ['aligned_mtl', 'dwa', 'nash_mtl']
+        ['aligned_mtl', 'db_mtl', 'dwa', 'nash_mtl']
     """
     names = sorted(_REGISTRY)
     if pattern is None:
@@ -547,6 +549,29 @@ for _info in (
         stateful=True,
         stochastic=True,
         example_kwargs={"beta": 0.25, "seed": 3},
+    ),
+    _gradient_method(
+        "graddrop",
+        GradDrop,
+        (
+            'Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, "Just Pick a Sign: '
+            'Optimizing Deep Multitask Models with Gradient Sign Dropout", NeurIPS 2020, '
+            "https://arxiv.org/abs/2010.06808"
+        ),
+        stateful=True,
+        stochastic=True,
+        total="T",
+        example_kwargs={"leak": 0.25, "seed": 3},
+    ),
+    _gradient_method(
+        "db_mtl",
+        DBMTL,
+        (
+            'Lin, Ye, Xu, Shi & Zhang, "Dual-Balancing for Multi-Task Learning", 2023, '
+            "https://arxiv.org/abs/2308.12029"
+        ),
+        stateful=True,
+        example_kwargs={"beta": 0.5},
     ),
 ):
     register_method(_info)

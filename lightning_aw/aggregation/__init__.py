@@ -11,12 +11,15 @@ from lightning_aw.aggregation._methods import (
     PCGrad,
     UPGrad,
 )
+from lightning_aw.aggregation._special import DBMTL, GradDrop
 
 __all__ = [
+    "DBMTL",
     "IMTLG",
     "MGDA",
     "AlignedMTL",
     "CAGrad",
+    "GradDrop",
     "GradVac",
     "GradientWeighting",
     "NashMTL",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -194,14 +195,15 @@ class GradientWeighting(Weighting):
         present_list = module._present_list
         update = self._optimizer_steps % self.frequency == 0
         if not update:  # reuse the coefficients: the trunk gets c^T dL/dz through z, once
+            total = (self._coefs.to(losses) * losses).sum()
             (g_rep,) = torch.autograd.grad(
-                (self._coefs.to(losses) * losses).sum(),
+                total if scaler is None else scaler.scale(total),
                 leaf,
                 retain_graph=True,
                 allow_unused=True,
             )
-            surrogate = _surrogate([rep], [g_rep])
-            return (self._coefs.to(losses) * losses).sum() + surrogate
+            g_rep = torch.zeros_like(rep) if g_rep is None else g_rep
+            return total + _inject([rep], [g_rep.float() / scale])
         # per-task gradients on z: through the heads only (scaled under fp16)
         rows = []
         for i, here in enumerate(present_list):
@@ -214,8 +216,9 @@ class GradientWeighting(Weighting):
         if self.source == "representation":
             G = grads_rep.reshape(len(rows), -1).float() / (scale * accumulate)
             coefs = self._transformed(self._safe_coefficients(G, losses.detach(), present))
-            g_rep = torch.einsum("t,t...->...", coefs.to(grads_rep.dtype), grads_rep) / scale
-            surrogate = _surrogate([rep], [g_rep])
+            # in float32: an fp16 representation gradient would underflow once unscaled
+            g_rep = torch.einsum("t,t...->...", coefs.float(), grads_rep.float()) / scale
+            surrogate = _inject([rep], [g_rep])
         else:
             targets = self._upstream_params(module, rep)
             per_task = []
@@ -238,11 +241,10 @@ class GradientWeighting(Weighting):
             ) / (scale * accumulate)
             coefs = self._transformed(self._safe_coefficients(G, losses.detach(), present))
             agg = [
-                sum(coefs[t].to(per_task[t][j].dtype) * per_task[t][j] for t in range(len(rows)))
-                / scale
+                sum(coefs[t].float() * per_task[t][j].float() for t in range(len(rows))) / scale
                 for j in range(len(targets))
             ]
-            surrogate = _surrogate(targets, agg)
+            surrogate = _inject(targets, agg)
         self._coefs = coefs.detach()
         return (self._coefs.to(losses) * losses).sum() + surrogate
 
@@ -361,7 +363,31 @@ class GradientWeighting(Weighting):
         return full.to(grads.device, non_blocking=True)
 
 
-def _surrogate(tensors: list[Tensor], grads: list[Tensor]) -> Tensor:
-    """A zero-valued scalar whose gradient with respect to ``tensors`` is ``grads``."""
-    total = sum((t * g.detach().to(t.dtype)).sum() for t, g in zip(tensors, grads, strict=True))
-    return total - total.detach()
+
+class _Inject(torch.autograd.Function):
+    """A float32 zero whose gradient with respect to ``x`` is ``g`` (times the incoming one).
+
+    The same as the surrogate ``<g, x> - <g, x>.detach()``, but its value is exactly 0 even when
+    ``g`` is not finite (an fp16 overflow step), and the incoming gradient (the loss scale divided
+    by ``accumulate_grad_batches``) multiplies ``g`` in float32 before the cast to ``x``'s dtype,
+    so a small unscaled ``g`` does not underflow in float16.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, g: Tensor) -> Tensor:
+        ctx.save_for_backward(g)
+        ctx.x_dtype = x.dtype
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
+        (g,) = ctx.saved_tensors
+        return (g * grad_out.float()).to(ctx.x_dtype), None
+
+
+def _inject(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    """A float32 zero scalar whose gradient with respect to ``tensors[j]`` is ``grads[j]``."""
+    total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+    for t, g in zip(tensors, grads, strict=True):
+        total = total + _Inject.apply(t, g.detach().float().reshape(t.shape))
+    return total

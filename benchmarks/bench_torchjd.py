@@ -1,0 +1,329 @@
+"""lightning_aw's UPGrad callback side by side with torchjd's ``mtl_backward`` + ``UPGrad``.
+
+    python benchmarks/bench_torchjd.py [--steps 40] [--rounds 3] [--batch-size 128]
+                                       [--accelerator cpu|gpu]
+
+The same model (the two-digit CNN of examples/digits.py: 3 tasks, a ~54k-parameter shared trunk)
+and data are trained, interleaved over ``--rounds`` rounds of ``--steps`` optimizer steps each:
+
+- in a Lightning Trainer: the plain summed loss (``MultiTaskModule`` without a callback), our
+  ``UPGrad()`` (parameter and representation source), and GradDrop / DB-MTL for reference;
+- in a plain PyTorch loop: the summed loss, and torchjd's ``mtl_backward`` (per-task Jacobian of
+  the shared parameters, heads get their own gradients) followed by ``jac_to_grad(..., UPGrad())``.
+
+It reports the median time of a training step (forward, backward, aggregation, optimizer step),
+its ratio to the plain sum of the same framework, and our UPGrad against torchjd's. Memory: the
+per-task gradient matrix is ``T x P`` floats (given analytically); on CUDA the peak allocated
+memory of each configuration is measured too. On any device the script checks that no ``T x P``
+tensor outlives a step: on our callbacks (DB-MTL keeps its ``T x P`` EMA by design) and, for
+torchjd, no ``.jac`` field left on the parameters.
+
+First it checks, on one batch, that both UPGrads give the same shared-parameter gradient: with
+torchjd's default projector (which normalises and regularises the Gramian, ``reg_eps=1e-4``) and
+with ``reg_eps=0`` (the exact problem our UPGrad solves). Heads differ by design: torchjd gives
+each head its plain gradient, our callback weighs it with the task's coefficient.
+
+torchjd is optional and not a dependency of lightning_aw: ``pip install "torchjd[quadprog-
+projector]"`` (its UPGrad needs quadprog). Without it the script says so and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from digits import DigitsNet
+
+from lightning_aw import DBMTL, GradDrop, UPGrad
+from lightning_aw.datasets import make_two_digits
+
+TASKS = ("left", "right", "sum")
+
+
+def _load_torchjd() -> tuple[Any, Any, Any, Any] | str:
+    """torchjd's ``mtl_backward``, ``jac_to_grad``, ``UPGrad`` and ``QuadprogProjector``, or why
+    they cannot be used."""
+    try:
+        from torchjd.aggregation import UPGrad as JDUPGrad
+        from torchjd.autojac import jac_to_grad, mtl_backward
+        from torchjd.linalg import QuadprogProjector
+    except ImportError as err:
+        return f"torchjd is not installed ({err})"
+    try:
+        JDUPGrad()
+    except ImportError as err:  # its default projector needs quadprog and qpsolvers
+        return f"torchjd's UPGrad cannot be built: {err}"
+    return mtl_backward, jac_to_grad, JDUPGrad, QuadprogProjector
+
+
+class _Metricless(DigitsNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self._metric_tasks = ()
+
+
+def _losses(net: nn.Module, h: Tensor, y: Tensor) -> list[Tensor]:
+    return [
+        F.cross_entropy(net.heads["left"](h), y[:, 0]),
+        F.cross_entropy(net.heads["right"](h), y[:, 1]),
+        F.mse_loss(net.heads["sum"](h).squeeze(-1), y[:, 2].float()),
+    ]
+
+
+def _task_matrices(obj: Any, threshold: int) -> list[str]:
+    """Tensors (not parameters) of at least ``threshold`` elements held by ``obj``'s attributes."""
+    found: list[str] = []
+
+    def visit(name: str, value: Any, depth: int) -> None:
+        if isinstance(value, nn.Parameter) or depth > 3:
+            return
+        if isinstance(value, Tensor):
+            if value.numel() >= threshold:
+                found.append(f"{name}{list(value.shape)}")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                visit(f"{name}[{k!r}]", v, depth + 1)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                visit(f"{name}[{i}]", v, depth + 1)
+
+    for key, value in vars(obj).items():
+        visit(key, value, 0)
+    return found
+
+
+class _Timer(pl.Callback):
+    def __init__(self, threshold: int) -> None:
+        self.times: list[float] = []
+        self.threshold = threshold
+        self.kept: list[str] = []
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.accelerator.__class__.__name__ == "CUDAAccelerator":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._t)
+        self.kept = [
+            f"{type(cb).__name__}.{name}"
+            for cb in trainer.callbacks
+            if cb is not self
+            for name in _task_matrices(cb, self.threshold)
+        ]
+
+
+def _lightning(make: Callable[[], list[pl.Callback]]) -> Callable[..., dict[str, Any]]:
+    def run(steps: int, batch_size: int, data: Any, device: torch.device, threshold: int):
+        timer = _Timer(threshold)
+        trainer = pl.Trainer(
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            max_steps=steps,
+            callbacks=[*make(), timer],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True)
+        trainer.fit(_Metricless(), loader)
+        return {"times": timer.times, "kept": timer.kept}
+
+    return run
+
+
+def _torch_loop(jd: tuple[Any, ...] | None) -> Callable[..., dict[str, Any]]:
+    def run(steps: int, batch_size: int, data: Any, device: torch.device, threshold: int):
+        net = _Metricless().to(device)
+        shared = list(net.trunk.parameters())
+        optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+        aggregator = None if jd is None else jd[2]()
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True)
+        times: list[float] = []
+        kept: list[str] = []
+        it = iter(loader)
+        for _ in range(steps):
+            try:
+                x, y = next(it)
+            except StopIteration:
+                it = iter(loader)
+                x, y = next(it)
+            start = time.perf_counter()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            h = net.trunk(x)
+            losses = _losses(net, h, y)
+            if jd is None:
+                sum(losses).backward()
+            else:
+                jd[0](losses, features=h)  # .jac on the trunk, .grad on the heads
+                jd[1](shared, aggregator)  # .jac -> aggregated .grad, .jac released
+            optimizer.step()
+            optimizer.zero_grad()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            kept = [
+                f"param.jac{list(p.jac.shape)}"
+                for p in shared
+                if getattr(p, "jac", None) is not None
+            ]
+        return {"times": times, "kept": kept}
+
+    return run
+
+
+def agreement(jd: tuple[Any, ...], batch_size: int, device: torch.device) -> list[str]:
+    """Shared-parameter gradients of one step: our UPGrad (in a Trainer) against torchjd's."""
+    torch.manual_seed(0)
+    start = _Metricless()
+    x, y = make_two_digits(batch_size, seed=1)
+    grads: dict[str, Tensor] = {}
+
+    class Capture(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads["ours"] = torch.cat([p.grad.reshape(-1) for p in pl_module.trunk.parameters()])
+            grads["coefs"] = pl_module.weighting.weight_tensor().clone()
+
+    pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=1,
+        callbacks=[UPGrad(), Capture()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(
+        copy.deepcopy(start),
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size),
+    )
+    mtl_backward, jac_to_grad, JDUPGrad, QuadprogProjector = jd
+    lines = [f"our UPGrad coefficients {[round(c, 4) for c in grads['coefs'].cpu().tolist()]}"]
+    for label, make in (
+        ("torchjd UPGrad() (default, reg_eps=1e-4)", lambda: JDUPGrad()),
+        ("torchjd UPGrad(reg_eps=0)", lambda: JDUPGrad(projector=QuadprogProjector(reg_eps=0.0))),
+    ):
+        net = copy.deepcopy(start).to(device)
+        shared = list(net.trunk.parameters())
+        h = net.trunk(x.to(device))
+        mtl_backward(_losses(net, h, y.to(device)), features=h)
+        weights = jac_to_grad(shared, make())
+        theirs = torch.cat([p.grad.reshape(-1) for p in shared])
+        diff = float((theirs - grads["ours"]).norm() / theirs.norm())
+        w = [round(v, 4) for v in weights.cpu().tolist()]
+        lines.append(f"{label}: weights {w}, relative difference {diff:.2e}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    args = parser.parse_args(argv)
+    jd = _load_torchjd()
+    if isinstance(jd, str):
+        print(
+            f"{jd}; nothing to compare. Install it with: pip install 'torchjd[quadprog-projector]'"
+        )
+        return 0
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*validation_step.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(*make_two_digits(args.batch_size * args.steps))
+    probe = _Metricless()
+    num_tasks, num_shared = len(TASKS), sum(p.numel() for p in probe.trunk.parameters())
+    rep_size = args.batch_size * probe.heads["left"].in_features
+    configs: dict[str, Callable[..., dict[str, Any]]] = {
+        "Lightning: plain sum": _lightning(lambda: []),
+        "Lightning: UPGrad (param.)": _lightning(lambda: [UPGrad()]),
+        "Lightning: UPGrad (repr.)": _lightning(lambda: [UPGrad(source="representation")]),
+        "Lightning: GradDrop": _lightning(lambda: [GradDrop()]),
+        "Lightning: DBMTL (param.)": _lightning(lambda: [DBMTL()]),
+        "torch loop: plain sum": _torch_loop(None),
+        "torch loop: torchjd UPGrad": _torch_loop(jd),
+    }
+    times: dict[str, list[float]] = {n: [] for n in configs}
+    peaks: dict[str, list[float]] = {n: [] for n in configs}
+    kept: dict[str, list[str]] = {}
+    for _ in range(args.rounds):
+        for name, run in configs.items():
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            out = run(args.steps, args.batch_size, data, device, num_tasks * num_shared)
+            times[name].append(statistics.median(out["times"][5:]))  # skip warm-up steps
+            kept[name] = out["kept"]
+            if device.type == "cuda":
+                peaks[name].append((torch.cuda.max_memory_allocated() - base) / 2**20)
+    med = {n: statistics.median(t) for n, t in times.items()}
+
+    where = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else (f"CPU, {torch.get_num_threads()} threads")
+    )
+    import torchjd
+
+    version = getattr(torchjd, "__version__", None)
+    if version is None:
+        from importlib.metadata import version as _v
+
+        version = _v("torchjd")
+    print(
+        f"\ntorch {torch.__version__}, torchjd {version}, {where}, batch {args.batch_size}, "
+        f"{args.steps} steps x {args.rounds} rounds (median)"
+    )
+    print("\nOne-batch agreement of the shared-parameter gradient:")
+    for line in agreement(jd, args.batch_size, device):
+        print(f"  {line}")
+    header = f"{'configuration':<30}{'ms/step':>9}{'vs plain':>10}"
+    if device.type == "cuda":
+        header += f"{'peak MiB':>10}"
+    print(f"\n{header}{'  T x P tensors kept after a step'}")
+    for name in configs:
+        plain = med[
+            "Lightning: plain sum" if name.startswith("Lightning") else "torch loop: plain sum"
+        ]
+        row = f"{name:<30}{1e3 * med[name]:>9.2f}{med[name] / plain:>10.2f}"
+        if device.type == "cuda":
+            row += f"{statistics.median(peaks[name]):>10.1f}"
+        print(f"{row}  {', '.join(kept[name]) or 'none'}")
+    ours, theirs = med["Lightning: UPGrad (param.)"], med["torch loop: torchjd UPGrad"]
+    print(
+        f"\nour UPGrad (param.) / torchjd UPGrad step time: {ours / theirs:.2f}; "
+        f"(repr.) / torchjd: {med['Lightning: UPGrad (repr.)'] / theirs:.2f}"
+    )
+    mb = num_tasks * num_shared * 4 / 2**20
+    print(
+        f"per-task gradient matrix: T x P = {num_tasks} x {num_shared} float32 = {mb:.2f} MiB "
+        f"(parameter source, and torchjd's Jacobian); representation source: T x B x D = "
+        f"{num_tasks} x {rep_size} = {num_tasks * rep_size * 4 / 2**20:.2f} MiB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

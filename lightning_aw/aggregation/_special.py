@@ -1,0 +1,473 @@
+"""GradDrop and DB-MTL: gradient methods whose update is not a combination ``c^T G``.
+
+Both deliver their update inside the ONE ordinary backward Lightning runs: the heads get the
+gradient of the returned loss, and the shared trunk receives the method's own gradient through a
+zero-valued surrogate (see :class:`~lightning_aw.aggregation.GradientWeighting`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+
+from lightning_aw._utils import GeneratorState, grad_scaler, reduce_sum
+from lightning_aw.aggregation._base import GradientWeighting, Source, _inject
+from lightning_aw.functional import _gradient as G
+
+__all__ = ["DBMTL", "GradDrop"]
+
+
+def _need_marker(method: GradientWeighting) -> MisconfigurationException:
+    return MisconfigurationException(
+        f"{method!r} works on the shared representation, but the module did not mark it: in "
+        "`task_losses`, pass the trunk's output (the tensor every head reads) through "
+        "`h = self.shared_representation(self.trunk(x))`."
+    )
+
+
+class _OneBackward(GradientWeighting):
+    """Shared plumbing: per-task gradients of the (scaled) losses on the representation leaf."""
+
+    def _scale(self, device: torch.device) -> tuple[Any, Tensor | None]:
+        trainer = self._trainer
+        scaler = grad_scaler(trainer) if trainer is not None else None
+        scale = None if scaler is None else scaler.scale(torch.ones((), device=device))
+        return scaler, scale
+
+    @staticmethod
+    def _scaled_leaf_grads(
+        leaf: Tensor, losses: Tensor, present_list: list[bool], scaler: Any
+    ) -> list[Tensor | None]:
+        """Gradients of the (GradScaler-scaled) present losses on ``leaf``; ``None`` if absent."""
+        out: list[Tensor | None] = []
+        for i, here in enumerate(present_list):
+            g = None
+            if here:
+                loss = losses[i] if scaler is None else scaler.scale(losses[i])
+                (g,) = torch.autograd.grad(loss, leaf, retain_graph=True, allow_unused=True)
+                if g is None:
+                    g = torch.zeros_like(leaf)
+            out.append(g)
+        return out
+
+    @staticmethod
+    def _stack(rows: list[Tensor | None], like: Tensor, scale: Tensor | None) -> Tensor:
+        """``[T, *like.shape]`` float32, unscaled (zero rows for absent tasks)."""
+        zero = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+        grads = torch.stack([zero if r is None else r.float() for r in rows])
+        return grads if scale is None else grads / scale
+
+
+class GradDrop(_OneBackward):
+    r"""Gradient sign dropout on the shared representation.
+
+    Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, "Just Pick a Sign: Optimizing Deep
+    Multitask Models with Gradient Sign Dropout", NeurIPS 2020, https://arxiv.org/abs/2010.06808.
+
+    With :math:`\nabla_i` the gradient of :math:`L_i` with respect to the shared representation
+    :math:`z` (through task ``i``'s head only), per element of :math:`z`:
+
+    .. math::
+
+        \mathcal P = \tfrac12\Big(1 + \frac{\sum_i \nabla_i}{\sum_i \lvert\nabla_i\rvert}\Big),
+        \quad
+        M_i = \mathbb 1[\mathcal P > U]\,\mathbb 1[\nabla_i > 0]
+            + \mathbb 1[\mathcal P \le U]\,\mathbb 1[\nabla_i < 0],
+        \quad
+        g_z = \sum_i \big(\ell_i + (1-\ell_i) M_i\big)\,\nabla_i
+
+    with :math:`U \sim \mathcal U(0, 1)` drawn per element (:func:`lightning_aw.functional.
+    graddrop`), and :math:`g_z` is backpropagated through the trunk. The module must mark its
+    representation with :meth:`MultiTaskModule.shared_representation
+    <lightning_aw.MultiTaskModule.shared_representation>`.
+
+    One training step costs ``T`` backward passes through the heads and one ordinary backward:
+    the step returns :math:`\sum_i L_i + \langle g_z, z\rangle - \langle g_z, z\rangle|_{\text{
+    detached}}`, so Lightning's single backward gives
+
+    - every head the plain gradient of its own loss :math:`\nabla L_i` (as in the paper, where
+      GradDrop is a layer below the heads),
+    - the trunk the GradDrop gradient :math:`g_z` (the surrogate has value 0).
+
+    Conventions:
+
+    - Sign purity is computed per element of :math:`z` (no batch summation); multiplying by
+      :math:`\operatorname{sgn}(z)` first (the paper's Algorithm 1) does not change the
+      distribution of the per-element mask, since :math:`1 - U` is uniform as well.
+    - :math:`g_z` is formed from the gradients of the undivided, unscaled losses (per-task
+      gradients of the GradScaler-scaled losses, unscaled, in float32); Lightning scales the
+      returned loss and divides it by ``accumulate_grad_batches`` itself, so with accumulation
+      each micro-batch contributes :math:`g_z / k` and draws its own mask.
+    - ``weights`` are 1 for every task (the heads' effective weight; the update is a mask, not
+      coefficients), so they sum to ``T``. Absent tasks contribute nothing.
+    - Randomness: :math:`U` is drawn from a CPU generator seeded with ``seed`` (identical on every
+      DDP rank, saved in checkpoints so a resumed run draws what the uninterrupted run would)
+      and moved to the device. Exactly one draw per training micro-batch, whatever happens.
+    - DDP: each rank masks its own micro-batch's representation gradients (the representation
+      of another rank holds other samples); DDP averages the resulting parameter gradients.
+    - A step whose per-task gradients are not finite (an fp16 overflow) sends the plain sum
+      :math:`\sum_i \nabla_i` to the trunk, so the GradScaler sees the overflow and skips the step;
+      it is counted in ``aggregation/fallbacks``.
+
+    Args:
+        leak: :math:`\ell`: a float in ``[0, 1]`` for every task, or one per task (in task order).
+            0 (default, the paper) drops every gradient of the minority sign; 1 is the plain sum.
+        seed: seed of the random draws.
+
+    Example::
+
+        import lightning.pytorch as pl
+        import torch.nn.functional as F
+        from torch import nn
+        from lightning_aw import GradDrop, MultiTaskModule
+
+        class Net(MultiTaskModule):
+            def __init__(self):
+                super().__init__(tasks=["a", "b"])
+                self.trunk = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+                self.heads = nn.ModuleDict({"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+
+            def shared_parameters(self):
+                return self.trunk.parameters()
+
+            def task_losses(self, batch, batch_idx):
+                x, y = batch
+                h = self.shared_representation(self.trunk(x))  # GradDrop acts here
+                return {t: F.mse_loss(self.heads[t](h).squeeze(-1), y[:, i])
+                        for i, t in enumerate(self.tasks)}
+
+        trainer = pl.Trainer(callbacks=[GradDrop(leak=0.0, seed=0)], max_epochs=1)
+    """
+
+    total: ClassVar[str | float | None] = "T"
+    _state_attrs: ClassVar[tuple[str, ...]] = (*GradientWeighting._state_attrs, "_generator")
+
+    def __init__(self, leak: float | Sequence[float] = 0.0, seed: int = 0) -> None:
+        super().__init__(source="representation")
+        if isinstance(leak, (int, float)) and not isinstance(leak, bool):
+            values = [float(leak)]
+            self.leak: float | tuple[float, ...] = float(leak)
+        elif isinstance(leak, Sequence) and not isinstance(leak, str) and len(leak) > 0:
+            values = [float(v) for v in leak]
+            self.leak = tuple(values)
+        else:
+            raise ValueError(
+                f"Parameter `leak` should be a float in [0, 1] or a list of them (one per task). "
+                f"Found {leak!r}."
+            )
+        if not all(0.0 <= v <= 1.0 for v in values):
+            raise ValueError(f"Parameter `leak` should be in [0, 1]. Found {leak!r}.")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"Parameter `seed` should be an int >= 0. Found {seed!r}.")
+        self.seed = seed
+        self._generator = GeneratorState(seed)
+
+    def hparams_repr(self) -> dict[str, Any]:
+        leak = list(self.leak) if isinstance(self.leak, tuple) else self.leak
+        return {"leak": leak, "seed": self.seed}
+
+    def init_state(self, num_tasks: int) -> None:
+        super().init_state(num_tasks)
+        if isinstance(self.leak, tuple) and len(self.leak) != num_tasks:
+            raise ValueError(
+                f"{self!r} has {len(self.leak)} leak values but the module has {num_tasks} tasks "
+                f"{self.tasks}; give one per task, in task order, or a single float."
+            )
+
+    def combine(self, losses: Tensor, present: Tensor) -> Tensor:
+        module = self._pl_module
+        plain = losses.sum()  # absent tasks are constant zeros
+        if module is None or not torch.is_grad_enabled() or not losses.requires_grad:
+            return plain
+        leaf, rep = module._shared_rep, module._shared_rep_graph
+        if leaf is None:
+            raise _need_marker(self)
+        if rep is None:  # nothing trainable produces the representation
+            return plain
+        scaler, scale = self._scale(losses.device)
+        grads = self._stack(
+            self._scaled_leaf_grads(leaf, losses, module._present_list, scaler), leaf, scale
+        )
+        ok = torch.isfinite(grads)
+        finite = ok.all()
+        leak = torch.tensor(self.leak, dtype=torch.float32, device=grads.device)
+        # always one draw per micro-batch, so the generator stays in step on every rank
+        dropped = G.graddrop(torch.where(ok, grads, 0.0), leak, self._generator.generator)
+        g_z = torch.where(finite, dropped, grads.sum(0))
+        self._fallbacks = self._fallbacks.to(grads.device) + (~finite).float()
+        return plain + _inject([rep], [g_z])
+
+
+class DBMTL(_OneBackward):
+    r"""Dual-balancing multi-task learning: log losses, and gradients scaled to the largest norm.
+
+    Lin, Ye, Xu, Shi & Zhang, "Dual-Balancing for Multi-Task Learning", 2023,
+    https://arxiv.org/abs/2308.12029.
+
+    Loss-scale balancing: every task is trained on :math:`\log L_i`. Gradient-magnitude balancing
+    on the shared part: with :math:`g_i` the gradient of :math:`L_i`, an exponential moving
+    average of the log-gradients and the direction
+
+    .. math::
+
+        \hat g_i \leftarrow \beta\,\hat g_i + (1-\beta)\,\frac{g_i}{L_i}, \qquad
+        d = \sum_i \frac{\max_j\lVert\hat g_j\rVert}{\lVert\hat g_i\rVert}\,\hat g_i
+
+    (:func:`lightning_aw.functional.db_mtl`), taken on ``shared_parameters()`` (default) or on
+    the shared representation (``source="representation"``).
+
+    One ordinary backward carries the update: the step returns :math:`\sum_i \log L_i` plus a
+    zero-valued surrogate that hands the trunk :math:`d`. So
+
+    - every head gets :math:`\nabla \log L_i = \nabla L_i / L_i` (the paper: task-specific
+      parameters follow the log loss),
+    - the shared parameters get :math:`d` (``source="parameters"``), or the representation
+      gets :math:`d` and the trunk its backpropagation (``source="representation"``),
+    - parameters that produce the marked representation but are not in ``shared_parameters()``
+      get :math:`\sum_i \nabla \log L_i`.
+
+    Cost per step: ``T`` extra backward passes through the heads when the module marks its
+    representation (plus ``T`` through the trunk for the parameter source), else ``T`` full
+    extra backward passes to the shared parameters; then Lightning's one backward.
+
+    Conventions:
+
+    - The EMA starts at the first log-gradients (no bias towards zero), advances once per
+      training micro-batch (so with ``accumulate_grad_batches=k`` a window's update is the mean of
+      its ``k`` micro-batch directions), and is kept, float32 ``[T, P]``, on the module's device
+      and in checkpoints (for exact resume). :math:`g_i` are the gradients of the undivided,
+      unscaled losses (GradScaler-scaled, then unscaled); Lightning divides the returned loss by
+      ``accumulate_grad_batches`` itself.
+    - ``loss/total`` logs :math:`\sum_i \log L_i`. ``weights`` are
+      :math:`w_i = s_i / L_i`, :math:`s_i = \max_j\lVert\hat g_j\rVert / \lVert\hat g_i\rVert`:
+      the coefficient of :math:`g_i` in :math:`d` when :math:`\beta = 0` (not normalised; 1
+      before the first step, 0 for a task absent from the step). :math:`s_i` is logged as
+      ``aggregation/scale/<task>``.
+    - Tasks absent from a step keep their EMA row and do not contribute to that step's :math:`d`.
+    - DDP, parameter source: the per-task gradients and losses are averaged over the ranks
+      before the EMA (a ``T×P`` all-reduce), so the EMA, :math:`d` and the weights are identical
+      on every rank. Representation source: each rank keeps the EMA of its own representation
+      gradients (other ranks' representations hold other samples; DDP averages the resulting
+      parameter gradients), so the weights may differ between ranks. The EMA over the
+      representation assumes a fixed batch shape: a batch of another shape (e.g. a smaller last
+      batch) restarts it.
+    - Every present task loss must be positive (:math:`\log L_i`): a clear error names the task.
+    - A step whose per-task gradients are not finite (an fp16 overflow) leaves the EMA untouched
+      and sends the trunk :math:`\sum_i g_i / L_i`, so the GradScaler skips the step; it is
+      counted in ``aggregation/fallbacks``.
+
+    Args:
+        beta: EMA factor :math:`\beta \in [0, 1)` (0.9, the paper).
+        source: ``"parameters"`` (gradients on ``shared_parameters()``, default) or
+            ``"representation"`` (on the tensor passed to ``shared_representation()``).
+
+    Example::
+
+        import lightning.pytorch as pl
+        from lightning_aw import DBMTL
+
+        # every task loss must be positive (DB-MTL takes log L_i)
+        trainer = pl.Trainer(callbacks=[DBMTL(beta=0.9)])
+    """
+
+    _state_attrs: ClassVar[tuple[str, ...]] = (*GradientWeighting._state_attrs, "_ema", "_seen")
+
+    def __init__(self, beta: float = 0.9, *, source: Source = "parameters") -> None:
+        super().__init__(source=source)
+        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Parameter `beta` should be in [0, 1). Found {beta!r}.")
+        self.beta = float(beta)
+        self._ema = torch.zeros(0, 0)
+        self._seen = torch.zeros(0, dtype=torch.bool)
+        self._scales = torch.zeros(0)
+        self._last_ok = torch.ones((), dtype=torch.bool)
+
+    def hparams_repr(self) -> dict[str, Any]:
+        return {"beta": self.beta, "source": self.source}
+
+    def init_state(self, num_tasks: int) -> None:
+        super().init_state(num_tasks)
+        self._ema = torch.zeros(num_tasks, 0)
+        self._seen = torch.zeros(num_tasks, dtype=torch.bool)
+        self._scales = torch.ones(num_tasks)
+
+    def log_items(self) -> dict[str, Tensor]:
+        items = super().log_items()
+        if self._scales.numel() == len(self.tasks):
+            items.update(
+                {f"aggregation/scale/{t}": self._scales[i] for i, t in enumerate(self.tasks)}
+            )
+        return items
+
+    # ------------------------------------------------------------------ the step
+    def combine(self, losses: Tensor, present: Tensor) -> Tensor:
+        module = self._pl_module
+        if module is None or not torch.is_grad_enabled() or not losses.requires_grad:
+            return (self._coefs.to(losses) * losses).sum()
+        present_list: list[bool] = module._present_list
+        self._check_positive(losses, present)
+        # per-task gradients are taken of (the scaled) log L_i: the magnitude Lightning's
+        # backward of sum_i log L_i has, so they overflow in fp16 exactly when it does
+        logs = torch.log(torch.where(present, losses, torch.ones_like(losses)))
+        log_loss = logs.sum()
+        detached = losses.detach()
+        leaf, rep = module._shared_rep, module._shared_rep_graph
+        scaler, scale = self._scale(losses.device)
+        if self.source == "representation":
+            if leaf is None:
+                raise _need_marker(self)
+            if rep is None:
+                return log_loss
+            rows = self._scaled_leaf_grads(leaf, logs, present_list, scaler)
+            log_grads = self._stack(rows, leaf, scale).reshape(len(present_list), -1)
+            d = self._direction(log_grads, detached, present, reduce=False)
+            return log_loss + _inject([rep], [d])
+        if rep is not None:  # marked representation: through the heads only, then the trunk
+            targets = self._upstream_params(module, rep)
+            per_task: list[list[Tensor] | None] = []
+            for r in self._scaled_leaf_grads(leaf, logs, present_list, scaler):
+                per_task.append(
+                    None
+                    if r is None
+                    else self._unscaled(
+                        torch.autograd.grad(
+                            rep, targets, grad_outputs=r, retain_graph=True, allow_unused=True
+                        ),
+                        targets,
+                        scale,
+                    )
+                )
+            n_shared = len(self._shared_index)
+            d = self._direction(
+                self._flatten(per_task, targets[:n_shared]), detached, present, reduce=True
+            )
+            out = self._split(d, targets[:n_shared])
+            for j in range(n_shared, len(targets)):  # upstream but not declared shared
+                out.append(sum((g[j] for g in per_task if g is not None), torch.zeros(())))
+            return log_loss + _inject(targets, out)
+        # no marked representation: gradients on the shared parameters; the backward of
+        # sum_i log L_i already brings them sum_i g_i / L_i, so inject only the difference
+        params = self._params
+        per_task = []
+        for i, here in enumerate(present_list):
+            if not here:
+                per_task.append(None)
+                continue
+            out_i = logs[i] if scaler is None else scaler.scale(logs[i])
+            grads = torch.autograd.grad(out_i, params, retain_graph=True, allow_unused=True)
+            per_task.append(self._unscaled(grads, params, scale))
+        log_grads = self._flatten(per_task, params)
+        local = log_grads.sum(0)
+        d = self._direction(log_grads, detached, present, reduce=True)
+        delta = torch.where(self._last_ok, d - local, torch.zeros_like(d))
+        return log_loss + _inject(params, self._split(delta, params))
+
+    # ------------------------------------------------------------------ internals
+    def _check_positive(self, losses: Tensor, present: Tensor) -> None:
+        bad = (losses.detach() <= 0) & present
+        trainer = self._trainer
+        flags = bad.float() if trainer is None else reduce_sum(trainer, bad.float())
+        if bool(flags.any()):  # one host synchronisation (all ranks raise together under DDP)
+            names = [t for t, b in zip(self.tasks, (flags > 0).tolist(), strict=True) if b]
+            values = {t: float(losses[self.tasks.index(t)].detach()) for t in names}
+            step = trainer.global_step if trainer is not None else "?"
+            raise ValueError(
+                f"{self!r} takes log L_i, so every task loss must be positive, but task(s) "
+                f"{names} have loss {values} (on some rank) at global step {step}. Use a loss "
+                "that stays above 0 (e.g. add a small constant to it), or another weighting "
+                "method for this task set."
+            )
+
+    @staticmethod
+    def _unscaled(
+        grads: Sequence[Tensor | None], params: Sequence[Tensor], scale: Tensor | None
+    ) -> list[Tensor]:
+        return [
+            torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            if g is None
+            else (g.float() if scale is None else g.float() / scale)
+            for g, p in zip(grads, params, strict=True)
+        ]
+
+    @staticmethod
+    def _flatten(rows: list[list[Tensor] | None], params: Sequence[Tensor]) -> Tensor:
+        size = sum(p.numel() for p in params)
+        device = params[0].device
+        return torch.stack(
+            [
+                torch.zeros(size, device=device)
+                if r is None
+                else torch.cat([g.reshape(-1) for g in r[: len(params)]])
+                for r in rows
+            ]
+        )
+
+    @staticmethod
+    def _split(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+        out, start = [], 0
+        for p in params:
+            out.append(flat[start : start + p.numel()].view(p.shape))
+            start += p.numel()
+        return out
+
+    def _direction(
+        self, log_grads: Tensor, losses: Tensor, present: Tensor, reduce: bool
+    ) -> Tensor:
+        """Advance the EMA with the log-gradients ``[T, P]`` and return the direction ``[P]``.
+
+        ``reduce``: average the gradients ``g_i = L_i * log_grads_i`` and the losses over the DDP
+        ranks (per task, over the ranks where it is present), then divide: the log-gradients of
+        the global batch. Sets ``self._last_ok`` (a 0-d bool tensor): False when the gradients
+        were not finite (then the direction is the plain sum of the log-gradients and the EMA
+        is left untouched).
+        """
+        trainer = self._trainer
+        num, size = log_grads.shape
+        losses = losses.to(log_grads.dtype)
+        if reduce and trainer is not None and trainer.world_size > 1:
+            mask = present.to(log_grads.dtype)
+            grads = log_grads * (losses * mask)[:, None]
+            stats = torch.cat([grads.reshape(-1), losses * mask, mask])
+            stats = trainer.strategy.reduce(stats, reduce_op="sum")  # type: ignore[union-attr]
+            count = stats[-num:].clamp_min(1.0)
+            losses = stats[num * size : num * size + num] / count
+            log_grads = (
+                stats[: num * size].view(num, size) / (count * losses.clamp_min(1e-30))[:, None]
+            )
+            idx = (stats[-num:] > 0).nonzero().flatten().tolist()  # host sync, DDP only
+        else:
+            idx = [i for i, here in enumerate(self._pl_module._present_list) if here]
+        ix = torch.tensor(idx, device=log_grads.device)
+        sub, sub_losses = log_grads[ix], losses[ix]
+        ok = torch.isfinite(sub).all()
+        self._last_ok = ok
+        if not bool(ok):  # host sync; an fp16 overflow: keep the EMA, let the scaler skip
+            self._fallbacks = self._fallbacks.to(sub.device) + 1.0
+            return sub.sum(0)
+        ema, seen = self._ema, self._seen.to(sub.device)
+        if ema.shape != log_grads.shape:  # first step (or a representation of another shape)
+            ema = torch.zeros(num, size, device=sub.device)
+            seen = torch.zeros(num, dtype=torch.bool, device=sub.device)
+        ema = ema.to(sub.device)
+        sub_seen = seen[ix]
+        prev: Tensor | None = None
+        if bool(sub_seen.any()):  # host sync (the functional syncs as well)
+            prev = torch.where(sub_seen[:, None], ema[ix], sub)
+        # the rows are log-gradients already: unit losses make the functional take them as is
+        d, new = G.db_mtl(sub, torch.ones_like(sub_losses), prev, self.beta)
+        ema = ema.clone()
+        ema[ix] = new.to(ema.dtype)
+        seen = seen.clone()
+        seen[ix] = True
+        self._ema, self._seen = ema, seen
+        norms = new.norm(dim=1)
+        scales = torch.where(norms > 0, norms.max() / norms.clamp_min(1e-30), 0.0)
+        self._coefs = torch.zeros(num, device=sub.device).index_copy(
+            0, ix, (scales / sub_losses).float()
+        )
+        self._scales = torch.zeros(num, device=sub.device).index_copy(0, ix, scales.float())
+        return d
