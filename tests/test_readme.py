@@ -1,0 +1,30 @@
+"""The README's quick start defines a module that trains as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from lightning_aw import GradNorm
+from lightning_aw.datasets import TwoDigitsDataModule
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_quick_start_module_trains(tmp_path):
+    block = re.search(r"## Quick start\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
+    definition = block.split("\ntrainer = ")[0]  # the imports and the class, as a user copies them
+    namespace: dict = {}
+    exec(compile(definition, str(README), "exec"), namespace)
+    net = namespace["Net"]()
+    gn = GradNorm(alpha=1.5)
+    trainer = pl.Trainer(
+        max_steps=3, callbacks=[gn], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(net, TwoDigitsDataModule(train_pairs=96, val_pairs=32, batch_size=32))
+    assert trainer.global_step == 3
+    assert abs(sum(gn.weights.values()) - 3.0) < 1e-4
+    assert gn.weights != {"left": 1.0, "right": 1.0, "sum": 1.0}
