@@ -179,3 +179,31 @@ def test_stateful_methods_resume_exactly(tmp_path, method):
     for k, v in params(full).items():
         torch.testing.assert_close(params(resumed)[k], v, rtol=0, atol=0, msg=k)
     assert resumed.task_weights == full.task_weights
+
+
+def _tensors(obj, seen=None):
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v, seen)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, pl.Trainer, type)):
+        yield from _tensors(vars(obj), seen)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=repr)
+def test_per_task_gradients_are_released_after_the_step(tmp_path, method):
+    """Nothing of the size of the shared parameters is kept between steps."""
+    method = copy.deepcopy(method)
+    net = TinyNet()
+    trainer(tmp_path, [method], max_epochs=1).fit(net, loader())
+    shared = sum(p.numel() for p in net.shared_parameters())
+    kept = [t.numel() for t in _tensors(method)]
+    assert kept and max(kept) < shared, (max(kept), shared)

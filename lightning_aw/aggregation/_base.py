@@ -236,10 +236,21 @@ class GradientWeighting(Weighting):
                     ]
                 )
             shared = self._shared_index
-            G = torch.stack(
-                [torch.cat([g[j].reshape(-1).float() for j in shared]) for g in per_task]
-            ) / (scale * accumulate)
-            coefs = self._transformed(self._safe_coefficients(G, losses.detach(), present))
+            divisor = scale * accumulate
+            if self.needs_gradients or self.ddp_sync == "gradients":
+                G = torch.stack(
+                    [torch.cat([g[j].reshape(-1).float() for j in shared]) for g in per_task]
+                )
+                coefs = self._safe_coefficients(G / divisor, losses.detach(), present)
+            else:
+                # the Gram matrix layer by layer: no second [T, P] copy of the gradients
+                gram = torch.zeros(len(rows), len(rows), device=losses.device)
+                for j in shared:
+                    block = torch.stack([g[j].reshape(-1) for g in per_task]).float()
+                    gram = gram + block @ block.T
+                gram = gram / (divisor * divisor)
+                coefs = self._safe_coefficients(None, losses.detach(), present, gram=gram)
+            coefs = self._transformed(coefs)
             agg = [
                 sum(coefs[t].float() * per_task[t][j].float() for t in range(len(rows))) / scale
                 for j in range(len(targets))
@@ -309,17 +320,30 @@ class GradientWeighting(Weighting):
             divisor = divisor * trainer.accumulate_grad_batches
         return G / divisor
 
-    def _safe_coefficients(self, grads: Tensor, losses: Tensor, present: Tensor) -> Tensor:
-        """Coefficients ``[T]`` (0 for absent tasks), identical on every DDP rank."""
+    def _safe_coefficients(
+        self, grads: Tensor | None, losses: Tensor, present: Tensor, gram: Tensor | None = None
+    ) -> Tensor:
+        """Coefficients ``[T]`` (0 for absent tasks), identical on every DDP rank.
+
+        Takes the per-task gradients ``[T, P]``, or (``ddp_sync="gram"`` only) their local Gram
+        matrix ``[T, T]`` when the caller formed it without materialising ``[T, P]``.
+        """
         trainer = self._trainer
         world = trainer.world_size if trainer is not None else 1
-        mask = present.to(grads.dtype)
         use_grads = self.needs_gradients or self.ddp_sync == "gradients"
-        num = grads.shape[0]
+        if grads is None:
+            if gram is None or use_grads:
+                raise ValueError("_safe_coefficients needs `grads` for this method or ddp_sync")
+            local_gram = gram
+        else:
+            local_gram = None if use_grads else grads @ grads.T
+        device = losses.device
+        mask = present.to(torch.float32)
+        num = present.shape[0]
         if world > 1:
             # sums over the ranks, with counts so that a task (or pair) absent on some ranks is
             # averaged over the ranks where it is present
-            local = grads if use_grads else grads @ grads.T
+            local = grads if use_grads else local_gram
             stats = torch.cat(
                 [local.reshape(-1), losses * mask, mask, torch.outer(mask, mask).reshape(-1)]
             )
@@ -336,11 +360,11 @@ class GradientWeighting(Weighting):
                 gram = total / pairs.clamp_min(1.0)
             idx = (count > 0).nonzero().flatten().tolist()  # host sync, DDP only
         else:
-            gram = grads @ grads.T
+            gram = grads @ grads.T if use_grads else local_gram
             idx = [i for i, here in enumerate(self._pl_module._present_list) if here]
         self._present_idx = idx
         if self.needs_gradients:
-            ix = torch.tensor(idx, device=grads.device)
+            ix = torch.tensor(idx, device=device)
             sub = grads[ix]
             finite = torch.isfinite(sub).all()
             sub = torch.where(torch.isfinite(sub), sub, torch.zeros_like(sub))
@@ -360,7 +384,7 @@ class GradientWeighting(Weighting):
         coefs = torch.where(ok, coefs, torch.ones_like(coefs))
         full = torch.zeros(num, dtype=torch.float32, device=coefs.device)
         full[ix] = coefs.float()
-        return full.to(grads.device, non_blocking=True)
+        return full.to(device, non_blocking=True)
 
 
 
