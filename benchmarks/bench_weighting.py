@@ -90,6 +90,7 @@ CONFIGS: dict[str, Callable[[], tuple[pl.LightningModule, list[pl.Callback]]]] =
 }
 for _name in ["RLW", "GLS", "ScaleInvariant", "IMTLL", "FAMO", "SoftAdapt", "STCH"]:
     CONFIGS[_name] = lambda n=_name: (_Metricless(), [getattr(aw, n)()])
+CONFIGS["FAMO (frequency=4)"] = lambda: (_Metricless(), [aw.FAMO(frequency=4)])
 CONFIGS["GradDrop (repr.)"] = lambda: (_Metricless(), [aw.GradDrop()])
 GRADIENT_METHODS = [
     "MGDA", "PCGrad", "CAGrad", "IMTLG", "NashMTL", "AlignedMTL", "UPGrad", "GradVac", "DBMTL",

@@ -482,3 +482,21 @@ def test_ddp_ranks_hold_identical_state_and_parameters(ddp_run, method):
     if method in ("rlw", "softadapt-step"):  # their weights are state: identical too
         assert not torch.allclose(r0["weights"], torch.full((3,), 1 / 3))
         assert math.isclose(r0["weights"].sum().item(), 1.0, abs_tol=1e-6)
+
+
+def test_famo_frequency_updates_the_logits_every_n_steps(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_aw import FAMO
+
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(pl_module.weighting._logits.clone())
+
+    famo = FAMO(frequency=3)
+    trainer(tmp_path, [famo, Spy()], max_epochs=1).fit(TinyNet(), loader())
+    changed = [not torch.equal(a, b) for a, b in zip([torch.zeros(3), *seen[:-1]], seen, strict=True)]
+    # steps 3 and 6 (1-based) update the logits, the others leave them as they are
+    assert changed == [False, False, True, False, False, True, False, False]

@@ -78,6 +78,9 @@ class FAMO(PositiveLossWeighting):
             Default: 0 for every task.
         eps: :math:`\epsilon` added to the gaps (default ``1e-8``, the paper's).
         check_every: optimizer steps between two checks that the gaps were positive (default 100).
+        frequency: update the logits every ``frequency`` optimizer steps (default 1, the paper);
+            each update costs one extra no-grad forward of the step's last batch, so
+            ``frequency=N`` divides that overhead by N.
 
     Example::
 
@@ -102,8 +105,13 @@ class FAMO(PositiveLossWeighting):
         min_losses: Sequence[float] | Mapping[str, float] | None = None,
         eps: float = 1e-8,
         check_every: int = 100,
+        frequency: int = 1,
     ) -> None:
         super().__init__(check_every=check_every)
+        if not isinstance(frequency, int) or isinstance(frequency, bool) or frequency < 1:
+            raise ValueError(f"Parameter `frequency` should be an int >= 1. Found {frequency!r}.")
+        # the logits' update interval in optimizer steps: each update costs one no-grad forward
+        self.frequency = frequency
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
             raise ValueError(f"Parameter `lr` should be a finite number > 0. Found {lr!r}.")
         if (
@@ -132,6 +140,7 @@ class FAMO(PositiveLossWeighting):
             "min_losses": self.min_losses,
             "eps": self.eps,
             "check_every": self.check_every,
+            "frequency": self.frequency,
         }
 
     def init_state(self, num_tasks: int) -> None:
@@ -175,6 +184,8 @@ class FAMO(PositiveLossWeighting):
         super().after_optimizer_step(trainer, pl_module, batch, batch_idx)
         before, present = self._before, self._before_present
         self._before = self._before_present = None
+        if self._optimizer_steps % self.frequency != 0:
+            return  # between updates: no re-evaluation, the logits stay
         if before is not None and present is not None:
             self._update_logits(trainer, pl_module, batch, batch_idx, before, present)
 
