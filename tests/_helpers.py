@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -110,3 +113,15 @@ class WeightRecorder(pl.Callback):
         losses = pl_module._graph_losses
         self.losses.append([] if losses is None else losses.detach().tolist())
         self.epochs.append(trainer.current_epoch)
+
+
+def run_ddp_script(script, out, methods: Sequence[str], timeout: int = 300) -> None:
+    """Run a 2-process DDP script in a subprocess (the ddp launcher re-executes sys.argv), with
+    no distributed variables inherited from this process; fail with its output's tail."""
+    prefixes = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out), *methods],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -9,16 +9,13 @@ just before the optimizer step.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import TinyNet, loader, params, trainer
+from _helpers import TinyNet, loader, params, run_ddp_script, trainer
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -358,12 +355,7 @@ DDP_METHODS = ["graddrop", "dbmtl", "dbmtl-unmarked"]
 
 @pytest.mark.ddp
 def test_ddp_ranks_hold_identical_parameters(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_"))}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), *DDP_METHODS],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ddp_script(SCRIPT, tmp_path, DDP_METHODS)
     for name in DDP_METHODS:
         r0 = torch.load(tmp_path / f"{name}-rank0.pt", weights_only=True)
         r1 = torch.load(tmp_path / f"{name}-rank1.pt", weights_only=True)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers import run_ddp_script
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 METHODS = [
@@ -20,12 +18,7 @@ METHODS = [
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_"))}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), *METHODS],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ddp_script(SCRIPT, out, METHODS)
     return out
 
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 import copy
 import csv
 import math
-import os
 import pickle
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from _helpers import TASKS, TinyNet, WeightRecorder, loader, params, trainer
+from _helpers import TASKS, TinyNet, WeightRecorder, loader, params, run_ddp_script, trainer
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 
@@ -458,13 +455,7 @@ DDP_METHODS = ["rlw", "famo", "softadapt-step", "imtl_l", "stch"]
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_loss_extra")
-    prefixes = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    proc = subprocess.run(
-        [sys.executable, str(DDP_SCRIPT), str(out), *DDP_METHODS],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ddp_script(DDP_SCRIPT, out, DDP_METHODS)
     return out
 
 
