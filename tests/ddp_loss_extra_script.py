@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _helpers import TinyNet, loader
 
 from lightning_aw.weighting._famo import FAMO
+from lightning_aw.weighting._gls import GLS, ScaleInvariant
 from lightning_aw.weighting._imtl_l import IMTLL
 from lightning_aw.weighting._rlw import RLW
 from lightning_aw.weighting._softadapt import SoftAdapt
@@ -31,7 +32,20 @@ METHODS = {
     "softadapt-step": lambda: SoftAdapt(beta=5.0, interval="step", frequency=2),
     "imtl_l": lambda: IMTLL(lr=0.05),
     "stch": lambda: STCH(warmup_epochs=1),
+    "gls": lambda: GLS(),
+    "scale_invariant": lambda: ScaleInvariant(),
 }
+
+
+class _Trajectory(pl.Callback):
+    """The effective weights applied at every step (identical on every rank when they come from
+    rank-reduced losses)."""
+
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append(pl_module.weighting.current_weights().detach().clone())
 
 
 def _absent(batch_idx: int, task: str) -> bool:
@@ -49,11 +63,13 @@ class _RankSeed(pl.Callback):
 def _state(method) -> dict[str, torch.Tensor]:
     """The tensors that drive the weights (the same on every rank when reduced correctly)."""
     if isinstance(method, FAMO):
-        return {"logits": method.logits}
+        return {"logits": method.logits, "trajectory": torch.stack(_TRAJ.weights)}
     if isinstance(method, IMTLL):
         return {"log_scales": method.log_scales.detach()}
     if isinstance(method, STCH):
-        return {"reference": method.reference_point}
+        return {"reference": method.reference_point, "trajectory": torch.stack(_TRAJ.weights)}
+    if isinstance(method, (GLS, ScaleInvariant)):
+        return {"trajectory": torch.stack(_TRAJ.weights)}
     return {"weights": method.weight_tensor()}
 
 
@@ -62,10 +78,12 @@ def main() -> None:
     for name in sys.argv[2:]:
         pl.seed_everything(0, verbose=False)
         method = METHODS[name]()
+        global _TRAJ
+        _TRAJ = _Trajectory()
         net = TinyNet(absent=_absent, optimizer={"name": "adam", "lr": 0.01})
         trainer = pl.Trainer(
             accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true",
-            max_epochs=3, callbacks=[_RankSeed(), method],
+            max_epochs=3, callbacks=[_RankSeed(), method, _TRAJ],
             logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, default_root_dir=out,
         )

@@ -449,7 +449,7 @@ def test_stch_with_a_reference_starts_at_once(tmp_path):
 
 # ---------------------------------------------------------------------------------- DDP
 DDP_SCRIPT = Path(__file__).with_name("ddp_loss_extra_script.py")
-DDP_METHODS = ["rlw", "famo", "softadapt-step", "imtl_l", "stch"]
+DDP_METHODS = ["rlw", "famo", "softadapt-step", "imtl_l", "stch", "gls", "scale_invariant"]
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,8 @@ class FAMO(PositiveLossWeighting):
       last micro-batch of the window (its losses before and after the step).
     - Under DDP the losses before and after are averaged over the ranks (per task, over the ranks
       where it is present) before :math:`\delta` is formed, so every rank holds the same logits.
-      The effective weights :math:`c z_i/D_i` use each rank's own batch losses.
+      The effective weights :math:`c z_i/D_i` use the rank-averaged losses too, so every rank
+      applies the same weights to its own losses.
     - A step skipped by ``MultiTaskModule(on_nonfinite="skip")`` leaves the logits unchanged; a
       non-finite :math:`\delta` (e.g. a loss that overflowed) skips the Adam step.
     - :math:`D_i` must be positive, i.e. every loss must stay above its ``min_losses`` bound
@@ -169,8 +170,17 @@ class FAMO(PositiveLossWeighting):
         current = losses.detach()
         gaps = current - self._min + self.eps
         usable = self._nonpositive.record(gaps, present, reported=current)
-        self._weights = famo_weights(current, self._logits, self._min, usable, eps=self.eps)
-        return famo_loss(losses, self._logits, self._min, usable, eps=self.eps)
+        local = famo_weights(current, self._logits, self._min, usable, eps=self.eps)
+        loss, self._weights = self._shared_weights(
+            famo_loss(losses, self._logits, self._min, usable, eps=self.eps),
+            losses,
+            usable,
+            local,
+            lambda mean, anywhere: famo_weights(
+                mean, self._logits, self._min, anywhere, eps=self.eps
+            ),
+        )
+        return loss
 
     def observe(self, trainer: pl.Trainer, losses: Tensor, present: Tensor) -> None:
         super().observe(trainer, losses, present)

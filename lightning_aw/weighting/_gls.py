@@ -32,7 +32,8 @@ class GLS(PositiveLossWeighting):
     hyperparameters and no learned state: the weights are the *effective* weights
     :math:`\mathcal{L}/(T L_i)` of the last training step, which favour the tasks with small
     losses. They are not normalised (``total = None``); before the first step they are ``1/T``.
-    Under DDP each rank's effective weights come from its own batch, like its losses.
+    Under DDP the effective weights come from the task losses averaged over the ranks (one small
+    all-reduce per step): every rank applies the same weights to its own losses.
 
     Needs positive losses: a task with a non-positive loss is left out of the step, and a
     ``ValueError`` naming it is raised at the next check (every ``check_every`` optimizer steps
@@ -68,8 +69,11 @@ class GLS(PositiveLossWeighting):
 
     def combine(self, losses: Tensor, present: Tensor) -> Tensor:
         usable = self._nonpositive.record(losses.detach(), present)
-        self._weights = gls_weights(losses.detach(), usable)
-        return gls_loss(losses, usable)
+        local = gls_weights(losses.detach(), usable)
+        loss, self._weights = self._shared_weights(
+            gls_loss(losses, usable), losses, usable, local, gls_weights
+        )
+        return loss
 
 
 class ScaleInvariant(PositiveLossWeighting):
@@ -87,8 +91,8 @@ class ScaleInvariant(PositiveLossWeighting):
 
     over the tasks present in the batch. No hyperparameters and no learned state: the weights are
     the effective weights :math:`1/L_i` of the last training step (1 before the first step); they
-    are not normalised (``total = None``). Under DDP each rank's effective weights come from its
-    own batch.
+    are not normalised (``total = None``). Under DDP they come from the task losses averaged over
+    the ranks, so every rank applies the same weights.
 
     Needs positive losses: a task with a non-positive loss is left out of the step, and a
     ``ValueError`` naming it is raised at the next check (every ``check_every`` optimizer steps
@@ -124,5 +128,8 @@ class ScaleInvariant(PositiveLossWeighting):
 
     def combine(self, losses: Tensor, present: Tensor) -> Tensor:
         usable = self._nonpositive.record(losses.detach(), present)
-        self._weights = scale_invariant_weights(losses.detach(), usable)
-        return scale_invariant_loss(losses, usable)
+        local = scale_invariant_weights(losses.detach(), usable)
+        loss, self._weights = self._shared_weights(
+            scale_invariant_loss(losses, usable), losses, usable, local, scale_invariant_weights
+        )
+        return loss

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -81,6 +82,7 @@ class PositiveLossWeighting(Weighting):
                 f"Parameter `check_every` should be an int >= 1. Found {check_every!r}."
             )
         self.check_every = check_every
+        self._trainer_ref: weakref.ref[pl.Trainer] | None = None
         self._nonpositive = _NonPositiveCounter()
 
     @property
@@ -103,6 +105,47 @@ class PositiveLossWeighting(Weighting):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.check_losses(trainer)
         super().on_train_epoch_end(trainer, pl_module)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # weak: a deepcopy or pickle of the callback must not drag the Trainer along
+        self._trainer_ref = weakref.ref(trainer)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_trainer_ref"] = None
+        return state
+
+    def _shared_weights(
+        self,
+        loss: Tensor,
+        losses: Tensor,
+        usable: Tensor,
+        local: Tensor,
+        weights_fn: Callable[[Tensor, Tensor], Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        """Make the effective weights identical on every DDP rank.
+
+        ``local`` are the weights of this rank's losses. Under DDP the weights are recomputed by
+        ``weights_fn(mean_losses, usable_anywhere)`` from the losses averaged over the ranks where
+        each task is usable (one small all-reduce), and the returned loss gets the zero-valued
+        correction ``sum_i (w_i - local_i) L_i`` (weights detached): the network's gradient is
+        ``sum_i w_i grad L_i`` with the same ``w`` on every rank, the loss value stays the
+        method's. On one process: ``(loss, local)`` unchanged.
+        """
+        trainer = None if self._trainer_ref is None else self._trainer_ref()
+        if trainer is None or trainer.world_size <= 1:
+            return loss, local
+        current = losses.detach()
+        mask = usable.to(current.dtype)
+        stats = reduce_sum(trainer, torch.cat([torch.where(usable, current, 0.0), mask]))
+        total, count = stats.chunk(2)
+        anywhere = count > 0
+        mean = torch.where(anywhere, total / count.clamp_min(1.0), 1.0)
+        shared = weights_fn(mean, anywhere).to(current.dtype)
+        correction = ((shared - local).detach() * torch.where(usable, losses, 0.0)).sum()
+        return loss + correction - correction.detach(), shared
 
     def check_losses(self, trainer: pl.Trainer) -> None:
         """Raise if a task had a non-positive loss since the start (one host synchronisation).

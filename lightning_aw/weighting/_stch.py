@@ -59,8 +59,8 @@ class STCH(PositiveLossWeighting):
     out of the step, and a ``ValueError`` naming it is raised at the next check (every
     ``check_every`` optimizer steps and at every epoch end; one host synchronisation each).
     Stateful: :math:`z` and whether STCH has started are saved in checkpoints. The weights
-    reported are those of the last training step (1 before the first); under DDP each rank's come
-    from its own batch.
+    reported are those of the last training step (1 before the first); under DDP they come from
+    the rank-averaged losses, identical on every rank.
 
     Args:
         mu: the smoothing :math:`\mu > 0` (default 1, the official code's). Smaller values are
@@ -165,15 +165,28 @@ class STCH(PositiveLossWeighting):
         current = losses.detach()
         usable = self._nonpositive.record(current, present) if self.logarithmic else present
         if self._active:
-            self._weights = stch_weights(
-                current, self._reference, self.mu, logarithmic=self.logarithmic, present=usable
-            )
-            return stch_loss(
+
+            def weights_fn(values: Tensor, mask: Tensor) -> Tensor:
+                return stch_weights(
+                    values, self._reference, self.mu, logarithmic=self.logarithmic, present=mask
+                )
+
+            loss = stch_loss(
                 losses, self._reference, self.mu, logarithmic=self.logarithmic, present=usable
             )
+            loss, self._weights = self._shared_weights(
+                loss, losses, usable, weights_fn(current, usable), weights_fn
+            )
+            return loss
         if self.logarithmic:
-            self._weights = scale_invariant_weights(current, usable)
-            return scale_invariant_loss(losses, usable)
+            loss, self._weights = self._shared_weights(
+                scale_invariant_loss(losses, usable),
+                losses,
+                usable,
+                scale_invariant_weights(current, usable),
+                scale_invariant_weights,
+            )
+            return loss
         self._weights = usable.to(current.dtype)
         return torch.where(usable, losses, 0.0).sum()
 
