@@ -434,7 +434,7 @@ for _info in (
         ),
         needs_gradients=False,
         stateful=True,
-        default_interval=None,
+        default_interval="step",
         total=1,
         example_kwargs={"lr": 0.05, "gamma": 0.01, "check_every": 3},
     ),

@@ -207,3 +207,22 @@ def test_per_task_gradients_are_released_after_the_step(tmp_path, method):
     shared = sum(p.numel() for p in net.shared_parameters())
     kept = [t.numel() for t in _tensors(method)]
     assert kept and max(kept) < shared, (max(kept), shared)
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["marked-representation", "unmarked"])
+def test_epoch_interval_recomputes_once_per_epoch(tmp_path, marked):
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(pl_module.weighting.weight_tensor().clone())
+
+    method = MGDA(interval="epoch")
+    assert "interval='epoch'" in repr(method)
+    trainer(tmp_path, [method, Spy()], max_epochs=3).fit(TinyNet(mark_representation=marked), loader())
+    w = torch.stack(seen).view(3, 8, 3)  # epochs x steps x tasks
+    for e in range(3):
+        assert torch.equal(w[e], w[e, :1].expand(8, 3))  # constant within the epoch
+    assert not torch.equal(w[0, 0], w[1, 0]) and not torch.equal(w[1, 0], w[2, 0])  # recomputed
+    with pytest.raises(ValueError, match="interval"):
+        MGDA(interval=None)

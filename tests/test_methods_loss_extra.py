@@ -491,3 +491,19 @@ def test_famo_frequency_updates_the_logits_every_n_steps(tmp_path):
     changed = [not torch.equal(a, b) for a, b in zip([torch.zeros(3), *seen[:-1]], seen, strict=True)]
     # steps 3 and 6 (1-based) update the logits, the others leave them as they are
     assert changed == [False, False, True, False, False, True, False, False]
+
+
+def test_famo_epoch_interval_updates_once_per_epoch(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_aw import FAMO
+
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(pl_module.weighting._logits.clone())
+
+    trainer(tmp_path, [FAMO(interval="epoch"), Spy()], max_epochs=2).fit(TinyNet(), loader())
+    changed = [not torch.equal(a, b) for a, b in zip([torch.zeros(3), *seen[:-1]], seen, strict=True)]
+    assert changed == [True] + [False] * 7 + [True] + [False] * 7  # first step of each epoch

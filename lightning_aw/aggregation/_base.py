@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_aw._utils import grad_scaler
-from lightning_aw.weighting._base import Weighting
+from lightning_aw.weighting._base import Interval, Weighting
 
 Source = Literal["parameters", "representation"]
 DDPSync = Literal["gram", "gradients"]
@@ -53,6 +53,7 @@ class GradientWeighting(Weighting):
       coefficients 1 (the plain sum) and is counted in ``aggregation/fallbacks``; no host sync.
     - ``frequency=N`` recomputes the coefficients every ``N`` optimizer steps and reuses them in
       between (Nash-MTL's cheap mode); the steps in between cost no extra backward.
+      ``interval="epoch"`` recomputes them on the first optimizer step of every ``N``-th epoch.
 
     Subclasses implement :meth:`coefficients` (from the Gram matrix) or set
     ``needs_gradients = True`` and implement :meth:`coefficients_from_gradients`.
@@ -62,12 +63,21 @@ class GradientWeighting(Weighting):
     uses_window_means: ClassVar[bool] = False
     #: whether the method needs the gradient matrix itself rather than its Gram matrix
     needs_gradients: ClassVar[bool] = False
-    _state_attrs: ClassVar[tuple[str, ...]] = ("_coefs", "_fallbacks")
+    _state_attrs: ClassVar[tuple[str, ...]] = (
+        "_coefs", "_fallbacks", "_computed_epoch", "_computed_step",
+    )
 
     def __init__(
-        self, *, source: Source = "parameters", ddp_sync: DDPSync = "gram", frequency: int = 1
+        self,
+        *,
+        source: Source = "parameters",
+        ddp_sync: DDPSync = "gram",
+        frequency: int = 1,
+        interval: Interval = "step",
     ) -> None:
-        super().__init__(interval="step", frequency=frequency)
+        super().__init__(interval=interval, frequency=frequency)
+        if interval is None:
+            raise ValueError("Parameter `interval` should be 'step' or 'epoch'. Found None.")
         if source not in ("parameters", "representation"):
             raise ValueError(
                 f"Parameter `source` should be 'parameters' or 'representation'. Found {source!r}."
@@ -84,6 +94,9 @@ class GradientWeighting(Weighting):
         self._module_ref: weakref.ref[Any] | None = None
         self._params: list[Tensor] = []
         self._present_idx: list[int] = []
+        # (epoch, optimizer step) at which the current coefficients were computed
+        self._computed_epoch = -1
+        self._computed_step = -1
         self._upstream: list[Tensor] | None = None
         self._shared_index: list[int] = []
 
@@ -104,6 +117,8 @@ class GradientWeighting(Weighting):
             out["ddp_sync"] = self.ddp_sync
         if self.frequency != 1:
             out["frequency"] = self.frequency
+        if self.interval != "step":
+            out["interval"] = self.interval
         return out
 
     def init_state(self, num_tasks: int) -> None:
@@ -170,11 +185,25 @@ class GradientWeighting(Weighting):
             return (self._coefs.to(losses) * losses).sum()
         if module._shared_rep_graph is not None:
             return self._combine_cut(module, losses, present)
-        if self._optimizer_steps % self.frequency == 0:
+        if self._should_recompute():
             grads = self._task_gradients(module, losses, module._present_list)
             coefs = self._safe_coefficients(grads, losses.detach(), present)
             self._coefs = self._transformed(coefs).detach()
         return (self._coefs.to(losses) * losses).sum()
+
+    def _should_recompute(self) -> bool:
+        """Whether this micro-batch computes new coefficients (all micro-batches of an updating
+        optimizer step do; the others reuse the last coefficients)."""
+        step = self._optimizer_steps
+        if self.interval == "step":
+            return step % self.frequency == 0
+        trainer = self._trainer
+        epoch = trainer.current_epoch if trainer is not None else 0
+        if epoch % self.frequency != 0:
+            return False
+        if self._computed_epoch != epoch:
+            self._computed_epoch, self._computed_step = epoch, step
+        return step == self._computed_step
 
     def _combine_cut(self, module: Any, losses: Tensor, present: Tensor) -> Tensor:
         """The fast path, when the module marked its shared representation ``z``.
@@ -193,7 +222,7 @@ class GradientWeighting(Weighting):
         scale = 1.0 if scaler is None else scaler.scale(torch.ones((), device=losses.device))
         accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
         present_list = module._present_list
-        update = self._optimizer_steps % self.frequency == 0
+        update = self._should_recompute()
         if not update:  # reuse the coefficients: the trunk gets c^T dL/dz through z, once
             total = (self._coefs.to(losses) * losses).sum()
             (g_rep,) = torch.autograd.grad(

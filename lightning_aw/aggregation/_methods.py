@@ -10,6 +10,7 @@ from torch import Tensor
 from lightning_aw._utils import GeneratorState
 from lightning_aw.aggregation._base import DDPSync, GradientWeighting, Source
 from lightning_aw.functional import _gradient as G
+from lightning_aw.weighting._base import Interval
 
 __all__ = ["IMTLG", "MGDA", "AlignedMTL", "CAGrad", "GradVac", "NashMTL", "PCGrad", "UPGrad"]
 
@@ -40,7 +41,10 @@ class MGDA(GradientWeighting):
             ``"representation"`` (on the tensor passed to ``shared_representation()``).
         ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
             (average the per-task gradients first, so the method acts on the global gradients).
-        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+        frequency: recompute the coefficients every ``frequency`` optimizer steps (or epochs).
+        interval: ``"step"`` (default) or ``"epoch"``: with ``"epoch"`` the coefficients are
+            computed on the first optimizer step of every ``frequency``-th epoch and reused for
+            the rest of it.
 
     Example::
 
@@ -57,8 +61,9 @@ class MGDA(GradientWeighting):
         source: Source = "parameters",
         ddp_sync: DDPSync = "gram",
         frequency: int = 1,
+        interval: Interval = "step",
     ) -> None:
-        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency)
+        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency, interval=interval)
         if normalization not in ("none", "l2", "loss", "loss+"):
             raise ValueError(
                 "Parameter `normalization` should be 'none', 'l2', 'loss' or 'loss+'. "
@@ -94,7 +99,10 @@ class PCGrad(GradientWeighting):
             ``"representation"`` (on the tensor passed to ``shared_representation()``).
         ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
             (average the per-task gradients first, so the method acts on the global gradients).
-        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+        frequency: recompute the coefficients every ``frequency`` optimizer steps (or epochs).
+        interval: ``"step"`` (default) or ``"epoch"``: with ``"epoch"`` the coefficients are
+            computed on the first optimizer step of every ``frequency``-th epoch and reused for
+            the rest of it.
 
     Example::
 
@@ -114,8 +122,9 @@ class PCGrad(GradientWeighting):
         source: Source = "parameters",
         ddp_sync: DDPSync = "gram",
         frequency: int = 1,
+        interval: Interval = "step",
     ) -> None:
-        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency)
+        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency, interval=interval)
         if reduction not in ("sum", "mean"):
             raise ValueError(
                 f"Parameter `reduction` should be 'sum' or 'mean'. Found {reduction!r}."
@@ -154,7 +163,10 @@ class CAGrad(GradientWeighting):
             ``"representation"`` (on the tensor passed to ``shared_representation()``).
         ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
             (average the per-task gradients first, so the method acts on the global gradients).
-        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+        frequency: recompute the coefficients every ``frequency`` optimizer steps (or epochs).
+        interval: ``"step"`` (default) or ``"epoch"``: with ``"epoch"`` the coefficients are
+            computed on the first optimizer step of every ``frequency``-th epoch and reused for
+            the rest of it.
 
     Example::
 
@@ -172,8 +184,9 @@ class CAGrad(GradientWeighting):
         source: Source = "parameters",
         ddp_sync: DDPSync = "gram",
         frequency: int = 1,
+        interval: Interval = "step",
     ) -> None:
-        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency)
+        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency, interval=interval)
         if not isinstance(c, (int, float)) or not c >= 0:
             raise ValueError(f"Parameter `c` should be >= 0. Found {c!r}.")
         if rescale not in (0, 1, 2):
@@ -203,7 +216,10 @@ class IMTLG(GradientWeighting):
             ``"representation"`` (on the tensor passed to ``shared_representation()``).
         ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
             (average the per-task gradients first, so the method acts on the global gradients).
-        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+        frequency: recompute the coefficients every ``frequency`` optimizer steps (or epochs).
+        interval: ``"step"`` (default) or ``"epoch"``: with ``"epoch"`` the coefficients are
+            computed on the first optimizer step of every ``frequency``-th epoch and reused for
+            the rest of it.
 
     Example::
 
@@ -236,7 +252,10 @@ class NashMTL(GradientWeighting):
             ``"representation"`` (on the tensor passed to ``shared_representation()``).
         ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
             (average the per-task gradients first, so the method acts on the global gradients).
-        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+        frequency: recompute the coefficients every ``frequency`` optimizer steps (or epochs).
+        interval: ``"step"`` (default) or ``"epoch"``: with ``"epoch"`` the coefficients are
+            computed on the first optimizer step of every ``frequency``-th epoch and reused for
+            the rest of it.
 
     Example::
 
@@ -253,8 +272,9 @@ class NashMTL(GradientWeighting):
         source: Source = "parameters",
         ddp_sync: DDPSync = "gram",
         frequency: int = 1,
+        interval: Interval = "step",
     ) -> None:
-        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency)
+        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency, interval=interval)
         _check_int("max_iter", max_iter)
         self.max_iter = max_iter
 
@@ -282,7 +302,10 @@ class AlignedMTL(GradientWeighting):
             ``"representation"`` (on the tensor passed to ``shared_representation()``).
         ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
             (average the per-task gradients first, so the method acts on the global gradients).
-        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+        frequency: recompute the coefficients every ``frequency`` optimizer steps (or epochs).
+        interval: ``"step"`` (default) or ``"epoch"``: with ``"epoch"`` the coefficients are
+            computed on the first optimizer step of every ``frequency``-th epoch and reused for
+            the rest of it.
 
     Example::
 
@@ -299,8 +322,9 @@ class AlignedMTL(GradientWeighting):
         source: Source = "parameters",
         ddp_sync: DDPSync = "gram",
         frequency: int = 1,
+        interval: Interval = "step",
     ) -> None:
-        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency)
+        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency, interval=interval)
         if scale_mode not in ("min", "median", "rmse"):
             raise ValueError(
                 f"Parameter `scale_mode` should be 'min', 'median' or 'rmse'. Found {scale_mode!r}."
@@ -330,7 +354,10 @@ class UPGrad(GradientWeighting):
             ``"representation"`` (on the tensor passed to ``shared_representation()``).
         ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
             (average the per-task gradients first, so the method acts on the global gradients).
-        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+        frequency: recompute the coefficients every ``frequency`` optimizer steps (or epochs).
+        interval: ``"step"`` (default) or ``"epoch"``: with ``"epoch"`` the coefficients are
+            computed on the first optimizer step of every ``frequency``-th epoch and reused for
+            the rest of it.
 
     Example::
 
@@ -361,7 +388,10 @@ class GradVac(GradientWeighting):
             ``"representation"`` (on the tensor passed to ``shared_representation()``).
         ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
             (average the per-task gradients first, so the method acts on the global gradients).
-        frequency: recompute the coefficients every ``frequency`` optimizer steps.
+        frequency: recompute the coefficients every ``frequency`` optimizer steps (or epochs).
+        interval: ``"step"`` (default) or ``"epoch"``: with ``"epoch"`` the coefficients are
+            computed on the first optimizer step of every ``frequency``-th epoch and reused for
+            the rest of it.
 
     Example::
 
@@ -385,8 +415,9 @@ class GradVac(GradientWeighting):
         source: Source = "parameters",
         ddp_sync: DDPSync = "gram",
         frequency: int = 1,
+        interval: Interval = "step",
     ) -> None:
-        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency)
+        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency, interval=interval)
         if not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
             raise ValueError(f"Parameter `beta` should be in [0, 1]. Found {beta!r}.")
         _check_int("seed", seed, minimum=0)

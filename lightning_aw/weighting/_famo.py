@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightning_aw._utils import AdamState, reduce_sum
 from lightning_aw.functional import famo_logit_grad, famo_loss, famo_weights
+from lightning_aw.weighting._base import Interval
 from lightning_aw.weighting._positive import (
     PositiveLossWeighting,
     _per_task_tensor,
@@ -79,9 +80,11 @@ class FAMO(PositiveLossWeighting):
             Default: 0 for every task.
         eps: :math:`\epsilon` added to the gaps (default ``1e-8``, the paper's).
         check_every: optimizer steps between two checks that the gaps were positive (default 100).
-        frequency: update the logits every ``frequency`` optimizer steps (default 1, the paper);
-            each update costs one extra no-grad forward of the step's last batch, so
+        frequency: update the logits every ``frequency`` optimizer steps (default 1, the paper)
+            or epochs; each update costs one extra no-grad forward of the step's last batch, so
             ``frequency=N`` divides that overhead by N.
+        interval: ``"step"`` (default) or ``"epoch"`` (update on the first optimizer step of
+            every ``frequency``-th epoch).
 
     Example::
 
@@ -92,7 +95,8 @@ class FAMO(PositiveLossWeighting):
     """
 
     total: ClassVar[str | float | None] = 1
-    _state_attrs = ("_logits", "_adam", "_weights")
+    _state_attrs = ("_logits", "_adam", "_weights", "_update_epoch")
+    uses_window_means = False  # it updates from the step's own before/after losses
     _needs = "task losses above their `min_losses` (it takes the logarithm of the gap)"
     _cure = (
         "Pass FAMO(min_losses=...) with a lower bound below every value the loss can take "
@@ -107,12 +111,12 @@ class FAMO(PositiveLossWeighting):
         eps: float = 1e-8,
         check_every: int = 100,
         frequency: int = 1,
+        interval: Interval = "step",
     ) -> None:
-        super().__init__(check_every=check_every)
-        if not isinstance(frequency, int) or isinstance(frequency, bool) or frequency < 1:
-            raise ValueError(f"Parameter `frequency` should be an int >= 1. Found {frequency!r}.")
-        # the logits' update interval in optimizer steps: each update costs one no-grad forward
-        self.frequency = frequency
+        if interval is None:
+            raise ValueError("Parameter `interval` should be 'step' or 'epoch'. Found None.")
+        super().__init__(check_every=check_every, interval=interval, frequency=frequency)
+        self._update_epoch = -1
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
             raise ValueError(f"Parameter `lr` should be a finite number > 0. Found {lr!r}.")
         if (
@@ -142,6 +146,7 @@ class FAMO(PositiveLossWeighting):
             "eps": self.eps,
             "check_every": self.check_every,
             "frequency": self.frequency,
+            "interval": self.interval,
         }
 
     def init_state(self, num_tasks: int) -> None:
@@ -182,6 +187,15 @@ class FAMO(PositiveLossWeighting):
         )
         return loss
 
+    def _updates_now(self, trainer: pl.Trainer) -> bool:
+        if self.interval == "step":
+            return self._optimizer_steps % self.frequency == 0
+        epoch = trainer.current_epoch  # "epoch": the first optimizer step of every N-th epoch
+        if epoch % self.frequency != 0 or epoch == self._update_epoch:
+            return False
+        self._update_epoch = epoch
+        return True
+
     def observe(self, trainer: pl.Trainer, losses: Tensor, present: Tensor) -> None:
         super().observe(trainer, losses, present)
         # the losses the coming optimizer step is taken on (the last micro-batch's)
@@ -194,7 +208,7 @@ class FAMO(PositiveLossWeighting):
         super().after_optimizer_step(trainer, pl_module, batch, batch_idx)
         before, present = self._before, self._before_present
         self._before = self._before_present = None
-        if self._optimizer_steps % self.frequency != 0:
+        if not self._updates_now(trainer):
             return  # between updates: no re-evaluation, the logits stay
         if before is not None and present is not None:
             self._update_logits(trainer, pl_module, batch, batch_idx, before, present)
