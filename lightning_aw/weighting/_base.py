@@ -205,6 +205,13 @@ class Weighting(Callback):
         self.check_optimizers(trainer)
 
     @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning moves the model back to the CPU at the end of fit: the state follows it, so
+        # the weights read after training live where the model's (learnable) parameters do
+        self._device = pl_module.device
+        self._move_state(pl_module.device)
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after a resume the loops (and global_step) are restored only now
         self._last_global_step = trainer.global_step
