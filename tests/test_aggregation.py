@@ -79,14 +79,22 @@ COEF_FNS = {
 }
 
 
-@pytest.mark.parametrize("marked", [True, False], ids=["marked-representation", "unmarked"])
-@pytest.mark.parametrize("method", METHODS, ids=repr)
+def _with_marking(methods):
+    """(method, marked) pairs: parameter-source methods with and without a marked representation
+    (fast and general path); representation-source methods need the marker."""
+    return [
+        pytest.param(m, marked, id=f"{m!r}-{'marked' if marked else 'unmarked'}")
+        for m in methods
+        for marked in (True, False)
+        if marked or m.source == "parameters"
+    ]
+
+
+@pytest.mark.parametrize(("method", "marked"), _with_marking(METHODS))
 def test_update_equals_hand_computation_with_accumulation(tmp_path, method, marked):
     """The update is sum_i c_i grad L_i / k, both on the fast path (the module marks its shared
     representation) and on the general path (it does not)."""
     method = copy.deepcopy(method)
-    if method.source == "representation" and not marked:
-        pytest.skip("representation source needs the marked representation")
     plain_mgda = isinstance(method, MGDA) and method.normalization == "none"
     check_coefs = method.source == "parameters" and method.frequency == 1
     fn = COEF_FNS.get(type(method).__name__) if check_coefs and (plain_mgda or not isinstance(method, MGDA)) else None
@@ -99,11 +107,10 @@ def test_update_equals_hand_computation_with_accumulation(tmp_path, method, mark
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-scaler"])
-@pytest.mark.parametrize("marked", [True, False], ids=["marked-representation", "unmarked"])
-@pytest.mark.parametrize("method", [MGDA(), UPGrad(), PCGrad(), MGDA(source="representation")], ids=repr)
+@pytest.mark.parametrize(
+    ("method", "marked"), _with_marking([MGDA(), UPGrad(), PCGrad(), MGDA(source="representation")])
+)
 def test_update_under_mixed_precision(tmp_path, method, precision, marked):
-    if method.source == "representation" and not marked:
-        pytest.skip("representation source needs the marked representation")
     kw = {"plugins": [MixedPrecision("16-mixed", "cpu")]} if precision == "fp16-scaler" else {"precision": precision}
     # bf16 keeps 8 mantissa bits: a mishandled loss scale (x65536) or accumulation (x2) is still
     # far outside these tolerances
