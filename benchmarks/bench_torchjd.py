@@ -3,7 +3,7 @@
     python benchmarks/bench_torchjd.py [--steps 40] [--rounds 3] [--batch-size 128]
                                        [--accelerator cpu|gpu]
 
-The same model (the two-digit CNN of examples/digits.py: 3 tasks, a ~54k-parameter shared trunk)
+The same model (the two-digit CNN `lightning_aw.models.DigitsNet`: 3 tasks, a ~54k-parameter shared trunk)
 and data are trained, interleaved over ``--rounds`` rounds of ``--steps`` optimizer steps each:
 
 - in a Lightning Trainer: the plain summed loss (``MultiTaskModule`` without a callback), our
@@ -37,7 +37,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -45,11 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from digits import DigitsNet
-
 from lightning_aw import DBMTL, GradDrop, UPGrad
 from lightning_aw.datasets import make_two_digits
+from lightning_aw.models import DigitsNet
 
 TASKS = ("left", "right", "sum")
 

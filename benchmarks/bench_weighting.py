@@ -2,7 +2,7 @@
 
     python benchmarks/bench_weighting.py [--steps 60] [--rounds 5] [--batch-size 128]
 
-A fixed model (the two-digit CNN of examples/digits.py, 3 tasks) is trained for ``--steps``
+A fixed model (the two-digit CNN `lightning_aw.models.DigitsNet`, 3 tasks) is trained for ``--steps``
 optimizer steps per configuration; the configurations are interleaved over ``--rounds`` rounds
 and the median wall time of a training step (``on_train_batch_start`` -> ``on_train_batch_end``:
 forward, backward, optimizer, weighting) is compared with the baselines measured in the same run:
@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,12 +29,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from digits import DigitsNet
-
 import lightning_aw as aw
 from lightning_aw import DWA, EqualWeighting, GradNorm, UncertaintyWeighting
 from lightning_aw.datasets import make_two_digits
+from lightning_aw.models import DigitsNet
 
 
 class PlainNet(pl.LightningModule):

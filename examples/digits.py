@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
-from torchmetrics import MeanAbsoluteError
-from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_aw import MultiTaskModule, TaskOutput, Weighting
+from lightning_aw import Weighting
 from lightning_aw.datasets import TwoDigitsDataModule
+from lightning_aw.models import DigitsNet
 from lightning_aw.registry import create_method, list_methods
 
 # every registered method can be chosen; a few get example-specific arguments
@@ -36,50 +32,6 @@ def make_weighting(name: str) -> Weighting | None:
     if name == "none":
         return None
     return create_method(name, **OVERRIDES.get(name, {}))
-
-
-class DigitsNet(MultiTaskModule):
-    """A ~55k-parameter CNN trunk with one head per task."""
-
-    def __init__(self, lr: float = 2e-3, **kwargs: Any) -> None:
-        super().__init__(
-            tasks=["left", "right", "sum"],
-            optimizer={"name": "adam", "lr": lr},
-            metrics={
-                "left": {"acc": MulticlassAccuracy(num_classes=10)},
-                "right": {"acc": MulticlassAccuracy(num_classes=10)},
-                "sum": {"mae": MeanAbsoluteError()},
-            },
-            **kwargs,
-        )
-        self.trunk = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(32 * 4 * 8, 48),
-            nn.ReLU(),
-        )
-        self.heads = nn.ModuleDict(
-            {"left": nn.Linear(48, 10), "right": nn.Linear(48, 10), "sum": nn.Linear(48, 1)}
-        )
-
-    def shared_parameters(self):
-        return self.trunk.parameters()
-
-    def task_losses(self, batch, batch_idx):
-        x, y = batch
-        h = self.shared_representation(self.trunk(x))  # for source="representation" methods
-        left, right = self.heads["left"](h), self.heads["right"](h)
-        total = self.heads["sum"](h).squeeze(-1)
-        target_sum = y[:, 2].float()
-        return {
-            "left": TaskOutput(F.cross_entropy(left, y[:, 0]), left, y[:, 0]),
-            "right": TaskOutput(F.cross_entropy(right, y[:, 1]), right, y[:, 1]),
-            "sum": TaskOutput(F.mse_loss(total, target_sum), total, target_sum),
-        }
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
