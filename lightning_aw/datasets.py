@@ -47,8 +47,12 @@ def make_two_digits(
 
     Example::
 
-        x, y = make_two_digits(4)
-        assert x.shape == (4, 1, 8, 16) and y.shape == (4, 3)
+        >>> from lightning_aw.datasets import make_two_digits
+        >>> x, y = make_two_digits(4)
+        >>> x.shape, y.shape
+        (torch.Size([4, 1, 8, 16]), torch.Size([4, 3]))
+        >>> bool((y[:, 2] == y[:, 0] + y[:, 1]).all())  # the third target is the digit sum
+        True
     """
     if split not in ("train", "val"):
         raise ValueError(f"Parameter `split` should be 'train' or 'val'. Found {split!r}.")
@@ -77,7 +81,12 @@ class TwoDigitsDataModule(pl.LightningDataModule):
 
     Example::
 
-        dm = TwoDigitsDataModule(train_pairs=256, val_pairs=64)
+        >>> from lightning_aw.datasets import TwoDigitsDataModule
+        >>> dm = TwoDigitsDataModule(train_pairs=256, val_pairs=64, batch_size=32)
+        >>> dm.setup("fit")
+        >>> x, y = next(iter(dm.train_dataloader()))
+        >>> x.shape, y.shape
+        (torch.Size([32, 1, 8, 16]), torch.Size([32, 3]))
     """
 
     tasks = ("left", "right", "sum")

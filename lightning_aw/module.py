@@ -35,7 +35,13 @@ class TaskOutput(NamedTuple):
 
     Example::
 
-        TaskOutput(loss=F.cross_entropy(logits, y), preds=logits, target=y)
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from lightning_aw import TaskOutput
+        >>> logits, y = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 1])
+        >>> out = TaskOutput(loss=F.cross_entropy(logits, y), preds=logits, target=y)
+        >>> out.loss
+        tensor(0.1269)
     """
 
     loss: Tensor
@@ -77,24 +83,35 @@ class MultiTaskModule(pl.LightningModule):
 
     Example::
 
-        import torch.nn.functional as F
-        from torch import nn
-        from lightning_aw import MultiTaskModule
-
-        class Net(MultiTaskModule):
-            def __init__(self):
-                super().__init__(tasks=["a", "b"], optimizer={"name": "adam", "lr": 1e-3})
-                self.trunk = nn.Linear(4, 8)
-                self.heads = nn.ModuleDict({"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
-
-            def shared_parameters(self):
-                return self.trunk.parameters()
-
-            def task_losses(self, batch, batch_idx):
-                x, y = batch
-                h = self.trunk(x).relu()
-                return {t: F.mse_loss(self.heads[t](h).squeeze(-1), y[:, i])
-                        for i, t in enumerate(self.tasks)}
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_aw import DWA, MultiTaskModule
+        >>> class Net(MultiTaskModule):
+        ...     def __init__(self):
+        ...         super().__init__(tasks=["a", "b"], optimizer={"name": "adam", "lr": 1e-3})
+        ...         self.trunk = nn.Linear(4, 8)
+        ...         self.heads = nn.ModuleDict({"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+        ...     def shared_parameters(self):
+        ...         return self.trunk.parameters()
+        ...     def task_losses(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         h = self.trunk(x).relu()
+        ...         return {t: F.mse_loss(self.heads[t](h).squeeze(-1), y[:, i])
+        ...                 for i, t in enumerate(self.tasks)}
+        ...
+        >>> data = DataLoader(TensorDataset(torch.randn(64, 4), torch.randn(64, 2)), batch_size=16)
+        >>> trainer = pl.Trainer(max_epochs=3, callbacks=[DWA()], logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False,
+        ...                      enable_model_summary=False)
+        >>> net = Net()
+        >>> trainer.fit(net, data)
+        >>> sorted(net.task_weights)
+        ['a', 'b']
+        >>> round(sum(net.task_weights.values()), 4)  # DWA's weights sum to T = 2
+        2.0
     """
 
     def __init__(

@@ -38,6 +38,17 @@ class WeightTransform:
     produced in :meth:`apply` as pending and makes it its state in :meth:`commit`, which runs once
     per optimizer step (so all micro-batches of an accumulation window see the same state); it
     also implements :meth:`state_dict` / :meth:`load_state_dict`.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_aw.transforms import WeightTransform
+        >>> class Square(WeightTransform):  # a stateless transform
+        ...     def apply(self, weights, step):
+        ...         return weights * weights
+        ...
+        >>> Square().apply(torch.tensor([1.0, 3.0]), step=0)
+        tensor([1., 9.])
     """
 
     def apply(self, weights: Tensor, step: int) -> Tensor:
@@ -71,8 +82,11 @@ class Chain(WeightTransform):
 
     Example::
 
-        t = Chain(Clamp(0.5, 2.0), Normalize(total=1.0))
-        t.apply(torch.tensor([0.1, 1.0, 5.0]), step=0)  # tensor([0.1429, 0.2857, 0.5714])
+        >>> import torch
+        >>> from lightning_aw.transforms import Chain, Clamp, Normalize
+        >>> t = Chain(Clamp(0.5, 2.0), Normalize(total=1.0))
+        >>> t.apply(torch.tensor([0.1, 1.0, 5.0]), step=0)
+        tensor([0.1429, 0.2857, 0.5714])
     """
 
     def __init__(self, *transforms: WeightTransform) -> None:
@@ -117,7 +131,13 @@ def chain(*transforms: WeightTransform) -> Chain:
 
     Example::
 
-        t = chain(Warmup(100), Clamp(0.1, 10.0))
+        >>> import torch
+        >>> from lightning_aw.transforms import Clamp, Warmup, chain
+        >>> t = chain(Warmup(100), Clamp(0.1, 10.0))
+        >>> t
+        chain(Warmup(steps=100), Clamp(min=0.1, max=10.0))
+        >>> t.apply(torch.tensor([0.0, 20.0]), step=50)  # halfway from 1, then clamped
+        tensor([ 0.5000, 10.0000])
     """
     return Chain(*transforms)
 
@@ -134,9 +154,15 @@ class EMA(WeightTransform):
 
     Example::
 
-        ema = EMA(0.9)
-        ema.reset(2)
-        ema.apply(torch.tensor([1.0, 3.0]), step=0)  # first step: the weights themselves
+        >>> import torch
+        >>> from lightning_aw.transforms import EMA
+        >>> ema = EMA(0.9)
+        >>> ema.reset(2)
+        >>> ema.apply(torch.tensor([1.0, 3.0]), step=0)  # first step: the weights themselves
+        tensor([1., 3.])
+        >>> ema.commit()
+        >>> ema.apply(torch.tensor([2.0, 2.0]), step=1)  # 0.9 * previous + 0.1 * new
+        tensor([1.1000, 2.9000])
     """
 
     def __init__(self, decay: float = 0.9) -> None:
@@ -182,7 +208,10 @@ class Clamp(WeightTransform):
 
     Example::
 
-        Clamp(0.5, 2.0).apply(torch.tensor([0.1, 1.0, 5.0]), step=0)  # tensor([0.5, 1.0, 2.0])
+        >>> import torch
+        >>> from lightning_aw.transforms import Clamp
+        >>> Clamp(0.5, 2.0).apply(torch.tensor([0.1, 1.0, 5.0]), step=0)
+        tensor([0.5000, 1.0000, 2.0000])
     """
 
     def __init__(self, min: float | None = None, max: float | None = None) -> None:
@@ -212,7 +241,10 @@ class Warmup(WeightTransform):
 
     Example::
 
-        Warmup(10).apply(torch.tensor([0.0, 2.0]), step=5)  # tensor([0.5, 1.5])
+        >>> import torch
+        >>> from lightning_aw.transforms import Warmup
+        >>> Warmup(10).apply(torch.tensor([0.0, 2.0]), step=5)  # halfway between 1 and the weights
+        tensor([0.5000, 1.5000])
     """
 
     def __init__(self, steps: int) -> None:
@@ -236,7 +268,10 @@ class Normalize(WeightTransform):
 
     Example::
 
-        Normalize(total=1.0).apply(torch.tensor([1.0, 3.0]), step=0)  # tensor([0.25, 0.75])
+        >>> import torch
+        >>> from lightning_aw.transforms import Normalize
+        >>> Normalize(total=1.0).apply(torch.tensor([1.0, 3.0]), step=0)
+        tensor([0.2500, 0.7500])
     """
 
     def __init__(self, total: str | float = "T") -> None:

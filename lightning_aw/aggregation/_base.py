@@ -57,6 +57,18 @@ class GradientWeighting(Weighting):
 
     Subclasses implement :meth:`coefficients` (from the Gram matrix) or set
     ``needs_gradients = True`` and implement :meth:`coefficients_from_gradients`.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_aw import GradientWeighting
+        >>> class Normalized(GradientWeighting):  # c_i = 1 / |g_i|: unit-norm task gradients
+        ...     def coefficients(self, gram, losses):
+        ...         return gram.diagonal().clamp_min(1e-12).rsqrt()
+        ...
+        >>> gram = torch.tensor([[4.0, 0.0], [0.0, 0.25]])  # |g_1| = 2, |g_2| = 0.5
+        >>> Normalized(source="representation").coefficients(gram, torch.ones(2))
+        tensor([0.5000, 2.0000])
     """
 
     total: ClassVar[str | float | None] = None

@@ -48,10 +48,17 @@ class MGDA(GradientWeighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import MGDA
-
-        trainer = pl.Trainer(callbacks=[MGDA(source="representation")])
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import MGDA
+        >>> from lightning_aw.functional import mgda
+        >>> trainer = pl.Trainer(callbacks=[MGDA(source="representation")], logger=False)
+        >>> grads = torch.tensor([[1.0, 0.0], [-0.5, 1.0]])  # two conflicting task gradients
+        >>> c = mgda(grads)  # min-norm point of their convex hull
+        >>> c
+        tensor([0.5385, 0.4615])
+        >>> c @ grads
+        tensor([0.3077, 0.4615])
     """
 
     def __init__(
@@ -106,10 +113,15 @@ class PCGrad(GradientWeighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import PCGrad
-
-        trainer = pl.Trainer(callbacks=[PCGrad(seed=0)])
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import PCGrad
+        >>> from lightning_aw.functional import pcgrad
+        >>> trainer = pl.Trainer(callbacks=[PCGrad(seed=0)], logger=False)
+        >>> grads = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> pcgrad(grads, generator=gen) @ grads  # conflicts projected away
+        tensor([0.5000, 1.5000])
     """
 
     _state_attrs: ClassVar[tuple[str, ...]] = (*GradientWeighting._state_attrs, "_generator")
@@ -170,10 +182,13 @@ class CAGrad(GradientWeighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import CAGrad
-
-        trainer = pl.Trainer(callbacks=[CAGrad(c=0.4)])
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import CAGrad
+        >>> from lightning_aw.functional import cagrad
+        >>> trainer = pl.Trainer(callbacks=[CAGrad(c=0.4)], logger=False)
+        >>> cagrad(torch.tensor([[1.0, 0.0], [-0.5, 1.0]]), c=0.4)
+        tensor([0.6421, 0.5504])
     """
 
     def __init__(
@@ -223,10 +238,17 @@ class IMTLG(GradientWeighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import IMTLG
-
-        trainer = pl.Trainer(callbacks=[IMTLG()])
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import IMTLG
+        >>> from lightning_aw.functional import imtlg
+        >>> trainer = pl.Trainer(callbacks=[IMTLG()], logger=False)
+        >>> grads = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+        >>> d = imtlg(grads) @ grads
+        >>> d
+        tensor([0.6667, 0.6667])
+        >>> d @ (grads / grads.norm(dim=1, keepdim=True)).T  # equal projections on unit gradients
+        tensor([0.6667, 0.6667])
     """
 
     total: ClassVar[str | float | None] = 1
@@ -259,10 +281,15 @@ class NashMTL(GradientWeighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import NashMTL
-
-        trainer = pl.Trainer(callbacks=[NashMTL(frequency=1)], gradient_clip_val=1.0)
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import NashMTL
+        >>> from lightning_aw.functional import nash_mtl
+        >>> trainer = pl.Trainer(callbacks=[NashMTL()], gradient_clip_val=1.0, logger=False)
+        >>> grads = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+        >>> alpha = nash_mtl(grads)
+        >>> alpha  # orthogonal gradients: alpha_i = 1 / |g_i|
+        tensor([1.0153, 2.0305])
     """
 
     def __init__(
@@ -309,10 +336,13 @@ class AlignedMTL(GradientWeighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import AlignedMTL
-
-        trainer = pl.Trainer(callbacks=[AlignedMTL()])
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import AlignedMTL
+        >>> from lightning_aw.functional import aligned_mtl
+        >>> trainer = pl.Trainer(callbacks=[AlignedMTL()], logger=False)
+        >>> aligned_mtl(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))  # scaled to the smallest norm
+        tensor([0.3333, 1.0000])
     """
 
     def __init__(
@@ -361,10 +391,15 @@ class UPGrad(GradientWeighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import UPGrad
-
-        trainer = pl.Trainer(callbacks=[UPGrad()])
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import UPGrad
+        >>> from lightning_aw.functional import upgrad
+        >>> trainer = pl.Trainer(callbacks=[UPGrad()], logger=False)
+        >>> grads = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+        >>> d = upgrad(grads) @ grads
+        >>> bool((grads @ d >= -1e-6).all())  # no task's loss increases to first order
+        True
     """
 
     def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
@@ -395,10 +430,15 @@ class GradVac(GradientWeighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import GradVac
-
-        trainer = pl.Trainer(callbacks=[GradVac(beta=0.5)])
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import GradVac
+        >>> from lightning_aw.functional import gradvac
+        >>> trainer = pl.Trainer(callbacks=[GradVac(beta=0.5)], logger=False)
+        >>> grads = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> coefs, targets = gradvac(grads, targets=torch.zeros(2, 2))
+        >>> coefs
+        tensor([1., 1.])
     """
 
     _state_attrs: ClassVar[tuple[str, ...]] = (

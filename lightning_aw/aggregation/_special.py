@@ -120,27 +120,32 @@ class GradDrop(_OneBackward):
 
     Example::
 
-        import lightning.pytorch as pl
-        import torch.nn.functional as F
-        from torch import nn
-        from lightning_aw import GradDrop, MultiTaskModule
-
-        class Net(MultiTaskModule):
-            def __init__(self):
-                super().__init__(tasks=["a", "b"])
-                self.trunk = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
-                self.heads = nn.ModuleDict({"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
-
-            def shared_parameters(self):
-                return self.trunk.parameters()
-
-            def task_losses(self, batch, batch_idx):
-                x, y = batch
-                h = self.shared_representation(self.trunk(x))  # GradDrop acts here
-                return {t: F.mse_loss(self.heads[t](h).squeeze(-1), y[:, i])
-                        for i, t in enumerate(self.tasks)}
-
-        trainer = pl.Trainer(callbacks=[GradDrop(leak=0.0, seed=0)], max_epochs=1)
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_aw import GradDrop, MultiTaskModule
+        >>> class Net(MultiTaskModule):
+        ...     def __init__(self):
+        ...         super().__init__(tasks=["a", "b"])
+        ...         self.trunk = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        ...         self.heads = nn.ModuleDict({"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+        ...     def shared_parameters(self):
+        ...         return self.trunk.parameters()
+        ...     def task_losses(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         h = self.shared_representation(self.trunk(x))  # GradDrop acts here
+        ...         return {t: F.mse_loss(self.heads[t](h).squeeze(-1), y[:, i])
+        ...                 for i, t in enumerate(self.tasks)}
+        ...
+        >>> data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randn(32, 2)), batch_size=8)
+        >>> trainer = pl.Trainer(callbacks=[GradDrop(leak=0.0, seed=0)], max_epochs=1, logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False,
+        ...                      enable_model_summary=False)
+        >>> trainer.fit(Net(), data)
+        >>> trainer.global_step
+        4
     """
 
     total: ClassVar[str | float | None] = "T"
@@ -267,11 +272,12 @@ class DBMTL(_OneBackward):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import DBMTL
-
-        # every task loss must be positive (DB-MTL takes log L_i)
-        trainer = pl.Trainer(callbacks=[DBMTL(beta=0.9)])
+        >>> import lightning.pytorch as pl
+        >>> from lightning_aw import DBMTL
+        >>> method = DBMTL(beta=0.9)  # every task loss must be positive: DB-MTL takes log L_i
+        >>> method
+        DBMTL(beta=0.9, source='parameters')
+        >>> trainer = pl.Trainer(callbacks=[method], logger=False)
     """
 
     _state_attrs: ClassVar[tuple[str, ...]] = (*GradientWeighting._state_attrs, "_ema", "_seen")

@@ -38,6 +38,24 @@ class Weighting(Callback):
     All state that drives the weights is reduced over the DDP ranks before use, so every rank holds
     identical weights; the state is saved in checkpoints (``state_dict``) so a resumed run continues
     exactly as an uninterrupted one.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_aw import Weighting
+        >>> class Fixed(Weighting):  # constant weights given by the user
+        ...     def __init__(self, weights):
+        ...         super().__init__()
+        ...         self.fixed = torch.tensor(weights)
+        ...     def init_state(self, num_tasks):
+        ...         if num_tasks != len(self.fixed):
+        ...             raise ValueError(f"Expected {len(self.fixed)} tasks. Found {num_tasks}.")
+        ...     def weight_tensor(self):
+        ...         return self.fixed
+        ...
+        >>> method = Fixed([2.0, 0.5])
+        >>> method.combine(torch.tensor([1.0, 4.0]), torch.tensor([True, True]))  # 2 * 1 + 0.5 * 4
+        tensor(4.)
     """
 
     #: What the weights sum to: ``"T"`` (number of tasks), ``1`` or ``None`` (not normalised).
@@ -104,10 +122,10 @@ class Weighting(Callback):
 
         Example::
 
-            from lightning_aw import DWA
-            from lightning_aw.transforms import Clamp, EMA
-
-            weighting = DWA().transformed(EMA(0.5), Clamp(0.2, 5.0))
+            >>> from lightning_aw import DWA
+            >>> from lightning_aw.transforms import EMA, Clamp
+            >>> DWA().transformed(EMA(0.5), Clamp(0.2, 5.0)).transform
+            chain(EMA(decay=0.5), Clamp(min=0.2, max=5.0))
         """
         self.transform = as_transform(transforms)
         return self

@@ -40,10 +40,16 @@ class DWA(Weighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import DWA
-
-        trainer = pl.Trainer(callbacks=[DWA(temperature=2.0)], max_epochs=5)
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import DWA
+        >>> from lightning_aw.functional import dwa
+        >>> method = DWA(temperature=2.0)
+        >>> method
+        DWA(temperature=2.0, interval='epoch', frequency=1)
+        >>> trainer = pl.Trainer(callbacks=[method], max_epochs=5, logger=False)
+        >>> dwa(torch.tensor([0.5, 1.0]), torch.tensor([1.0, 1.0]))
+        tensor([0.8756, 1.1244])
     """
 
     total: ClassVar[str | float | None] = "T"

@@ -18,10 +18,12 @@ class EqualWeighting(Weighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import EqualWeighting
-
-        trainer = pl.Trainer(callbacks=[EqualWeighting()], max_epochs=1)
+        >>> import lightning.pytorch as pl
+        >>> from lightning_aw import EqualWeighting
+        >>> from lightning_aw.functional import equal
+        >>> trainer = pl.Trainer(callbacks=[EqualWeighting()], max_epochs=1, logger=False)
+        >>> equal(3)
+        tensor([1., 1., 1.])
     """
 
     total: ClassVar[str | float | None] = "T"

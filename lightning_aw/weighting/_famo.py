@@ -88,10 +88,14 @@ class FAMO(PositiveLossWeighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import FAMO
-
-        trainer = pl.Trainer(callbacks=[FAMO(gamma=1e-3)], gradient_clip_val=1.0, max_epochs=5)
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import FAMO
+        >>> from lightning_aw.functional import famo_weights
+        >>> method = FAMO(gamma=1e-3)
+        >>> trainer = pl.Trainer(callbacks=[method], gradient_clip_val=1.0, logger=False)
+        >>> famo_weights(torch.tensor([1.0, 4.0]), logits=torch.zeros(2))  # w_i ∝ 1 / L_i
+        tensor([0.8000, 0.2000])
     """
 
     total: ClassVar[str | float | None] = 1

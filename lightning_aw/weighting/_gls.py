@@ -44,10 +44,16 @@ class GLS(PositiveLossWeighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import GLS
-
-        trainer = pl.Trainer(callbacks=[GLS()], max_epochs=5)
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import GLS
+        >>> from lightning_aw.functional import gls_loss, gls_weights
+        >>> trainer = pl.Trainer(callbacks=[GLS()], max_epochs=5, logger=False)
+        >>> losses = torch.tensor([1.0, 4.0])
+        >>> gls_loss(losses)  # geometric mean (1 * 4) ** (1 / 2)
+        tensor(2.)
+        >>> gls_weights(losses)  # its gradient: w_i = GM / (T L_i)
+        tensor([1.0000, 0.2500])
     """
 
     total: ClassVar[str | float | None] = None
@@ -103,10 +109,15 @@ class ScaleInvariant(PositiveLossWeighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import ScaleInvariant
-
-        trainer = pl.Trainer(callbacks=[ScaleInvariant()], max_epochs=5)
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import ScaleInvariant
+        >>> from lightning_aw.functional import scale_invariant_loss, scale_invariant_weights
+        >>> trainer = pl.Trainer(callbacks=[ScaleInvariant()], max_epochs=5, logger=False)
+        >>> scale_invariant_loss(torch.tensor([1.0, 100.0]))  # log 1 + log 100
+        tensor(4.6052)
+        >>> scale_invariant_weights(torch.tensor([1.0, 100.0]))  # w_i = 1 / L_i
+        tensor([1.0000, 0.0100])
     """
 
     total: ClassVar[str | float | None] = None

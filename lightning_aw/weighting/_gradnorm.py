@@ -60,10 +60,12 @@ class GradNorm(Weighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import GradNorm
-
-        trainer = pl.Trainer(callbacks=[GradNorm(alpha=1.5)], max_epochs=5)
+        >>> import lightning.pytorch as pl
+        >>> from lightning_aw import GradNorm
+        >>> method = GradNorm(alpha=1.5)
+        >>> trainer = pl.Trainer(callbacks=[method], max_epochs=5, logger=False)
+        >>> method
+        GradNorm(alpha=1.5, lr=0.025, layer=None, interval='step', frequency=1)
     """
 
     total: ClassVar[str | float | None] = "T"

@@ -45,10 +45,13 @@ class IMTLL(PositiveLossWeighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import IMTLL
-
-        trainer = pl.Trainer(callbacks=[IMTLL()], max_epochs=5)
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import IMTLL
+        >>> from lightning_aw.functional import imtl_l_loss
+        >>> trainer = pl.Trainer(callbacks=[IMTLL()], max_epochs=5, logger=False)
+        >>> imtl_l_loss(torch.tensor([2.0, 0.5]), log_scales=torch.zeros(2))  # s = 0: the plain sum
+        tensor(2.5000)
     """
 
     total: ClassVar[str | float | None] = None

@@ -63,6 +63,16 @@ class PositiveLossWeighting(Weighting):
     synchronisation. Every ``check_every`` optimizer steps and at every epoch end the counts are
     summed over the DDP ranks and read once: if any task had a non-positive loss, a ``ValueError``
     names it, with the number of steps, the lowest value and the cure.
+
+    Example::
+
+        >>> from lightning_aw import FAMO, GLS, IMTLL, STCH, ScaleInvariant
+        >>> from lightning_aw.weighting import PositiveLossWeighting
+        >>> methods = (FAMO, GLS, IMTLL, STCH, ScaleInvariant)
+        >>> all(issubclass(m, PositiveLossWeighting) for m in methods)
+        True
+        >>> GLS(check_every=50)  # checks for non-positive losses every 50 optimizer steps
+        GLS(check_every=50)
     """
 
     #: what the method needs, for the error message

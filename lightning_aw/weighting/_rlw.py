@@ -46,10 +46,16 @@ class RLW(Weighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import RLW
-
-        trainer = pl.Trainer(callbacks=[RLW(seed=0)], max_epochs=5)
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import RLW
+        >>> from lightning_aw.functional import rlw
+        >>> trainer = pl.Trainer(callbacks=[RLW(seed=0)], max_epochs=5, logger=False)
+        >>> w = rlw(3, torch.Generator().manual_seed(0))  # softmax of Gaussian draws
+        >>> w
+        tensor([0.8446, 0.1349, 0.0205])
+        >>> float(w.sum())
+        1.0
     """
 
     total: ClassVar[str | float | None] = 1

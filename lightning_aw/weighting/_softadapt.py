@@ -52,10 +52,14 @@ class SoftAdapt(Weighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import SoftAdapt
-
-        trainer = pl.Trainer(callbacks=[SoftAdapt(beta=0.1, normalize=True)], max_epochs=5)
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import SoftAdapt
+        >>> from lightning_aw.functional import softadapt
+        >>> method = SoftAdapt(beta=0.1, normalize=True)
+        >>> trainer = pl.Trainer(callbacks=[method], max_epochs=5, logger=False)
+        >>> softadapt(torch.tensor([-1.0, 2.0]), beta=1.0)  # the rising loss gets the weight
+        tensor([0.0474, 0.9526])
     """
 
     total: ClassVar[str | float | None] = 1

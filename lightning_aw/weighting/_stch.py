@@ -76,10 +76,15 @@ class STCH(PositiveLossWeighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import STCH
-
-        trainer = pl.Trainer(callbacks=[STCH(mu=1.0, warmup_epochs=5)], max_epochs=20)
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import STCH
+        >>> from lightning_aw.functional import stch_weights
+        >>> method = STCH(mu=1.0, warmup_epochs=5)
+        >>> trainer = pl.Trainer(callbacks=[method], max_epochs=20, logger=False)
+        >>> w = stch_weights(torch.tensor([1.0, 2.0]), reference=torch.ones(2), mu=0.1)
+        >>> w  # the task furthest from its reference dominates
+        tensor([0.0020, 0.9990])
     """
 
     total: ClassVar[str | float | None] = None

@@ -40,10 +40,15 @@ class UncertaintyWeighting(Weighting):
 
     Example::
 
-        import lightning.pytorch as pl
-        from lightning_aw import UncertaintyWeighting
-
-        trainer = pl.Trainer(callbacks=[UncertaintyWeighting(classification=["left", "right"])])
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import UncertaintyWeighting
+        >>> from lightning_aw.functional import uncertainty_weights
+        >>> method = UncertaintyWeighting(classification=["left", "right"])
+        >>> trainer = pl.Trainer(callbacks=[method], max_epochs=5, logger=False)
+        >>> log_vars = torch.log(torch.tensor([1.0, 4.0]))  # log sigma^2
+        >>> uncertainty_weights(log_vars)  # regression: w = 1 / (2 sigma^2)
+        tensor([0.5000, 0.1250])
     """
 
     total: ClassVar[str | float | None] = None
