@@ -115,3 +115,7 @@ class TwoDigitsDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader[Any]:
         return DataLoader(self._val, batch_size=512)
+
+    def test_dataloader(self) -> DataLoader[Any]:
+        """The validation pairs (the two-digit data has no separate test split)."""
+        return self.val_dataloader()

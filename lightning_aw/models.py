@@ -63,6 +63,7 @@ class DigitsNet(MultiTaskModule):
         self.heads = nn.ModuleDict(
             {"left": nn.Linear(48, 10), "right": nn.Linear(48, 10), "sum": nn.Linear(48, 1)}
         )
+        self.save_hyperparameters()  # load_from_checkpoint rebuilds the same optimizer spec
 
     def shared_parameters(self):
         return self.trunk.parameters()

@@ -16,7 +16,7 @@ from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
 
 from lightning_aw._utils import reduce_sum
-from lightning_aw.optim import create_optimizer
+from lightning_aw.optim import build_optimizers, validate_optimizer_spec
 
 if TYPE_CHECKING:
     from lightning_aw.weighting import Weighting
@@ -74,9 +74,14 @@ class MultiTaskModule(pl.LightningModule):
 
     Args:
         tasks: the task names (letters, digits, ``_`` and ``-``), in a fixed order.
-        optimizer: the optimizer spec for the default :meth:`configure_optimizers`: a mapping with
-            ``name`` (e.g. ``"adam"``, ``"adamw"``, ``"sgd"``) and its keyword arguments.
-            Default ``{"name": "adam", "lr": 1e-3}``.
+        optimizer: the optimizer spec for the default :meth:`configure_optimizers`: a plain dict
+            with ``name`` (a registered optimizer such as ``"adam"``, ``"adamw"``, ``"sgd"``, see
+            :func:`lightning_aw.optim.list_optimizers`, or a class path), its keyword arguments,
+            optional per-group overrides ``groups`` and an optional ``scheduler``, e.g.
+            ``{"name": "adamw", "lr": 1e-3, "groups": {"shared": {"lr": 5e-4}},
+            "scheduler": {"name": "cosine", "interval": "step"}}`` (see :mod:`lightning_aw.optim`).
+            Checked here; group names are checked against the model when the optimizer is
+            built. Default ``{"name": "adam", "lr": 1e-3}``.
         metrics: per task, a torchmetrics ``Metric``, ``MetricCollection`` or mapping of name to
             ``Metric``; such tasks must return :class:`TaskOutput` with ``preds`` and ``target``.
         on_nonfinite: ``"raise"`` (default) or ``"skip"``.
@@ -129,7 +134,7 @@ class MultiTaskModule(pl.LightningModule):
                 f"Parameter `on_nonfinite` should be 'raise' or 'skip'. Found {on_nonfinite!r}."
             )
         self.on_nonfinite = on_nonfinite
-        self.optimizer_spec: dict[str, Any] = dict(optimizer or {"name": "adam", "lr": 1e-3})
+        self.optimizer_spec: dict[str, Any] = validate_optimizer_spec(optimizer)
         self._metric_tasks: tuple[str, ...] = ()
         self.val_metrics = nn.ModuleDict()
         self.test_metrics = nn.ModuleDict()
@@ -167,6 +172,22 @@ class MultiTaskModule(pl.LightningModule):
             f"{type(self).__name__} does not define them. Add a method "
             "`def shared_parameters(self): return self.encoder.parameters()` (your shared trunk)."
         )
+
+    def task_parameters(self) -> Mapping[str, Iterable[nn.Parameter]]:
+        """The parameters that belong to one task only (its head), by task name. Optional.
+
+        The default :meth:`configure_optimizers` puts each task's parameters in its own optimizer
+        group ``task/<name>``, which the ``optimizer`` spec can address (``"groups":
+        {"task/depth": {"lr": 1e-4}}`` or ``{"task/*": ...}``). A task may be left out; a
+        parameter must not also be in :meth:`shared_parameters`. Default: no task groups (the
+        heads go to the ``other`` group).
+
+        Example::
+
+            def task_parameters(self):
+                return {t: self.heads[t].parameters() for t in self.tasks}
+        """
+        return {}
 
     def shared_representation(self, rep: Tensor) -> Tensor:
         """Mark ``rep`` (the shared trunk's output) as the shared representation and return it.
@@ -436,20 +457,33 @@ class MultiTaskModule(pl.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def configure_optimizers(self) -> Any:
-        """One optimizer from ``optimizer``: the model's parameters in one group, the weighting
-        method's learnable parameters in their own group without weight decay (learning rate
-        ``weighting.lr`` when it sets one)."""
-        own = list(self.weighting_parameters())
-        own_ids = {id(p) for p in own}
-        model = [p for p in self.parameters() if p.requires_grad and id(p) not in own_ids]
-        groups: list[dict[str, Any]] = [{"params": model, "name": "model"}]
-        if own:
-            group: dict[str, Any] = {"params": own, "weight_decay": 0.0, "name": "weighting"}
-            lr = getattr(self._weighting, "lr", None)
-            if lr is not None:
-                group["lr"] = lr
-            groups.append(group)
-        return create_optimizer(groups, self.optimizer_spec)
+        """The optimizer (and scheduler) of the ``optimizer`` spec, over named parameter groups.
+
+        Groups (:func:`lightning_aw.optim.named_param_groups`): ``shared``
+        (:meth:`shared_parameters`, when implemented), ``task/<name>`` (:meth:`task_parameters`,
+        when implemented), ``other`` (the remaining trainable parameters) and ``weighting`` (the
+        weighting method's learnable parameters: learning rate ``weighting.lr`` when it sets
+        one, never weight decay). Every trainable parameter is in exactly one group; empty
+        groups are dropped. The spec's ``groups`` override hyperparameters per group, and its
+        ``scheduler`` adds a learning-rate scheduler in Lightning's dict format. Group names
+        are in ``param_groups[i]["name"]``, so checkpoints and ``LearningRateMonitor`` carry
+        them.
+        """
+        return build_optimizers(self, self.optimizer_spec)
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        _set_optimizer_mode(self.trainer.optimizers, "train")
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        # schedule-free optimizers evaluate the averaged weights (a no-op for the others)
+        _set_optimizer_mode(self.trainer.optimizers, "eval")
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.state.fn == "fit":
+            _set_optimizer_mode(self.trainer.optimizers, "train")
 
     @override
     def on_fit_start(self) -> None:
@@ -514,6 +548,14 @@ class MultiTaskModule(pl.LightningModule):
             for name, value in ours.items():
                 if name.startswith(prefix) and name not in state:
                     state[name] = value.detach().clone()
+
+
+def _set_optimizer_mode(optimizers: Sequence[Any], mode: str) -> None:
+    """Call ``optimizer.train()`` / ``.eval()`` on optimizers that have them (schedule-free)."""
+    for opt in optimizers:
+        switch = getattr(opt, mode, None)
+        if callable(switch):
+            switch()
 
 
 def _validate_tasks(tasks: Sequence[str]) -> tuple[str, ...]:

@@ -6,7 +6,6 @@ import copy
 import csv
 import math
 import pickle
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -149,14 +148,12 @@ def test_mixed_precision_accumulation_and_clipping(tmp_path, method, precision):
         torch.testing.assert_close(w[0::2], w[1::2])
 
 
-def test_callback_examples_run():
+def test_callbacks_cite_their_paper_and_show_a_trainer():
+    # the examples themselves run in tests/test_docstrings.py
     for cls in (RLW, GLS, ScaleInvariant, IMTLL, FAMO, SoftAdapt, STCH):
         doc = cls.__doc__ or ""
-        assert "Example::" in doc and "https://" in doc, cls
-        example = textwrap.dedent(doc.split("Example::", 1)[1])
-        namespace: dict = {}
-        exec(compile(example, f"<{cls.__name__} example>", "exec"), namespace)
-        assert any(isinstance(c, cls) for c in namespace["trainer"].callbacks), cls
+        assert "https://" in doc, cls
+        assert f"pl.Trainer(callbacks=[{cls.__name__}(" in doc or "callbacks=[method]" in doc, cls
 
 
 BAD_HPARAMS = [

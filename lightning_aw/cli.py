@@ -1,0 +1,324 @@
+"""The ``lightning-aw`` command line, and LightningCLI with lightning_aw's defaults.
+
+.. code-block:: bash
+
+    lightning-aw fit --config examples/configs/digits_gradnorm.yaml trainer.max_epochs=3
+    lightning-aw fit -c base.yaml -c gradnorm.yaml trainer.callbacks.0.init_args.alpha=2
+    lightning-aw fit -c run.yaml --print-config          # the resolved YAML, then exit
+    lightning-aw validate -c run.yaml --ckpt-path runs/digits/version_0/checkpoints/last.ckpt
+    lightning-aw test -c run.yaml ckpt_path=best.ckpt
+    lightning-aw methods "*grad*"                        # the registered weighting methods
+
+``fit``, ``validate`` and ``test`` read the configuration with
+:func:`lightning_aw.config.load_config` (several ``--config`` files are merged in order, then the
+``KEY=VALUE`` overrides are applied; LightningCLI's ``--trainer.max_epochs=3`` spelling works
+too), check it completely, build it with :func:`lightning_aw.config.build` and run the Trainer.
+``fit`` writes the resolved configuration as ``config.yaml`` into the log directory, as
+LightningCLI does. A configuration error exits with status 2 and one line per problem, each naming
+its path in the file; ``python -m lightning_aw.cli`` is the same command.
+
+The same files run with Lightning's own :class:`~lightning.pytorch.cli.LightningCLI` (needs
+``pip install 'lightning-aw[cli]'``): :func:`lightning_cli` builds one for any
+:class:`~lightning_aw.MultiTaskModule` and LightningDataModule, with OmegaConf interpolation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import OmegaConf
+
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import LightningCLI
+
+__all__ = ["lightning_cli", "main"]
+
+PROG = "lightning-aw"
+_RUN_COMMANDS = ("fit", "validate", "test")
+# our own options (everything else that starts with "--" is a LightningCLI-style override)
+_VALUE_OPTIONS = ("--config", "-c", "--ckpt-path")
+_FLAG_OPTIONS = (
+    "--print-config",
+    "--no-save-config",
+    "--overwrite-config",
+    "--help",
+    "-h",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lightning-aw`` command line.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 1 when ``methods`` matches nothing, 2 for a usage or
+        configuration error (reported on stderr as ``lightning-aw: error: <path>: <problem>``,
+        one line per problem, no traceback).
+
+    Raises:
+        SystemExit: from ``--help`` and ``--version`` (status 0), and from argparse for a
+            malformed command line (status 2, with the usage).
+
+    Example::
+
+        >>> main(["methods", "dwa", "equal"])
+        method  class           uses    weights sum  state      paper
+        dwa     DWA             losses  T            stateful   Liu, Johns & Davison, CVPR 2019
+        equal   EqualWeighting  losses  T            stateless  -
+        0
+    """
+    from lightning_aw.config import ConfigError, ConfigFileExistsError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if args and args[0] in _RUN_COMMANDS:
+        args = [args[0], *_normalise(args[1:])]
+    ns = parser.parse_args(args)
+    if ns.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if ns.command == "methods":
+        return _methods(ns.pattern)
+    try:
+        return _run(ns)
+    except ConfigError as err:
+        for line in err.errors:
+            print(f"{PROG}: error: {' '.join(line.split())}", file=sys.stderr)
+        return 2
+    except ConfigFileExistsError as err:  # raised before training starts
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    from lightning_aw import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train, validate or test a lightning_aw multi-task model from YAML files.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,methods}")
+    helps = {
+        "fit": "train (resume with ckpt_path)",
+        "validate": "run the validation loop (of a checkpoint with --ckpt-path)",
+        "test": "run the test loop (of a checkpoint with --ckpt-path)",
+    }
+    for name, text in helps.items():
+        cmd = sub.add_parser(
+            name,
+            help=text,
+            description=f"{text}. Configuration: merged --config files, then the overrides.",
+            epilog=(
+                "overrides: KEY=VALUE (YAML value; list items as callbacks.0 or callbacks[0]), "
+                "~KEY to delete a key, or LightningCLI's --KEY=VALUE / --KEY VALUE"
+            ),
+        )
+        cmd.add_argument(
+            "-c",
+            "--config",
+            action="append",
+            required=True,
+            metavar="PATH",
+            help="a YAML configuration file (repeat to merge several, later ones win)",
+        )
+        cmd.add_argument(
+            "--ckpt-path",
+            default=None,
+            metavar="PATH",
+            help="checkpoint to resume from (fit) or to evaluate; same as ckpt_path=PATH",
+        )
+        cmd.add_argument(
+            "--print-config",
+            action="store_true",
+            help="check the configuration, print it resolved (YAML) and exit",
+        )
+        cmd.add_argument(
+            "--no-save-config",
+            action="store_true",
+            help="do not write config.yaml into the log directory",
+        )
+        cmd.add_argument(
+            "--overwrite-config",
+            action="store_true",
+            help="replace an existing config.yaml in the log directory",
+        )
+        cmd.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides")
+    methods = sub.add_parser("methods", help="list the registered weighting methods")
+    methods.add_argument(
+        "pattern", nargs="*", help="wildcard patterns, e.g. '*grad*' (default: all)"
+    )
+    return parser
+
+
+def _normalise(args: Sequence[str]) -> list[str]:
+    """Our options first, then the overrides (so they may come in any order), with
+    LightningCLI-style ``--trainer.max_epochs=3`` / ``--trainer.max_epochs 3`` turned into
+    ``trainer.max_epochs=3``; everything after ``--`` is an override."""
+    options: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name = arg.split("=", 1)[0]
+        has_value = i + 1 < len(args) and _is_value(args[i + 1])
+        if arg == "--":
+            overrides.extend(args[i + 1 :])
+            break
+        if name in ("--ckpt_path", "--print_config"):  # LightningCLI's spelling
+            arg = arg.replace("_", "-", 1)
+            name = arg.split("=", 1)[0]
+        if name in _VALUE_OPTIONS:
+            options.append(arg)
+            if "=" not in arg and i + 1 < len(args):
+                options.append(args[i + 1])
+                i += 1
+        elif name in _FLAG_OPTIONS or not arg.startswith("-"):
+            (options if arg.startswith("-") else overrides).append(arg)
+        elif arg.startswith("--") and len(name) > 2:
+            if "=" in arg:
+                overrides.append(arg[2:])
+            elif has_value:
+                overrides.append(f"{arg[2:]}={args[i + 1]}")
+                i += 1
+            else:
+                options.append(arg)  # argparse reports it
+        else:
+            options.append(arg)  # argparse reports it
+        i += 1
+    return [*options, *overrides]
+
+
+def _is_value(arg: str) -> bool:
+    """Whether ``arg`` is a value (not an option): negative numbers are values."""
+    return not arg.startswith("-") or bool(re.match(r"^-\.?\d", arg))
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from lightning_aw.config import build, load_config, validate_config
+
+    overrides = list(ns.overrides)
+    if ns.ckpt_path is not None:
+        overrides.append(f"ckpt_path={_quote(ns.ckpt_path)}")
+    cfg = load_config(ns.config, overrides)
+    if ns.print_config:
+        config = validate_config(cfg)
+        sys.stdout.write(OmegaConf.to_yaml(OmegaConf.create(config)))
+        return 0
+    experiment = build(
+        cfg,
+        save_config=ns.command == "fit" and not ns.no_save_config,
+        overwrite_config=ns.overwrite_config,
+    )
+    experiment.run(ns.command)
+    return 0
+
+
+def _quote(value: str) -> str:
+    # a path as a YAML string, whatever characters it holds
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _methods(patterns: Sequence[str]) -> int:
+    from lightning_aw.registry import get_method, list_methods
+
+    names = list_methods(list(patterns) if patterns else None)
+    if not names:
+        print(
+            f"{PROG}: no weighting method matches {' '.join(patterns)}; registered: "
+            f"{', '.join(list_methods())}",
+            file=sys.stderr,
+        )
+        return 1
+    rows = [["method", "class", "uses", "weights sum", "state", "paper"]]
+    for name in names:
+        info = get_method(name)
+        rows.append(
+            [
+                name,
+                info.cls.__name__,
+                "gradients" if info.needs_gradients else "losses",
+                "-" if info.total is None else str(info.total),
+                "stateful" if info.stateful else "stateless",
+                _short_paper(info.paper),
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+        print("  ".join([*cells, row[-1]]).rstrip())
+    return 0
+
+
+def _short_paper(paper: str | None) -> str:
+    """``'Authors, "Title", Venue, link'`` → ``'Authors, Venue'``."""
+    if not paper:
+        return "-"
+    authors, _, rest = paper.partition(', "')
+    _, _, after = rest.partition('", ')
+    venue = after.split(", http")[0].strip() if after else ""
+    return f"{authors}, {venue}" if venue else authors
+
+
+def lightning_cli(args: Sequence[str] | None = None, **kwargs: Any) -> LightningCLI:
+    """A :class:`~lightning.pytorch.cli.LightningCLI` for lightning_aw models and configs.
+
+    Defaults: any :class:`~lightning_aw.MultiTaskModule` subclass as ``model.class_path``
+    (``subclass_mode_model=True``), any LightningDataModule as ``data.class_path`` (optional),
+    ``parser_mode="omegaconf"`` (``${...}`` interpolation), and short class names of
+    :mod:`lightning_aw` (``GradNorm``, ``DigitsNet``, ...) resolvable because the modules are
+    imported first. Every keyword argument is passed to LightningCLI and overrides the defaults.
+
+    Args:
+        args: the command line (e.g. ``["fit", "--config", "run.yaml"]``); default
+            ``sys.argv[1:]``.
+        **kwargs: LightningCLI arguments (``run=False``, ``save_config_kwargs=...``, ...).
+
+    Returns:
+        The LightningCLI (after running its subcommand unless ``run=False``).
+
+    Raises:
+        ImportError: when jsonargparse is not installed (``pip install 'lightning-aw[cli]'``).
+
+    Example::
+
+        >>> cli = lightning_cli(["--model=lightning_aw.models.DigitsNet",
+        ...                      "--trainer.logger=false"], run=False)
+        >>> type(cli.model).__name__
+        'DigitsNet'
+    """
+    try:
+        import jsonargparse  # noqa: F401
+        from lightning.pytorch.cli import LightningCLI
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "LightningCLI needs jsonargparse: pip install 'lightning-aw[cli]' (or use the "
+            "`lightning-aw` command, which does not)."
+        ) from err
+    import importlib
+
+    from lightning_aw import MultiTaskModule
+
+    # short class names resolve among imported subclasses
+    for module in ("lightning_aw.models", "lightning_aw.datasets", "lightning_aw.monitor"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+    # datamodule_class=None: any LightningDataModule subclass, optional (as LightningCLI does)
+    options: dict[str, Any] = {"model_class": MultiTaskModule, "subclass_mode_model": True}
+    options.update(kwargs)
+    parser_kwargs = dict(options.pop("parser_kwargs", None) or {})
+    parser_kwargs.setdefault("parser_mode", "omegaconf")
+    return LightningCLI(
+        parser_kwargs=parser_kwargs, args=None if args is None else list(args), **options
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
