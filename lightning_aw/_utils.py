@@ -22,6 +22,22 @@ def grad_scaler(trainer: pl.Trainer) -> Any | None:
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
+def scaler_found_inf(scaler: Any, optimizer: Any) -> Tensor | None:
+    """The GradScaler's inf/NaN flag for ``optimizer`` after ``unscale_`` (a 0-d tensor, > 0 when
+    the coming ``scaler.step`` will skip the optimizer step), or ``None`` when the scaler has not
+    unscaled this optimizer's gradients (an optimizer that unscales itself, or a torch version
+    whose GradScaler keeps the flag elsewhere)."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if not isinstance(states, dict) or id(optimizer) not in states:
+        return None
+    found = states[id(optimizer)].get("found_inf_per_device", {})
+    if not found:
+        return None
+    flags = [f.to(torch.float32).reshape(()) for f in found.values()]
+    first = flags[0]
+    return sum((f.to(first.device) for f in flags[1:]), first)
+
+
 class AdamState:
     """Bias-corrected Adam (Kingma & Ba, 2015) for a small tensor owned by a callback.
 

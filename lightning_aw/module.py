@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
 
@@ -143,6 +144,7 @@ class MultiTaskModule(pl.LightningModule):
         #: number of training steps skipped because a task loss was not finite
         self.skipped_steps = 0
         self._step_skipped = False
+        self._window_skipped = False  # a skipped micro-batch skips its accumulation window
         self._weighting: Weighting | None = None
         self._graph_losses: Tensor | None = None
         self._present: Tensor | None = None
@@ -262,7 +264,7 @@ class MultiTaskModule(pl.LightningModule):
         if not all(present_list):
             self._check_partial_labels_allowed(present_list, batch_idx)
         if not self._finite_or_skip(losses, present, present_list, batch_idx):
-            self._step_skipped = True
+            self._step_skipped = self._window_skipped = True
             return None
         self._graph_losses, self._present, self._present_list = losses, present, present_list
         weighting = self._weighting
@@ -470,6 +472,15 @@ class MultiTaskModule(pl.LightningModule):
         them.
         """
         return build_optimizers(self, self.optimizer_spec)
+
+    @override
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        if self._window_skipped:
+            # a micro-batch of this window was skipped: skip the whole optimizer step (torch
+            # optimizers leave parameters without a gradient untouched)
+            optimizer.zero_grad(set_to_none=True)
+            self._step_skipped = True  # the weighting rolls its window back
+        self._window_skipped = False
 
     @override
     def on_train_epoch_start(self) -> None:

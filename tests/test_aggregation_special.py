@@ -66,11 +66,15 @@ class _Window(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         ref = self.ref
         ref.zero_grad()
-        self.expected(ref)  # always: it carries DB-MTL's EMA, which the skipped step advanced too
+        carried = copy.deepcopy(getattr(self, "ema", None))
+        self.expected(ref)
         if not all(torch.isfinite(p.grad).all() for p in pl_module.parameters()):
-            # an fp16 overflow in Lightning's backward: the GradScaler skips this step
+            # an fp16 overflow in Lightning's backward: the GradScaler skips this step, and the
+            # weighting's state (DB-MTL's EMA) is rolled back with it
             assert trainer.precision_plugin.scaler is not None
             self.overflows += 1
+            if hasattr(self, "ema"):
+                self.ema = carried
             return
         for (name, p), q in zip(pl_module.named_parameters(), ref.parameters(), strict=True):
             err = float((p.grad.float() - q.grad).norm() / q.grad.norm().clamp_min(1e-12))

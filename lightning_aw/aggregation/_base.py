@@ -78,6 +78,7 @@ class GradientWeighting(Weighting):
     _state_attrs: ClassVar[tuple[str, ...]] = (
         "_coefs", "_fallbacks", "_computed_epoch", "_computed_step",
     )
+    _diagnostic_attrs: ClassVar[tuple[str, ...]] = ("_fallbacks",)
 
     def __init__(
         self,

@@ -201,7 +201,12 @@ class GradDrop(_OneBackward):
         finite = ok.all()
         leak = torch.tensor(self.leak, dtype=torch.float32, device=grads.device)
         # always one draw per micro-batch, so the generator stays in step on every rank
-        dropped = G.graddrop(torch.where(ok, grads, 0.0), leak, self._generator.generator)
+        # the unchecked variant: the leak was validated in __init__ and the gradients are made
+        # finite here, so the step costs no host synchronisation
+        work = torch.float64 if grads.dtype == torch.float64 else torch.float32
+        dropped = G._graddrop(
+            torch.where(ok, grads, 0.0).to(work), leak, self._generator.generator
+        ).to(grads.dtype)
         g_z = torch.where(finite, dropped, grads.sum(0))
         self._fallbacks = self._fallbacks.to(grads.device) + (~finite).float()
         return plain + _inject([rep], [g_z])

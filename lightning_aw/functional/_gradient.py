@@ -1385,6 +1385,17 @@ def graddrop(
         )
     if not bool(((leak_t >= 0) & (leak_t <= 1)).all()):
         raise ValueError(f"Parameter `leak` should be in [0, 1]. Found {leak_t.tolist()}.")
+    return _graddrop(g, leak_t, generator, dims).to(grads_repr.dtype)
+
+
+def _graddrop(
+    g: Tensor, leak_t: Tensor, generator: torch.Generator | None, dims: tuple[int, ...] = ()
+) -> Tensor:
+    """:func:`graddrop` on validated inputs (finite ``g`` in the working dtype, ``leak_t`` in
+    ``[0, 1]``): no host synchronisation, for the callback's hot path."""
+    num_tasks, inner = g.shape[0], g.ndim - 1
+    work = g.dtype
+    leak_t = leak_t.to(dtype=work, device=g.device)
     leak_t = leak_t.expand(num_tasks).reshape(num_tasks, *([1] * inner))
     summed = g.sum(dim=tuple(d % inner + 1 for d in dims), keepdim=True) if dims else g
     total, absolute = summed.sum(0), summed.abs().sum(0)
@@ -1393,5 +1404,4 @@ def graddrop(
     uniform = torch.rand(purity.shape, generator=generator, device=gen_device, dtype=work)
     positive = (purity > uniform.to(g.device)).unsqueeze(0)
     mask = (positive & (g > 0)) | (~positive & (g < 0))
-    out = ((leak_t + (1 - leak_t) * mask.to(work)) * g).sum(0)
-    return out.to(grads_repr.dtype)
+    return ((leak_t + (1 - leak_t) * mask.to(work)) * g).sum(0)

@@ -167,7 +167,8 @@ def dwa(previous: Tensor, before_previous: Tensor, temperature: float = 2.0) -> 
         Weights summing to ``T``.
 
     Raises:
-        ValueError: on mismatched shapes, a non-positive temperature or non-positive losses.
+        ValueError: on mismatched shapes, a non-positive temperature, or losses that are not
+            positive and finite (never NaN weights).
 
     Example::
 
@@ -178,6 +179,14 @@ def dwa(previous: Tensor, before_previous: Tensor, temperature: float = 2.0) -> 
     _check_vector("before_previous", before_previous, previous.numel())
     if not temperature > 0:
         raise ValueError(f"Parameter `temperature` should be > 0. Found {temperature!r}.")
+    for name, x in (("previous", previous), ("before_previous", before_previous)):
+        bad = ~(torch.isfinite(x) & (x > 0))
+        if bool(bad.any()):  # one host synchronisation per call (DWA updates once per window)
+            i = int(bad.nonzero()[0])
+            raise ValueError(
+                f"Parameter `{name}` should hold positive, finite mean losses (DWA divides and "
+                f"compares them). Found `{name}[{i}] = {float(x[i])}`."
+            )
     ratio = previous / before_previous
     return previous.numel() * torch.softmax(ratio / temperature, dim=0)
 

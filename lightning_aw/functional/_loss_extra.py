@@ -10,10 +10,10 @@ Conventions shared by these functions:
   tasks that have a loss in this batch (absent tasks contribute nothing and get weight 0).
 - The methods that take logarithms (:func:`gls_loss`, :func:`scale_invariant_loss`,
   :func:`famo_loss`, :func:`stch_loss` with ``logarithmic=True``) need positive values. A
-  non-positive (or NaN) entry is treated like an absent task: it adds nothing and gets weight 0
-  and no gradient, so the result is never NaN. Checking ``(losses > 0).all()`` costs a host
-  synchronisation, so it is left to the caller; the callbacks check once per window and raise an
-  error naming the task.
+  non-positive or non-finite (NaN, ``inf``) entry is treated like an absent task: it adds nothing
+  and gets weight 0 and no gradient, so the result is never NaN or infinite. Checking
+  ``(losses > 0).all()`` costs a host synchronisation, so it is left to the caller; the callbacks
+  check once per window and raise an error naming the task.
 - "Effective weights" are :math:`\\partial \\mathcal{L} / \\partial L_i`, the factor each task's
   gradient gets in the update; for methods that are a weighted sum they are the weights.
 """
@@ -57,6 +57,12 @@ def _mask(losses: Tensor, present: Tensor | None) -> Tensor:
             f"Found {shape}."
         )
     return present.to(device=losses.device, dtype=torch.bool)
+
+
+def _positive(values: Tensor) -> Tensor:
+    """Entries that are positive and finite (``+inf`` would make a log, a product or a ratio
+    infinite; NaN and non-positive entries have no logarithm)."""
+    return (values > 0) & torch.isfinite(values)
 
 
 def _check_positive_number(name: str, value: float) -> None:
@@ -184,7 +190,7 @@ def gls_loss(losses: Tensor, present: Tensor | None = None) -> Tensor:
         tensor(2.)
     """
     _check_vector("losses", losses)
-    valid = _mask(losses, present) & (losses > 0)
+    valid = _mask(losses, present) & _positive(losses)
     count = valid.sum()
     mean_log = _safe_log(losses, valid).sum() / count.clamp_min(1)
     return torch.where(count > 0, torch.exp(mean_log), 0.0)
@@ -202,7 +208,7 @@ def gls_weights(losses: Tensor, present: Tensor | None = None) -> Tensor:
         tensor([1.0000, 0.2500])
     """
     _check_vector("losses", losses)
-    valid = _mask(losses, present) & (losses > 0)
+    valid = _mask(losses, present) & _positive(losses)
     count = valid.sum().clamp_min(1)
     safe = torch.where(valid, losses, 1.0)
     return torch.where(valid, gls_loss(losses, present) / (count * safe), 0.0)
@@ -227,7 +233,7 @@ def scale_invariant_loss(losses: Tensor, present: Tensor | None = None) -> Tenso
         tensor(0.)
     """
     _check_vector("losses", losses)
-    valid = _mask(losses, present) & (losses > 0)
+    valid = _mask(losses, present) & _positive(losses)
     return _safe_log(losses, valid).sum()
 
 
@@ -240,7 +246,7 @@ def scale_invariant_weights(losses: Tensor, present: Tensor | None = None) -> Te
         tensor([0.5000, 2.0000])
     """
     _check_vector("losses", losses)
-    valid = _mask(losses, present) & (losses > 0)
+    valid = _mask(losses, present) & _positive(losses)
     return torch.where(valid, 1.0 / torch.where(valid, losses, 1.0), 0.0)
 
 
@@ -285,7 +291,7 @@ def _famo_gaps(
     else:
         _check_vector("min_losses", min_losses, losses.numel())
         gaps = losses - min_losses.to(losses) + eps
-    valid = _mask(losses, present) & (gaps > 0)
+    valid = _mask(losses, present) & _positive(gaps)
     return gaps, valid
 
 

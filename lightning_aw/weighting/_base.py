@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_aw._utils import reduce_sum
+from lightning_aw._utils import grad_scaler, reduce_sum, scaler_found_inf
 from lightning_aw.transforms import WeightTransform, as_transform
 
 Interval = Literal["step", "epoch"]
@@ -37,7 +37,15 @@ class Weighting(Callback):
 
     All state that drives the weights is reduced over the DDP ranks before use, so every rank holds
     identical weights; the state is saved in checkpoints (``state_dict``) so a resumed run continues
-    exactly as an uninterrupted one.
+    exactly as an uninterrupted one. Resuming a checkpoint whose state was saved with other
+    hyperparameters (another ``state_key``) is an error, not a silent restart of the method.
+
+    Skipped steps change nothing: an optimizer step the fp16 GradScaler skips (inf/NaN
+    gradients) or that ``MultiTaskModule(on_nonfinite="skip")`` skips rolls the method's state
+    back to the start of its accumulation window (a copy is kept only where steps can be skipped:
+    under fp16, or ``"skip"`` with accumulation). Such steps do not count towards ``interval`` /
+    ``frequency``; :attr:`scaler_skipped_steps` counts the GradScaler's. Diagnostic counters
+    (``_diagnostic_attrs``, e.g. gradient methods' fallbacks) keep counting.
 
     Example::
 
@@ -64,6 +72,9 @@ class Weighting(Callback):
     uses_window_means: ClassVar[bool] = True
     #: Names of the attributes saved by :meth:`state_dict` (tensors, numbers, lists, dicts).
     _state_attrs: ClassVar[tuple[str, ...]] = ()
+    #: State attributes that are diagnostics (counters of fallbacks, of bad losses): kept, not
+    #: rolled back, when an optimizer step turns out to have been skipped.
+    _diagnostic_attrs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, interval: Interval | None = None, frequency: int = 1) -> None:
         super().__init__()
@@ -87,6 +98,13 @@ class Weighting(Callback):
         #: weight transforms (see :meth:`transformed`); ``None``: the method's weights as they are
         self.transform: WeightTransform | None = None
         self._applied: Tensor | None = None
+        # fp16: the state at the start of the current optimizer step's window (rolled back when
+        # the GradScaler skips the step), and whether the scaler found inf/NaN gradients
+        self._window_snapshot: dict[str, Any] | None = None
+        self._scaler_skip: bool | None = None
+        self._scale_before: float | None = None
+        #: number of optimizer steps the fp16 GradScaler skipped (weighting state rolled back)
+        self.scaler_skipped_steps = 0
 
     # ------------------------------------------------------------------ template methods
     def init_state(self, num_tasks: int) -> None:
@@ -234,6 +252,26 @@ class Weighting(Callback):
         # after a resume the loops (and global_step) are restored only now
         self._last_global_step = trainer.global_step
 
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning looks the callback's state up by ``state_key`` and silently skips it when
+        # absent: a resume with other hyperparameters would restart the method from scratch
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        prefix = f"{type(self).__qualname__}{{"
+        saved = [k for k in states if isinstance(k, str) and k.startswith(prefix)]
+        if saved:
+            raise MisconfigurationException(
+                f"The checkpoint holds the state of {saved[0]}, but this run's weighting is "
+                f"{self.state_key}: its hyperparameters differ, so the saved state would be "
+                "ignored and the method would restart from scratch. Resume with the same "
+                "hyperparameters, or start a new run from the model weights only "
+                "(`Model.load_from_checkpoint(path)` and `trainer.fit(model)` without `ckpt_path`)."
+            )
+
     def check_optimizers(self, trainer: pl.Trainer) -> None:
         """Learnable weighting parameters must be optimised, and never with weight decay."""
         if self.module is None:
@@ -274,6 +312,53 @@ class Weighting(Callback):
         self._window_count = self._window_count + mask
 
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Under fp16 the GradScaler skips the optimizer steps whose gradients overflowed, and
+        # with on_nonfinite="skip" a non-finite loss skips the step. The weighting state of such
+        # a step must not move either: remember it at the start of the window (small tensors, a
+        # clone per optimizer step, only where a step can be skipped after the window began) to
+        # roll it back.
+        if self._window_snapshot is None and self._steps_can_be_skipped(trainer, pl_module):
+            self._window_snapshot = self._snapshot_state()
+
+    @staticmethod
+    def _steps_can_be_skipped(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        if grad_scaler(trainer) is not None:
+            return True
+        skip = getattr(pl_module, "on_nonfinite", "raise") == "skip"
+        return skip and trainer.accumulate_grad_batches > 1
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        scaler = grad_scaler(trainer)
+        if scaler is None:
+            return
+        found = scaler_found_inf(scaler, optimizer)
+        if found is not None:
+            # GradScaler.step reads the same flag right after this hook: no extra stall
+            self._scaler_skip = bool(found)
+            self._scale_before = None
+        else:  # unscaling left to the optimizer (fused): compare the scale after the step
+            self._scaler_skip = None
+            self._scale_before = float(scaler.get_scale())
+
+    def _skipped_by_scaler(self, trainer: pl.Trainer) -> bool:
+        """Whether the GradScaler skipped the optimizer step that just ran (fp16 only)."""
+        skipped, before = self._scaler_skip, self._scale_before
+        self._scaler_skip = self._scale_before = None
+        if skipped is not None:
+            return skipped
+        scaler = grad_scaler(trainer)
+        if scaler is None or before is None:
+            return False
+        # the scale only ever decreases (backoff) on a step with inf/NaN gradients
+        return float(scaler.get_scale()) < before
+
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -285,8 +370,19 @@ class Weighting(Callback):
         if trainer.global_step == self._last_global_step:
             return  # inside an accumulation window
         self._last_global_step = trainer.global_step
+        snapshot, self._window_snapshot = self._window_snapshot, None
+        if self._skipped_by_scaler(trainer):
+            # the parameters did not move: neither does the weighting
+            if snapshot is not None:
+                self._restore_state(snapshot)
+            self.scaler_skipped_steps += 1
+            return
         if getattr(pl_module, "_step_skipped", False):
-            return  # a step skipped for a non-finite loss changes nothing
+            # a step skipped for a non-finite loss changes nothing (earlier micro-batches of
+            # its accumulation window included)
+            if snapshot is not None:
+                self._restore_state(snapshot)
+            return
         self._optimizer_steps += 1
         if self.transform is not None:
             self.transform.commit()
@@ -325,6 +421,27 @@ class Weighting(Callback):
         if self.transform is not None:
             base = (*base, "transform", "_applied")
         return base + self._state_attrs
+
+    def _snapshot_state(self) -> dict[str, Any]:
+        """A copy of the state that drives the weights (diagnostic counters left out)."""
+        out: dict[str, Any] = {}
+        for name in self._state_names():
+            if name in self._diagnostic_attrs:
+                continue
+            value = getattr(self, name)
+            if hasattr(value, "state_dict") and not isinstance(value, (Tensor, nn.Module)):
+                value = value.state_dict()
+            out[name] = _clone(value)
+        return out
+
+    def _restore_state(self, snapshot: dict[str, Any]) -> None:
+        """Put back a :meth:`_snapshot_state` (same process, same devices)."""
+        for name, value in snapshot.items():
+            current = getattr(self, name)
+            if hasattr(current, "load_state_dict") and not isinstance(current, (Tensor, nn.Module)):
+                current.load_state_dict(value)
+            else:
+                setattr(self, name, value)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -374,3 +491,14 @@ class Weighting(Callback):
         handling and are saved in the model checkpoint.
         """
         self.module = module
+
+
+def _clone(value: Any) -> Any:
+    """A copy of ``value`` whose tensors (also inside dicts, lists and tuples) are cloned."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    return value

@@ -102,6 +102,10 @@ class PositiveLossWeighting(Weighting):
     def init_state(self, num_tasks: int) -> None:
         self._nonpositive.reset(num_tasks)
 
+    #: the count of non-positive losses is kept when a skipped step is rolled back: the loss was
+    #: still bad, and the check must still report it
+    _diagnostic_attrs: ClassVar[tuple[str, ...]] = ("_nonpositive",)
+
     def _state_names(self) -> tuple[str, ...]:
         return (*super()._state_names(), "_nonpositive")
 

@@ -1,0 +1,484 @@
+"""Fuzzing every functional twin (``lightning_aw.functional.__all__``) with hypothesis.
+
+Random task counts ``T`` in 1..8, shapes, scales from 1e-8 to 1e8, exact zeros, duplicated and
+rank-deficient gradients, negative and NaN entries where a function documents what it does with
+them. Every output is finite with the documented shape (and sum, sign), or the call raises the
+documented ``ValueError`` whose message names the parameter. Derandomized (``tests/conftest.py``)
+and bounded (``MAX_EXAMPLES`` per function). Test ids are the function names;
+``METHOD_TWINS`` says which functions each registered method calls (the "fuzz" column of
+``docs/reliability.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lightning_aw.functional as F
+from lightning_aw.registry import list_methods
+
+MAX_EXAMPLES = 30
+FUZZ = settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+#: the functional twins each registered method calls
+METHOD_TWINS: dict[str, list[str]] = {
+    "equal": ["equal"],
+    "uncertainty": ["uncertainty_loss", "uncertainty_weights"],
+    "dwa": ["dwa"],
+    "gradnorm": ["gradnorm_weight_grad", "renormalize"],
+    "rlw": ["rlw"],
+    "gls": ["gls_loss", "gls_weights"],
+    "scale_invariant": ["scale_invariant_loss", "scale_invariant_weights"],
+    "imtl_l": ["imtl_l_loss"],
+    "famo": ["famo_loss", "famo_weights", "famo_logit_grad"],
+    "softadapt": ["softadapt"],
+    "stch": ["stch_loss", "stch_weights", "scale_invariant_loss", "scale_invariant_weights"],
+    "mgda": ["mgda", "mgda_from_gram", "gram_matrix"],
+    "pcgrad": ["pcgrad", "pcgrad_from_gram", "gram_matrix"],
+    "cagrad": ["cagrad", "cagrad_from_gram", "gram_matrix"],
+    "imtl_g": ["imtlg", "imtlg_from_gram", "gram_matrix"],
+    "nash_mtl": ["nash_mtl", "nash_mtl_from_gram", "gram_matrix"],
+    "aligned_mtl": ["aligned_mtl", "aligned_mtl_from_gram", "gram_matrix"],
+    "upgrad": ["upgrad", "upgrad_from_gram", "gram_matrix"],
+    "gradvac": ["gradvac", "gradvac_from_gram", "gram_matrix"],
+    "graddrop": ["graddrop"],
+    "db_mtl": ["db_mtl"],
+}
+
+# ---------------------------------------------------------------------------------- strategies
+tasks = st.integers(1, 8)
+exponents = st.integers(-8, 8)
+
+
+@st.composite
+def positive(draw, n: int) -> torch.Tensor:
+    """``n`` positive numbers from 1e-8 to 1e8, with duplicates."""
+    values = draw(st.lists(exponents.map(lambda e: 10.0**e), min_size=1, max_size=n))
+    mantissa = draw(st.lists(st.floats(1.0, 9.99), min_size=n, max_size=n))
+    return torch.tensor([values[i % len(values)] * mantissa[i] for i in range(n)])
+
+
+@st.composite
+def losses(draw, n: int, bad: bool = True) -> torch.Tensor:
+    """Task losses: positive at any scale, exact zeros, and (``bad``) negative, NaN and +inf
+    entries."""
+    x = draw(positive(n))
+    kinds = ["keep", "zero"] + (["negative", "nan", "inf"] if bad else [])
+    for i in range(n):
+        kind = draw(st.sampled_from(kinds))
+        if kind == "zero":
+            x[i] = 0.0
+        elif kind == "negative":
+            x[i] = -x[i]
+        elif kind == "nan":
+            x[i] = math.nan
+        elif kind == "inf":
+            x[i] = math.inf
+    return x
+
+
+def masks(n: int) -> st.SearchStrategy[torch.Tensor | None]:
+    return st.one_of(
+        st.none(), st.lists(st.booleans(), min_size=n, max_size=n).map(torch.tensor)
+    )
+
+
+@st.composite
+def gradients(draw, n: int | None = None, bad: bool = False) -> torch.Tensor:
+    """``[T, P]`` gradients: random rows at scales 1e-8..1e8, zero rows, duplicates, negated or
+    rescaled copies, linear combinations (rank-deficient), float32 or float64."""
+    n = draw(tasks) if n is None else n
+    p = draw(st.integers(1, 12))
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        kind = draw(st.sampled_from(["random", "random", "zero", "copy", "neg", "combo"]))
+        scale = 10.0 ** draw(exponents)
+        if i == 0 or kind == "random":
+            rows.append(torch.randn(p, generator=gen, dtype=torch.float64) * scale)
+        elif kind == "zero":
+            rows.append(torch.zeros(p, dtype=torch.float64))
+        elif kind == "copy":
+            rows.append(rows[draw(st.integers(0, i - 1))].clone())
+        elif kind == "neg":
+            rows.append(-scale * rows[draw(st.integers(0, i - 1))])
+        else:
+            a, b = draw(st.integers(0, i - 1)), draw(st.integers(0, i - 1))
+            rows.append(rows[a] + 0.5 * rows[b])
+    g = torch.stack(rows)
+    if bad and draw(st.booleans()):
+        g[draw(st.integers(0, n - 1)), draw(st.integers(0, p - 1))] = draw(
+            st.sampled_from([math.nan, math.inf, -math.inf])
+        )
+    return g.to(draw(st.sampled_from([torch.float32, torch.float64])))
+
+
+def generators() -> st.SearchStrategy[torch.Generator]:
+    return st.integers(0, 2**16).map(lambda s: torch.Generator().manual_seed(s))
+
+
+# ---------------------------------------------------------------------------------- oracle
+def _finite(*outputs: torch.Tensor) -> None:
+    for out in outputs:
+        assert isinstance(out, torch.Tensor)
+        assert torch.isfinite(out).all(), out
+
+
+def documented_error(call: Callable[[], Any], allowed: bool) -> Any:
+    """Run ``call``; a ``ValueError`` naming a parameter is accepted where ``allowed``."""
+    error: ValueError | None = None
+    try:
+        return call()
+    except ValueError as err:
+        error = err
+    assert allowed, f"unexpected ValueError: {error}"
+    assert "`" in str(error) or "Parameter" in str(error), f"unclear error: {error}"
+    return None
+
+
+def _sum_close(w: torch.Tensor, total: float, rel: float = 1e-4) -> None:
+    assert float(w.double().sum()) == pytest.approx(total, rel=rel, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------- loss-based
+@FUZZ
+@given(n=tasks, dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_equal(n, dtype):
+    w = F.equal(n, dtype=dtype)
+    assert w.shape == (n,) and w.dtype == dtype
+    assert torch.equal(w, torch.ones(n, dtype=dtype))
+
+
+@FUZZ
+@given(data=st.data(), n=tasks)
+def test_renormalize(data, n):
+    w = data.draw(losses(n))  # any sign, zeros, NaN (documented: replaced by min_value)
+    total = data.draw(st.sampled_from([1.0, float(n)]))
+    out = F.renormalize(w, total)
+    _finite(out)
+    assert out.shape == (n,) and (out > 0).all()
+    _sum_close(out, total)
+
+
+@FUZZ
+@given(data=st.data(), n=tasks)
+def test_uncertainty_weights(data, n):
+    log_vars = torch.tensor(data.draw(st.lists(st.floats(-30, 30), min_size=n, max_size=n)))
+    flags = data.draw(st.one_of(st.none(), st.lists(st.booleans(), min_size=n, max_size=n)))
+    w = F.uncertainty_weights(log_vars, flags)
+    _finite(w)
+    assert w.shape == (n,) and (w > 0).all()
+
+
+@FUZZ
+@given(data=st.data(), n=tasks)
+def test_uncertainty_loss(data, n):
+    values = data.draw(losses(n, bad=False))
+    log_vars = torch.tensor(data.draw(st.lists(st.floats(-30, 30), min_size=n, max_size=n)))
+    flags = data.draw(st.one_of(st.none(), st.lists(st.booleans(), min_size=n, max_size=n)))
+    out = F.uncertainty_loss(values, log_vars, flags, data.draw(masks(n)))
+    _finite(out)
+    assert out.shape == ()
+
+
+@FUZZ
+@given(data=st.data(), n=tasks)
+def test_dwa(data, n):
+    previous, before = data.draw(losses(n)), data.draw(losses(n))
+    temperature = data.draw(st.floats(0.05, 20.0))
+    usable = bool((torch.isfinite(previous) & (previous > 0)).all()) and bool(
+        (torch.isfinite(before) & (before > 0)).all()
+    )
+    w = documented_error(lambda: F.dwa(previous, before, temperature), allowed=not usable)
+    if w is not None:
+        _finite(w)
+        assert w.shape == (n,) and (w >= 0).all()
+        _sum_close(w, float(n))
+    assert usable == (w is not None)  # documented: a ValueError for non-positive losses
+
+
+@FUZZ
+@given(data=st.data(), n=tasks)
+def test_gradnorm_weight_grad(data, n):
+    weights = F.renormalize(data.draw(positive(n)), float(n))
+    norms = data.draw(losses(n, bad=False))  # norms >= 0, zeros included
+    ratios = data.draw(losses(n, bad=False))
+    alpha = data.draw(st.floats(0.0, 3.0))
+    grad, loss = F.gradnorm_weight_grad(weights, norms, ratios, alpha, data.draw(masks(n)))
+    _finite(grad, loss)
+    assert grad.shape == (n,) and loss.shape == () and loss >= 0
+
+
+@FUZZ
+@given(
+    n=tasks,
+    gen=generators(),
+    distribution=st.sampled_from(["normal", "uniform", "dirichlet"]),
+)
+def test_rlw(n, gen, distribution):
+    w = F.rlw(n, gen, distribution=distribution)
+    _finite(w)
+    assert w.shape == (n,) and (w >= 0).all()
+    _sum_close(w, 1.0)
+
+
+LOG_PAIRS = {
+    "gls": (F.gls_loss, F.gls_weights),
+    "scale_invariant": (F.scale_invariant_loss, F.scale_invariant_weights),
+}
+
+
+@pytest.mark.parametrize("fn", ["gls_loss", "gls_weights", "scale_invariant_loss", "scale_invariant_weights"])
+@FUZZ
+@given(data=st.data(), n=tasks)
+def test_log_losses(fn, data, n):
+    """Documented: a non-positive (or NaN) entry counts as absent; nothing is NaN."""
+    values = data.draw(losses(n))
+    present = data.draw(masks(n))
+    out = getattr(F, fn)(values, present)
+    _finite(out)
+    usable = (torch.isfinite(values) & (values > 0)) & (
+        torch.ones(n, dtype=torch.bool) if present is None else present
+    )
+    if fn.endswith("weights"):
+        assert out.shape == (n,) and (out >= 0).all()
+        assert (out[~usable] == 0).all()
+    else:
+        assert out.shape == ()
+
+
+@FUZZ
+@given(data=st.data(), n=tasks)
+def test_imtl_l_loss(data, n):
+    values = data.draw(losses(n, bad=False))
+    scales = torch.tensor(data.draw(st.lists(st.floats(-30, 30), min_size=n, max_size=n)))
+    out = F.imtl_l_loss(values, scales, data.draw(masks(n)))
+    _finite(out)
+    assert out.shape == ()
+
+
+def _logits(data, n: int) -> torch.Tensor:
+    return torch.tensor(data.draw(st.lists(st.floats(-30, 30), min_size=n, max_size=n)))
+
+
+@pytest.mark.parametrize("fn", ["famo_loss", "famo_weights"])
+@FUZZ
+@given(data=st.data(), n=tasks)
+def test_famo(fn, data, n):
+    values, logits, present = data.draw(losses(n)), _logits(data, n), data.draw(masks(n))
+    lower = data.draw(st.one_of(st.none(), st.just(torch.zeros(n)), st.just(torch.full((n,), -1.0))))
+    out = getattr(F, fn)(values, logits, lower, present)
+    _finite(out)
+    if fn == "famo_weights":  # documented: sum to 1 (0 when no task is usable)
+        assert out.shape == (n,) and (out >= 0).all()
+        assert float(out.sum()) == pytest.approx(1.0, rel=1e-4) or float(out.sum()) == 0.0
+
+
+@FUZZ
+@given(data=st.data(), n=tasks)
+def test_famo_logit_grad(data, n):
+    before, after = data.draw(losses(n)), data.draw(losses(n))
+    delta = F.famo_logit_grad(_logits(data, n), before, after, None, data.draw(masks(n)))
+    _finite(delta)
+    assert delta.shape == (n,)
+    scale = float(delta.abs().max()) + 1.0
+    assert abs(float(delta.double().sum())) <= 1e-5 * scale  # documented: sums to 0
+
+
+@FUZZ
+@given(data=st.data(), n=tasks)
+def test_softadapt(data, n):
+    slopes = data.draw(losses(n, bad=False)) * torch.tensor(
+        data.draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=n, max_size=n))
+    )
+    beta = data.draw(st.floats(-10.0, 10.0))
+    values = data.draw(st.one_of(st.none(), positive(n)))
+    w = F.softadapt(slopes, beta, normalize=data.draw(st.booleans()), loss_values=values)
+    _finite(w)
+    assert w.shape == (n,) and (w >= 0).all()
+    _sum_close(w, 1.0)
+
+
+@pytest.mark.parametrize("fn", ["stch_loss", "stch_weights"])
+@FUZZ
+@given(data=st.data(), n=tasks)
+def test_stch(fn, data, n):
+    logarithmic = data.draw(st.booleans())
+    values = data.draw(losses(n))
+    reference = data.draw(positive(n)) if logarithmic else data.draw(losses(n, bad=False))
+    mu = data.draw(st.sampled_from([1e-3, 0.1, 1.0, 10.0]))
+    if not logarithmic:  # the raw differences must not overflow float32 / mu
+        values = torch.where(torch.isfinite(values), values.clamp(-1e8, 1e8), values)
+    out = getattr(F, fn)(values, reference, mu, logarithmic=logarithmic, present=data.draw(masks(n)))
+    _finite(out)
+    assert out.shape == ((n,) if fn == "stch_weights" else ())
+
+
+# ---------------------------------------------------------------------------------- gradient
+COEFFICIENT_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "mgda": F.mgda,
+    "pcgrad": F.pcgrad,
+    "cagrad": F.cagrad,
+    "imtlg": F.imtlg,
+    "nash_mtl": F.nash_mtl,
+    "aligned_mtl": F.aligned_mtl,
+    "upgrad": F.upgrad,
+}
+
+
+def _options(name: str, data, n: int) -> dict[str, Any]:
+    if name == "mgda":
+        norm = data.draw(st.sampled_from(["none", "l2", "loss", "loss+"]))
+        out: dict[str, Any] = {"normalization": norm}
+        if norm in ("loss", "loss+"):
+            out["losses"] = data.draw(positive(n))
+        return out
+    if name == "pcgrad":
+        return {"reduction": data.draw(st.sampled_from(["sum", "mean"])), "generator": data.draw(generators())}
+    if name == "cagrad":
+        return {"c": data.draw(st.floats(0.0, 2.0)), "rescale": data.draw(st.sampled_from([0, 1, 2]))}
+    if name == "aligned_mtl":
+        return {"scale_mode": data.draw(st.sampled_from(["min", "median", "rmse"]))}
+    return {}
+
+
+def _check_coefficients(name: str, c: torch.Tensor, g: torch.Tensor, options: dict) -> None:
+    n = g.shape[0]
+    _finite(c)
+    assert c.shape == (n,) and c.dtype == g.dtype
+    if name == "nash_mtl":
+        assert (c > 0).all()
+    if name == "imtlg" and bool((g != 0).any(dim=1).all()):
+        _sum_close(c, 1.0, rel=1e-3)  # documented: sum to 1 (for non-zero gradients)
+    if name == "mgda" and options["normalization"] == "none":
+        assert (c >= -1e-6).all()
+        _sum_close(c, 1.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(COEFFICIENT_FUNCTIONS))
+@FUZZ
+@given(data=st.data())
+def test_coefficients_from_gradients(name, data):
+    g = data.draw(gradients(bad=True))
+    options = _options(name, data, g.shape[0])
+    finite = bool(torch.isfinite(g).all())
+    c = documented_error(lambda: COEFFICIENT_FUNCTIONS[name](g, **options), allowed=not finite)
+    assert finite == (c is not None)  # documented: non-finite input raises
+    if c is not None:
+        _check_coefficients(name, c, g, options)
+
+
+@pytest.mark.parametrize("name", sorted(COEFFICIENT_FUNCTIONS))
+@FUZZ
+@given(data=st.data())
+def test_coefficients_from_gram(name, data):
+    g = data.draw(gradients()).double()
+    gram = F.gram_matrix(g)
+    if data.draw(st.booleans()):  # also a Gram matrix not formed by gram_matrix (e.g. averaged)
+        gram = 0.5 * (gram + F.gram_matrix(data.draw(gradients(n=g.shape[0])).double()))
+    options = _options(name, data, g.shape[0])
+    fn = getattr(F, f"{name}_from_gram")
+    c = fn(gram, **options)
+    _finite(c)
+    assert c.shape == (g.shape[0],)
+    if name == "nash_mtl":
+        assert (c > 0).all()
+
+
+@FUZZ
+@given(data=st.data())
+def test_gram_matrix(data):
+    g = data.draw(gradients(bad=True))
+    finite = bool(torch.isfinite(g).all())
+    k = documented_error(lambda: F.gram_matrix(g), allowed=not finite)
+    assert finite == (k is not None)
+    if k is not None:
+        _finite(k)
+        assert k.shape == (g.shape[0],) * 2
+        torch.testing.assert_close(k, k.T)
+        assert (k.diagonal() >= 0).all()
+
+
+@pytest.mark.parametrize("fn", ["gradvac", "gradvac_from_gram"])
+@FUZZ
+@given(data=st.data())
+def test_gradvac(fn, data):
+    g = data.draw(gradients())
+    n = g.shape[0]
+    targets = torch.tensor(
+        data.draw(st.lists(st.floats(-1.0, 1.0), min_size=n * n, max_size=n * n)), dtype=torch.float64
+    ).reshape(n, n)
+    beta = data.draw(st.floats(0.0, 1.0))
+    source = g if fn == "gradvac" else F.gram_matrix(g)
+    c, new = getattr(F, fn)(source, targets, beta, data.draw(generators()))
+    _finite(c, new)
+    assert c.shape == (n,) and new.shape == (n, n)
+    assert (new.abs() <= 1.0 + 1e-9).all()
+
+
+@FUZZ
+@given(data=st.data())
+def test_db_mtl(data):
+    g = data.draw(gradients(bad=True))
+    n = g.shape[0]
+    values = data.draw(losses(n))
+    ema = data.draw(st.one_of(st.none(), gradients(n=n).map(lambda e: e)))
+    if ema is not None and ema.shape != g.shape:
+        ema = None
+    beta = data.draw(st.floats(0.0, 0.99))
+    ok = bool(torch.isfinite(g).all()) and bool((torch.isfinite(values) & (values > 0)).all())
+    out = documented_error(lambda: F.db_mtl(g, values, ema, beta), allowed=not ok)
+    assert ok == (out is not None)
+    if out is not None:
+        d, new = out
+        _finite(d, new)
+        assert d.shape == (g.shape[1],) and new.shape == g.shape
+
+
+@FUZZ
+@given(data=st.data())
+def test_graddrop(data):
+    g = data.draw(gradients(bad=True))
+    if data.draw(st.booleans()) and g.shape[1] % 2 == 0:  # a [T, B, D] representation
+        g = g.reshape(g.shape[0], 2, -1)
+    n = g.shape[0]
+    leak = data.draw(
+        st.one_of(
+            st.floats(0.0, 1.0),
+            st.lists(st.floats(0.0, 1.0), min_size=n, max_size=n).map(torch.tensor),
+        )
+    )
+    finite = bool(torch.isfinite(g).all())
+    out = documented_error(lambda: F.graddrop(g, leak, data.draw(generators())), allowed=not finite)
+    assert finite == (out is not None)
+    if out is not None:
+        _finite(out)
+        assert out.shape == g.shape[1:]
+
+
+# ---------------------------------------------------------------------------------- coverage
+FUZZED = {
+    "equal", "renormalize", "uncertainty_weights", "uncertainty_loss", "dwa",
+    "gradnorm_weight_grad", "rlw", "gls_loss", "gls_weights", "scale_invariant_loss",
+    "scale_invariant_weights", "imtl_l_loss", "famo_loss", "famo_weights", "famo_logit_grad",
+    "softadapt", "stch_loss", "stch_weights", "gram_matrix", "gradvac", "gradvac_from_gram",
+    "db_mtl", "graddrop",
+    *COEFFICIENT_FUNCTIONS, *(f"{n}_from_gram" for n in COEFFICIENT_FUNCTIONS),
+}
+
+
+def test_every_functional_twin_is_fuzzed():
+    assert set(F.__all__) == FUZZED
+    assert set(METHOD_TWINS) == set(list_methods())
+    assert {f for twins in METHOD_TWINS.values() for f in twins} == FUZZED
