@@ -236,16 +236,29 @@ def test_no_host_sync_per_step(tmp_path, monkeypatch, name):
         assert calls == expected, f"step {step}: {dict(calls)}"
 
 
+# host synchronisations per step on a GPU from lightning_aw frames, by file: the module's one
+# finiteness check, and for gradient methods the one copy of the T x T problem to the host
+CUDA_SYNC_BUDGET: dict[str, dict[str, int]] = {
+    "gradient": {"module.py": 1, "_base.py": 1},
+    "graddrop": {"module.py": 1, "_gradient.py": 1},  # the seeded CPU generator's draw
+}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (sync debug mode)")
-@pytest.mark.parametrize("name", ["dwa", "gradnorm", "famo", "rlw", "uncertainty"])
-def test_no_cuda_sync_in_loss_based_steps(tmp_path, name):  # pragma: no cover - GPU only
-    """On a GPU: the steps of a loss-based method raise no synchronisation warning beyond the
-    module's one finiteness check (which uses ``bool``)."""
-    method = _make(name)
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "db_mtl"])
+def test_cuda_syncs_per_step_within_budget(tmp_path, name):  # pragma: no cover - GPU only
+    """On a GPU, ``torch.cuda.set_sync_debug_mode("warn")`` on every step but the first: the
+    synchronisations raised from lightning_aw's frames stay within the documented budget."""
+    kwargs = copy.deepcopy(dict(get_method(name).example_kwargs))
+    if "check_every" in kwargs:  # the periodic positivity check is not a per-step cost
+        kwargs["check_every"] = 1000
+    method = create_method(name, **kwargs)
+    steps = []
 
     class Guard(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx > 0:
+                steps.append(batch_idx)
                 torch.cuda.set_sync_debug_mode("warn")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -254,5 +267,16 @@ def test_no_cuda_sync_in_loss_based_steps(tmp_path, name):  # pragma: no cover -
     t = trainer(tmp_path, [method, Guard()], max_epochs=1, accelerator="gpu", logger=False)
     with pytest.warns(UserWarning, match="synchroniz") as record:
         t.fit(TinyNet(), loader(n=128, batch_size=32))
-    origins = {w.filename for w in record if "synchroniz" in str(w.message)}
-    assert {Path(f).name for f in origins if f.startswith(PACKAGE)} <= {"module.py"}
+    ours = Counter(
+        Path(w.filename).name
+        for w in record
+        if "synchroniz" in str(w.message) and w.filename.startswith(PACKAGE)
+    )
+    kind = name if name in CUDA_SYNC_BUDGET else (
+        "gradient" if isinstance(method, GradientWeighting) else "loss"
+    )
+    budget = CUDA_SYNC_BUDGET.get(kind, {"module.py": 1})
+    per_step = {f: n / len(steps) for f, n in ours.items()}
+    assert all(per_step.get(f, 0) <= budget.get(f, 0) for f in set(per_step) | set(budget)), (
+        per_step, budget,
+    )

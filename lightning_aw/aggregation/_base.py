@@ -415,8 +415,9 @@ class GradientWeighting(Weighting):
             # The T x T problem is solved on the CPU in float64: one small device-to-host copy
             # (one synchronisation) instead of the many tiny kernels and convergence read-backs
             # an iterative solver costs on an accelerator.
-            gram = gram.to("cpu", torch.float64)
-            losses = losses.to("cpu", torch.float64)
+            packed = torch.cat([gram, losses.to(gram.dtype).unsqueeze(1)], dim=1)
+            packed = packed.to("cpu", torch.float64)
+            gram, losses = packed[:, :-1], packed[:, -1]
             ix = torch.tensor(idx)
             finite = torch.isfinite(gram).all()
             sub_gram = torch.where(finite, gram, torch.zeros_like(gram))[ix][:, ix]

@@ -183,6 +183,14 @@ class GradDrop(_OneBackward):
                 f"{self.tasks}; give one per task, in task order, or a single float."
             )
 
+    def _leak_on(self, device: torch.device) -> Tensor:
+        """The leak as a tensor on ``device``, copied there once (no per-step host copy)."""
+        cached = getattr(self, "_leak_tensor", None)
+        if cached is None or cached.device != device:
+            cached = torch.tensor(self.leak, dtype=torch.float32, device=device)
+            self._leak_tensor = cached
+        return cached
+
     def combine(self, losses: Tensor, present: Tensor) -> Tensor:
         module = self._pl_module
         plain = losses.sum()  # absent tasks are constant zeros
@@ -199,7 +207,7 @@ class GradDrop(_OneBackward):
         )
         ok = torch.isfinite(grads)
         finite = ok.all()
-        leak = torch.tensor(self.leak, dtype=torch.float32, device=grads.device)
+        leak = self._leak_on(grads.device)
         # always one draw per micro-batch, so the generator stays in step on every rank
         # the unchecked variant: the leak was validated in __init__ and the gradients are made
         # finite here, so the step costs no host synchronisation
