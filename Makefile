@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench table clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_weighting.py
+
+table: $(STAMP)
+	$(PY) examples/digits_table.py --out docs/results_digits.md $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache

@@ -18,6 +18,7 @@ plain LightningModule.
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import tempfile
 import time
@@ -29,10 +30,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
-import lightning_aw as aw
-from lightning_aw import DWA, EqualWeighting, GradNorm, UncertaintyWeighting
 from lightning_aw.datasets import make_two_digits
 from lightning_aw.models import DigitsNet
+from lightning_aw.registry import create_method, get_method, list_methods
 
 
 class PlainNet(pl.LightningModule):
@@ -79,24 +79,28 @@ class _Metricless(DigitsNet):
 CONFIGS: dict[str, Callable[[], tuple[pl.LightningModule, list[pl.Callback]]]] = {
     "plain LightningModule": lambda: (PlainNet(), []),
     "MultiTaskModule (no callback)": lambda: (_Metricless(), []),
-    "EqualWeighting": lambda: (_Metricless(), [EqualWeighting()]),
-    "UncertaintyWeighting": lambda: (_Metricless(), [UncertaintyWeighting()]),
-    "DWA": lambda: (_Metricless(), [DWA(interval="step", frequency=10)]),
-    "GradNorm": lambda: (_Metricless(), [GradNorm()]),
 }
-for _name in ["RLW", "GLS", "ScaleInvariant", "IMTLL", "FAMO", "SoftAdapt", "STCH"]:
-    CONFIGS[_name] = lambda n=_name: (_Metricless(), [getattr(aw, n)()])
-CONFIGS["FAMO (frequency=4)"] = lambda: (_Metricless(), [aw.FAMO(frequency=4)])
-CONFIGS["GradDrop (repr.)"] = lambda: (_Metricless(), [aw.GradDrop()])
-GRADIENT_METHODS = [
-    "MGDA", "PCGrad", "CAGrad", "IMTLG", "NashMTL", "AlignedMTL", "UPGrad", "GradVac", "DBMTL",
-]
-for _name in GRADIENT_METHODS:
-    for _source in ("parameters", "representation"):
-        CONFIGS[f"{_name} ({_source[:4]}.)"] = lambda n=_name, s=_source: (
-            _Metricless(),
-            [getattr(aw, n)(source=s)],
-        )
+# every registered method (gradient methods with both sources); epoch-interval methods are timed
+# with a step interval, so their update is part of the measurement
+BENCH_KWARGS: dict[str, dict[str, Any]] = {
+    "dwa": {"interval": "step", "frequency": 10},
+    "softadapt": {"interval": "step", "frequency": 10},
+}
+
+
+def _method(name: str, **kwargs: Any) -> Callable[[], tuple[pl.LightningModule, list[pl.Callback]]]:
+    return lambda: (_Metricless(), [create_method(name, **{**BENCH_KWARGS.get(name, {}), **kwargs})])
+
+
+for _name in list_methods():
+    _info = get_method(_name)
+    _label = _info.cls.__name__
+    if "source" in inspect.signature(_info.cls).parameters:
+        for _source in ("parameters", "representation"):
+            CONFIGS[f"{_label} ({_source[:4]}.)"] = _method(_name, source=_source)
+    else:
+        CONFIGS[_label] = _method(_name)
+CONFIGS["FAMO (frequency=4)"] = _method("famo", frequency=4)
 
 
 def measure(

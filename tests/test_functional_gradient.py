@@ -848,3 +848,13 @@ def test_all_exports_exist():
     for name in GF.__all__:
         assert callable(getattr(GF, name))
     assert len(set(GF.__all__)) == len(GF.__all__)
+
+
+def test_nash_mtl_survives_a_slightly_indefinite_gram_of_cancelling_gradients():
+    # two gradients that cancel give, in float32, a Gram matrix with a tiny negative eigenvalue
+    # (found on the 2-D Pareto toy): the solver projects it onto the PSD cone instead of failing
+    gram = torch.tensor([[1.0, -1.0000001], [-1.0000001, 1.0]])
+    assert float(torch.linalg.eigvalsh(gram.double()).min()) < 0
+    alpha = GF.nash_mtl_from_gram(gram)
+    assert torch.isfinite(alpha).all() and (alpha > 0).all()
+    torch.testing.assert_close(alpha[0], alpha[1])  # symmetric problem, symmetric answer

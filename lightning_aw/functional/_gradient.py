@@ -962,6 +962,11 @@ def _nash(q: Tensor, max_iter: int, tol: float, ridge: float) -> Tensor:
     if not (math.isfinite(ridge) and ridge > 0):
         raise ValueError(f"Parameter `ridge` should be a positive number. Found {ridge!r}.")
     num_tasks = q.shape[0]
+    # A Gram matrix computed in float32 is slightly indefinite when two gradients (nearly)
+    # cancel, e.g. on the Pareto set of a 2-task problem: project it onto the PSD cone first, or
+    # the quadratic form below can be negative.
+    evals, evecs = torch.linalg.eigh(q)
+    q = (evecs * evals.clamp_min(0.0)) @ evecs.T
     fro = float(torch.linalg.matrix_norm(q))
     if fro == 0.0:
         return q.new_ones(num_tasks)
