@@ -304,6 +304,7 @@ class DBMTL(_OneBackward):
         self._seen = torch.zeros(0, dtype=torch.bool)
         self._scales = torch.zeros(0)
         self._last_ok = torch.ones((), dtype=torch.bool)
+        self._index_cache: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
     def hparams_repr(self) -> dict[str, Any]:
         return {"beta": self.beta, "source": self.source}
@@ -460,33 +461,44 @@ class DBMTL(_OneBackward):
             idx = (stats[-num:] > 0).nonzero().flatten().tolist()  # host sync, DDP only
         else:
             idx = [i for i, here in enumerate(self._pl_module._present_list) if here]
-        ix = torch.tensor(idx, device=log_grads.device)
+        ix = self._index(idx, log_grads.device)
         sub, sub_losses = log_grads[ix], losses[ix]
-        ok = torch.isfinite(sub).all()
-        self._last_ok = ok
-        if not bool(ok):  # host sync; an fp16 overflow: keep the EMA, let the scaler skip
-            self._fallbacks = self._fallbacks.to(sub.device) + 1.0
-            return sub.sum(0)
+        finite = torch.isfinite(sub)
+        safe = torch.where(finite, sub, 0.0)
         ema, seen = self._ema, self._seen.to(sub.device)
         if ema.shape != log_grads.shape:  # first step (or a representation of another shape)
             ema = torch.zeros(num, size, device=sub.device)
             seen = torch.zeros(num, dtype=torch.bool, device=sub.device)
         ema = ema.to(sub.device)
-        sub_seen = seen[ix]
-        prev: Tensor | None = None
-        if bool(sub_seen.any()):  # host sync (the functional syncs as well)
-            prev = torch.where(sub_seen[:, None], ema[ix], sub)
-        # the rows are log-gradients already: unit losses make the functional take them as is
-        d, new = G.db_mtl(sub, torch.ones_like(sub_losses), prev, self.beta)
-        ema = ema.clone()
-        ema[ix] = new.to(ema.dtype)
-        seen = seen.clone()
-        seen[ix] = True
-        self._ema, self._seen = ema, seen
+        # a task seen before continues its EMA; a new one starts from its log-gradient
+        seen_rows = seen[ix][:, None]
+        new = torch.where(seen_rows, self.beta * ema[ix] + (1 - self.beta) * safe, safe)
+        d = G._db_mtl_direction(new)
+        # not finite (an fp16 overflow, or an overflowing direction): keep the EMA and the
+        # coefficients, use the plain sum and let the scaler skip the step; no host sync
+        ok = finite.all() & torch.isfinite(d).all()
+        self._last_ok = ok
+        self._fallbacks = self._fallbacks.to(sub.device) + (~ok).float()
+        updated = ema.clone()
+        updated[ix] = new.to(ema.dtype)
+        seen_now = seen.clone()
+        seen_now[ix] = True
+        self._ema = torch.where(ok, updated, ema)
+        self._seen = torch.where(ok, seen_now, seen)
         norms = new.norm(dim=1)
         scales = torch.where(norms > 0, norms.max() / norms.clamp_min(1e-30), 0.0)
-        self._coefs = torch.zeros(num, device=sub.device).index_copy(
-            0, ix, (scales / sub_losses).float()
-        )
-        self._scales = torch.zeros(num, device=sub.device).index_copy(0, ix, scales.float())
-        return d
+        coefs = torch.zeros(num, device=sub.device).index_copy(0, ix, (scales / sub_losses).float())
+        scales_all = torch.zeros(num, device=sub.device).index_copy(0, ix, scales.float())
+        if self._coefs.shape == coefs.shape:
+            coefs = torch.where(ok, coefs, self._coefs.to(coefs.device))
+        if self._scales.shape == scales_all.shape:
+            scales_all = torch.where(ok, scales_all, self._scales.to(coefs.device))
+        self._coefs, self._scales = coefs, scales_all
+        return torch.where(ok, d, sub.sum(0))
+
+    def _index(self, idx: list[int], device: torch.device) -> Tensor:
+        """The present tasks' indices as a tensor on ``device``, copied there once per pattern."""
+        key = (tuple(idx), device)
+        if key not in self._index_cache:
+            self._index_cache[key] = torch.tensor(idx, device=device, dtype=torch.long)
+        return self._index_cache[key]

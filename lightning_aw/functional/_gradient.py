@@ -1295,16 +1295,23 @@ def db_mtl(
         if not bool(torch.isfinite(prev).all()):
             raise _nonfinite_error("ema")
         new_ema = beta * prev + (1 - beta) * log_grads
-    amax = new_ema.abs().amax(dim=1, keepdim=True)  # rescaled norms: safe for any scale
-    norms = (new_ema / amax.clamp_min(torch.finfo(work).tiny)).norm(dim=1) * amax.squeeze(1)
-    scale = torch.where(norms > 0, norms.max() / norms.clamp_min(torch.finfo(work).tiny), 0.0)
-    direction = scale @ new_ema
+    direction = _db_mtl_direction(new_ema)
     if not bool(torch.isfinite(direction).all()):
         raise ValueError(
             "DB-MTL direction overflowed: the log-gradients g_i / L_i are too large for "
             f"{work}. Use float64 gradients or larger losses."
         )
     return direction.to(grads.dtype), new_ema
+
+
+def _db_mtl_direction(ema: Tensor) -> Tensor:
+    """DB-MTL's direction from the EMA of the log-gradients ``[T, P]``: every row rescaled to the
+    largest row norm, then summed. No checks and no host synchronisation (the callback's path)."""
+    tiny = torch.finfo(ema.dtype).tiny
+    amax = ema.abs().amax(dim=1, keepdim=True)  # rescaled norms: safe for any scale
+    norms = (ema / amax.clamp_min(tiny)).norm(dim=1) * amax.squeeze(1)
+    scale = torch.where(norms > 0, norms.max() / norms.clamp_min(tiny), 0.0)
+    return scale @ ema
 
 
 def graddrop(
