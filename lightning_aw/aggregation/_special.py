@@ -481,8 +481,7 @@ class DBMTL(_OneBackward):
         self._fallbacks = self._fallbacks.to(sub.device) + (~ok).float()
         updated = ema.clone()
         updated[ix] = new.to(ema.dtype)
-        seen_now = seen.clone()
-        seen_now[ix] = True
+        seen_now = seen.clone().index_fill_(0, ix, True)  # (indexing with `= True` copies)
         self._ema = torch.where(ok, updated, ema)
         self._seen = torch.where(ok, seen_now, seen)
         norms = new.norm(dim=1)
