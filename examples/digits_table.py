@@ -37,7 +37,7 @@ from _common import make_trainer, markdown_table, mean_std, quiet, run_parallel,
 from digits import make_weighting as _digits_weighting
 from torch import Tensor
 
-from lightning_aw import Weighting
+from lightning_aw import LossWeighting, Weighting
 from lightning_aw.datasets import TwoDigitsDataModule
 from lightning_aw.metrics import multitask_delta
 from lightning_aw.models import DigitsNet
@@ -56,7 +56,7 @@ FULL = {"epochs": 8, "train_pairs": 5000, "seeds": [0, 1, 2]}
 QUICK = {"epochs": 5, "train_pairs": 2000, "seeds": [0, 1, 2]}
 
 
-class SingleTask(Weighting):
+class SingleTask(LossWeighting):
     """Weight 1 on one task and 0 on the others: a single-task model in the multi-task network.
 
     The other heads get no gradient and the trunk learns from ``task`` alone, exactly as a

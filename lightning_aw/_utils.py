@@ -9,11 +9,42 @@ import torch
 from torch import Tensor
 
 
-def reduce_sum(trainer: pl.Trainer, x: Tensor) -> Tensor:
-    """All-reduce ``x`` by sum over the ranks (identity on one process). Returns a new tensor."""
-    if trainer.world_size <= 1:
-        return x
-    return trainer.strategy.reduce(x.clone(), reduce_op="sum")
+def all_reduce_sum(trainer: pl.Trainer | None, *tensors: Tensor) -> list[Tensor]:
+    """Sum each tensor over the ranks in ONE all-reduce (identity on one process).
+
+    The tensors are packed into one flat buffer (of the first one's dtype and device), reduced,
+    and unpacked into new tensors of the original shapes.
+    """
+    if trainer is None or trainer.world_size <= 1:
+        return list(tensors)
+    first = tensors[0]
+    flat = torch.cat([t.reshape(-1).to(first) for t in tensors])
+    flat = trainer.strategy.reduce(flat, reduce_op="sum")
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start : start + t.numel()].view(t.shape).to(t.dtype))
+        start += t.numel()
+    return out
+
+
+def reduce_sum(trainer: pl.Trainer | None, x: Tensor) -> Tensor:
+    """All-reduce ``x`` by sum over the ranks (identity on one process)."""
+    return all_reduce_sum(trainer, x)[0]
+
+
+class Stateful:
+    """The one state protocol of the helpers a method keeps as state (optimizer moments, random
+    generators, weight transforms, counters): ``state_dict`` / ``load_state_dict`` of plain
+    tensors and numbers (a ``weights_only`` checkpoint loads them) and ``to(device)``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def to(self, device: torch.device) -> None:
+        """Move tensors to ``device`` (in place)."""
 
 
 def grad_scaler(trainer: pl.Trainer) -> Any | None:
@@ -38,7 +69,7 @@ def scaler_found_inf(scaler: Any, optimizer: Any) -> Tensor | None:
     return sum((f.to(first.device) for f in flags[1:]), first)
 
 
-class AdamState:
+class AdamState(Stateful):
     """Bias-corrected Adam (Kingma & Ba, 2015) for a small tensor owned by a callback.
 
     Used for weighting parameters that must not live in the user's optimizer (GradNorm's weights,
@@ -96,7 +127,7 @@ class AdamState:
         self.step = state["step"]
 
 
-class GeneratorState:
+class GeneratorState(Stateful):
     """A seeded CPU ``torch.Generator`` whose state goes through ``state_dict`` (a ByteTensor).
 
     Seeded identically on every DDP rank, it draws identical numbers everywhere; saved in the

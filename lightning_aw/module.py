@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -18,9 +18,7 @@ from typing_extensions import override
 
 from lightning_aw._utils import reduce_sum
 from lightning_aw.optim import build_optimizers, validate_optimizer_spec
-
-if TYPE_CHECKING:
-    from lightning_aw.weighting import Weighting
+from lightning_aw.step import StepMethod, StepRecord
 
 __all__ = ["MultiTaskModule", "TaskOutput"]
 
@@ -145,12 +143,12 @@ class MultiTaskModule(pl.LightningModule):
         self.skipped_steps = 0
         self._step_skipped = False
         self._window_skipped = False  # a skipped micro-batch skips its accumulation window
-        self._weighting: Weighting | None = None
-        self._graph_losses: Tensor | None = None
-        self._present: Tensor | None = None
-        self._present_list: list[bool] = []
-        self._shared_rep: Tensor | None = None
-        self._shared_rep_graph: Tensor | None = None
+        self._weighting: StepMethod | None = None
+        self._weighting_trainer: int | None = None  # id() of the Trainer searched for it
+        self._step_record: StepRecord | None = None
+        # what `shared_representation` marked during the current `task_losses` call
+        self._marked: Tensor | None = None
+        self._marked_graph: Tensor | None = None
         self._mask_cache: dict[tuple[bool, ...], Tensor] = {}
 
     # ------------------------------------------------------------------ user hooks
@@ -199,10 +197,10 @@ class MultiTaskModule(pl.LightningModule):
         ``source="representation"`` take the per-task gradients with respect to it (MGDA-UB).
         It returns ``rep`` unchanged and costs nothing otherwise.
         """
-        weighting = self._weighting
+        weighting = self.weighting
         if (
             weighting is not None
-            and getattr(weighting, "cuts_representation", False)
+            and weighting.cuts_representation
             and self.training
             and torch.is_grad_enabled()
             and rep.requires_grad
@@ -210,9 +208,9 @@ class MultiTaskModule(pl.LightningModule):
             # gradient methods: the heads run on a leaf copy, so per-task gradients stop at the
             # representation and the trunk is traversed only as often as needed (see
             # GradientWeighting); the one backward still reaches every parameter
-            self._shared_rep_graph = rep
+            self._marked_graph = rep
             rep = rep.detach().requires_grad_()
-        self._shared_rep = rep
+        self._marked = rep
         return rep
 
     def gradnorm_parameter(self) -> nn.Parameter:
@@ -232,32 +230,84 @@ class MultiTaskModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ weighting
     @property
-    def weighting(self) -> Weighting | None:
-        """The weighting callback attached to this module (``None``: plain sum)."""
+    def weighting(self) -> StepMethod | None:
+        """The weighting callback of the Trainer running this module (``None``: plain sum)."""
+        trainer = self._trainer
+        if trainer is not None and id(trainer) != self._weighting_trainer:
+            self._bind_weighting(trainer)
         return self._weighting
 
-    def _attach_weighting(self, weighting: Weighting) -> None:
-        self._weighting = weighting
-        if weighting.module is not None:
-            self.loss_weighting = weighting.module
+    def _bind_weighting(self, trainer: pl.Trainer) -> None:
+        """Find the Trainer's weighting callback and attach its learnable parameters."""
+        methods = [c for c in trainer.callbacks if isinstance(c, StepMethod)]  # type: ignore[attr-defined]
+        self._weighting_trainer = id(trainer)
+        self._weighting = methods[0] if methods else self._weighting
+        if self._weighting is not None and self._weighting.module is not None:
+            self.loss_weighting = self._weighting.module
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Find the weighting callback (Lightning runs the callbacks' ``setup`` first), so its
+        learnable parameters are attached before the checkpoint is restored and the optimizer
+        built. A subclass overriding ``setup`` should call ``super().setup(stage)``; the
+        weighting is otherwise found at its first use."""
+        if self._trainer is not None:
+            self._bind_weighting(self._trainer)
+        if (
+            not self.automatic_optimization
+            and type(self).training_step is MultiTaskModule.training_step
+        ):
+            raise MisconfigurationException(
+                f"`{type(self).__name__}.automatic_optimization` is False, but MultiTaskModule's "
+                "`training_step` relies on Lightning's automatic optimization (it returns the "
+                "weighted loss and never steps an optimizer, so nothing would train). Keep "
+                "automatic optimization, or override `training_step` and step the optimizers "
+                "yourself."
+            )
 
     def weighting_parameters(self) -> Iterator[nn.Parameter]:
         """Learnable parameters of the weighting method (put them in an optimizer, no decay)."""
-        if self._weighting is not None and self._weighting.module is not None:
-            yield from self._weighting.module.parameters()
+        weighting = self.weighting
+        if weighting is not None and weighting.module is not None:
+            yield from weighting.module.parameters()
 
     @property
     def task_weights(self) -> dict[str, float]:
         """The weights currently applied, by task (1 for every task without a weighting)."""
-        if self._weighting is None:
+        weighting = self.weighting
+        if weighting is None:
             return dict.fromkeys(self.tasks, 1.0)
-        return self._weighting.weights
+        return dict(zip(self.tasks, weighting.current_weights().float().tolist(), strict=True))
+
+    @property
+    def step_record(self) -> StepRecord | None:
+        """The current training step's :class:`~lightning_aw.step.StepRecord` (read-only), from
+        ``training_step`` to the end of the batch; ``None`` outside, or when the step was
+        skipped."""
+        return self._step_record
+
+    @property
+    def step_skipped(self) -> bool:
+        """Whether the current optimizer step is skipped (a non-finite loss under
+        ``on_nonfinite="skip"``, in this micro-batch or an earlier one of its window)."""
+        return self._step_skipped
+
+    def compute_losses(self, batch: Any, batch_idx: int) -> tuple[Tensor, Tensor]:
+        """Call :meth:`task_losses` and validate the result, as a training step does.
+
+        Returns:
+            ``(losses, present)``: float32 losses ``[T]`` (0 for an absent task) and the boolean
+            mask ``[T]`` of the tasks present. Methods that re-evaluate a batch (FAMO) use it,
+            under ``torch.no_grad()``.
+        """
+        losses, present_list = self._stack(self._call_task_losses(batch, batch_idx), batch_idx)
+        return losses, self._mask(present_list, losses.device)
 
     # ------------------------------------------------------------------ steps
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         self._step_skipped = False
-        self._shared_rep = self._shared_rep_graph = None
+        self._step_record = self._marked = self._marked_graph = None
         outputs = self._call_task_losses(batch, batch_idx)
         losses, present_list = self._stack(outputs, batch_idx)
         present = self._mask(present_list, losses.device)
@@ -266,24 +316,33 @@ class MultiTaskModule(pl.LightningModule):
         if not self._finite_or_skip(losses, present, present_list, batch_idx):
             self._step_skipped = self._window_skipped = True
             return None
-        self._graph_losses, self._present, self._present_list = losses, present, present_list
-        weighting = self._weighting
+        step = StepRecord(
+            tasks=self.tasks,
+            losses=losses,
+            present=present,
+            present_list=tuple(present_list),
+            batch=batch,
+            batch_idx=batch_idx,
+            representation=self._marked,
+            representation_graph=self._marked_graph,
+            trainer=self._trainer,
+        )
+        self._step_record = step
+        self._marked = self._marked_graph = None
+        weighting = self.weighting
         if weighting is None:
             total = losses.sum()
         else:
             # the weighting's maths (exp, Gram matrices, solvers) runs in float32, not autocast
             with torch.autocast(losses.device.type, enabled=False):
-                total = weighting.combine_applied(losses, present)
-        if weighting is not None:
-            weighting.observe(self.trainer, losses.detach(), present)
+                total = weighting.step_loss(step)
         if self._should_log():
             self._log_train(losses.detach(), present_list, total.detach())
         return total
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # release the step's graph
-        self._graph_losses = self._shared_rep = self._shared_rep_graph = None
+        self._step_record = None  # release the step's graph
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -296,10 +355,9 @@ class MultiTaskModule(pl.LightningModule):
     def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
         outputs = self._call_task_losses(batch, batch_idx)
         losses, present_list = self._stack(outputs, batch_idx)
+        weighting = self.weighting
         weights = (
-            torch.ones_like(losses)
-            if self._weighting is None
-            else self._weighting.current_weights().to(losses)
+            torch.ones_like(losses) if weighting is None else weighting.current_weights().to(losses)
         )
         items = {
             f"{stage}/loss/{t}": losses[i] for i, t in enumerate(self.tasks) if present_list[i]
@@ -360,6 +418,14 @@ class MultiTaskModule(pl.LightningModule):
                     raise ValueError(
                         f"The loss of task '{task}' at batch {batch_idx} has shape "
                         f"{tuple(loss.shape)}; it must be a scalar. Reduce it (e.g. .mean())."
+                    )
+                if not loss.requires_grad and self.training and torch.is_grad_enabled():
+                    raise ValueError(
+                        f"The loss of task '{task}' at batch {batch_idx} has no graph "
+                        "(requires_grad is False: a detached tensor, a constant or `.item()`), so "
+                        "it cannot train anything and a weighting method would misjudge it. "
+                        "Return the loss as computed from the model's output, or None when the "
+                        "task has no label in this batch."
                     )
                 loss = loss.reshape(()).float()
             values.append(loss)
@@ -428,7 +494,7 @@ class MultiTaskModule(pl.LightningModule):
             f"loss/{t}": losses[i] for i, t in enumerate(self.tasks) if present_list[i]
         }
         items["loss/total"] = total
-        weighting = self._weighting
+        weighting = self.weighting
         if weighting is not None:
             weights = weighting.current_weights()
             items.update({f"weights/{t}": weights[i] for i, t in enumerate(self.tasks)})
@@ -498,7 +564,7 @@ class MultiTaskModule(pl.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
-        if self._weighting is None:
+        if self.weighting is None:
             rank_zero_info(
                 f"lightning_aw: {type(self).__name__} has no weighting callback; the task losses "
                 "are summed with weight 1."
@@ -507,12 +573,17 @@ class MultiTaskModule(pl.LightningModule):
             self._add_tensorboard_layout()
 
     def _add_tensorboard_layout(self) -> None:
+        # the chart tags are regular expressions: anchored, so task `depth` does not also draw
+        # `depth_aux`
+        def tags(prefix: str) -> list[str]:
+            return [f"^{re.escape(f'{prefix}/{t}')}$" for t in self.tasks]
+
         charts = {
-            "task losses": ["Multiline", [f"loss/{t}" for t in self.tasks]],
-            "validation task losses": ["Multiline", [f"val/loss/{t}" for t in self.tasks]],
+            "task losses": ["Multiline", tags("loss")],
+            "validation task losses": ["Multiline", tags("val/loss")],
         }
-        if self._weighting is not None:
-            charts["task weights"] = ["Multiline", [f"weights/{t}" for t in self.tasks]]
+        if self.weighting is not None:
+            charts["task weights"] = ["Multiline", tags("weights")]
         for logger in self.trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars({"lightning_aw": charts})
@@ -525,7 +596,8 @@ class MultiTaskModule(pl.LightningModule):
         }
 
     def _weighting_name(self) -> str:
-        return "none" if self._weighting is None else type(self._weighting).__name__
+        weighting = self.weighting
+        return "none" if weighting is None else type(weighting).__name__
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

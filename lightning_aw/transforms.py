@@ -28,10 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_aw._utils import Stateful
+
 __all__ = ["EMA", "Chain", "Clamp", "Normalize", "Warmup", "WeightTransform", "chain"]
 
 
-class WeightTransform:
+class WeightTransform(Stateful):
     """Base class: ``apply(weights, step)`` returns the transformed weights.
 
     ``step`` is the number of optimizer steps taken so far. A stateful transform records what it
@@ -59,15 +61,6 @@ class WeightTransform:
 
     def commit(self) -> None:
         """Called once per optimizer step: the last :meth:`apply` becomes the state."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-
-    def to(self, device: torch.device) -> None:
-        """Move tensor state to ``device``."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._hparams().items())

@@ -110,8 +110,8 @@ class WeightRecorder(pl.Callback):
         self.weights.append(list(pl_module.task_weights.values()))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        losses = pl_module._graph_losses
-        self.losses.append([] if losses is None else losses.detach().tolist())
+        step = pl_module.step_record
+        self.losses.append([] if step is None else step.losses.detach().tolist())
         self.epochs.append(trainer.current_epoch)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import weakref
 
 import lightning.pytorch as pl
 import pytest
@@ -23,6 +22,7 @@ from lightning_aw import (
     UPGrad,
 )
 from lightning_aw import functional as AF
+from lightning_aw.step import StepRecord
 
 METHODS = [
     MGDA(), MGDA(normalization="loss+"), PCGrad(), CAGrad(), IMTLG(), NashMTL(), NashMTL(frequency=3),
@@ -159,15 +159,16 @@ def test_nonfinite_gradients_fall_back_to_plain_sum():
     mgda = MGDA()
     mgda.tasks = ["a", "b"]
     mgda.init_state(2)
-    module = TinyNet(tasks=("a", "b"))
-    module._present_list = [True, True]
-    mgda._module_ref = weakref.ref(module)
     both = torch.ones(2, dtype=torch.bool)
+    step = StepRecord(
+        tasks=("a", "b"), losses=torch.ones(2), present=both, present_list=(True, True),
+        batch=None, batch_idx=0, representation=None, representation_graph=None, trainer=None,
+    )
     grads = torch.tensor([[float("nan"), 1.0], [0.0, 1.0]])
-    torch.testing.assert_close(mgda._safe_coefficients(grads, torch.ones(2), both), torch.ones(2))
+    torch.testing.assert_close(mgda._safe_coefficients(step, grads, torch.ones(2)), torch.ones(2))
     assert mgda._fallbacks.item() == 1
     finite = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    torch.testing.assert_close(mgda._safe_coefficients(finite, torch.ones(2), both), torch.full((2,), 0.5))
+    torch.testing.assert_close(mgda._safe_coefficients(step, finite, torch.ones(2)), torch.full((2,), 0.5))
     assert mgda._fallbacks.item() == 1
 
 

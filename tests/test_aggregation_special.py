@@ -240,9 +240,10 @@ def test_resume_equals_uninterrupted(tmp_path, method):
 
 # ---------------------------------------------------------------------------- degenerate input
 def _zero_grad_task(i, t, loss):
-    # task "b" carries no gradient (a constant positive loss); "c" is a billion times larger
+    # task "b" carries a zero gradient (a constant positive loss that keeps its graph); "c" is
+    # a billion times larger
     if t == "b":
-        return loss.detach() + 1.0
+        return loss * 0.0 + 1.0
     return loss * 1e9 if t == "c" else loss
 
 

@@ -33,6 +33,7 @@ from _helpers import TinyNet, loader, trainer
 import lightning_aw
 from lightning_aw import GradientWeighting, Weighting
 from lightning_aw.registry import create_method, get_method, list_methods
+from lightning_aw.step import StepRecord
 
 METHODS = list_methods()
 LOSS_UPDATES = 10_000
@@ -54,7 +55,7 @@ def _make(name: str) -> Weighting:
 
 # ---------------------------------------------------------------------------------- sizes
 #: references to the model, the Trainer or their parameters: not the callback's own state
-_REFERENCES = {"_trainer_ref", "_module_ref", "_params", "_upstream", "_param", "module"}
+_REFERENCES = {"_bound", "_params", "_param_names", "_upstream", "_param", "module"}
 
 
 def _size(value: Any, depth: int = 0) -> int:
@@ -78,9 +79,27 @@ def state_sizes(method: Weighting) -> dict[str, int]:
     return {k: _size(v) for k, v in vars(method).items() if k not in _REFERENCES}
 
 
+class DrivenNet(TinyNet):
+    """TinyNet whose step record the test sets (hooks read it as in a training step)."""
+
+    record: StepRecord | None = None
+
+    @property
+    def step_record(self) -> StepRecord | None:
+        return self.record
+
+
+def _record(t: pl.Trainer, losses: torch.Tensor, present_list: list[bool]) -> StepRecord:
+    return StepRecord(
+        tasks=("a", "b", "c"), losses=losses, present=torch.tensor(present_list),
+        present_list=tuple(present_list), batch=None, batch_idx=0, representation=None,
+        representation_graph=None, trainer=t,
+    )
+
+
 def _set_up(tmp_path, name: str) -> tuple[pl.Trainer, TinyNet, Weighting]:
     method = _make(name)
-    net = TinyNet(optimizer={"name": "sgd", "lr": 0.01})
+    net = DrivenNet(optimizer={"name": "sgd", "lr": 0.01})
     t = trainer(tmp_path, [method], max_epochs=1)
     t.fit(net, loader(n=64))
     return t, net, method
@@ -100,16 +119,15 @@ def _drive_loss_based(t: pl.Trainer, net: TinyNet, method: Weighting, steps: ran
         scale = torch.rand(3, generator=gen) * 2.0 + 0.1
         losses = weight.sum().abs() * 0 + scale * (1 + weight.square().mean())  # has a graph
         losses = torch.where(present, losses, torch.zeros(()))
-        net._graph_losses, net._present, net._present_list = losses, present, present_list
+        net.record = _record(t, losses, present_list)
         method.on_train_batch_start(t, net, (x, y), step)
-        method.combine_applied(losses, present)
-        method.observe(t, losses.detach(), present)
+        method.step_loss(net.record)
         method.on_before_backward(t, net, losses.sum())
         progress.completed += 1  # an optimizer step happened
         method.on_train_batch_end(t, net, None, (x, y), step)
         if step % 100 == 99:
             method.on_train_epoch_end(t, net)
-    net._graph_losses = None
+    net.record = None
 
 
 def _drive_gradient(t: pl.Trainer, net: TinyNet, method: GradientWeighting, steps: range) -> None:
@@ -121,16 +139,16 @@ def _drive_gradient(t: pl.Trainer, net: TinyNet, method: GradientWeighting, step
     for step in steps:
         present_list = [True, True, step % 10 != 3]
         present = torch.tensor(present_list)
-        net._present_list = present_list
         grads = torch.randn(3, size, generator=gen) * present[:, None]
         losses = torch.rand(3, generator=gen) + 0.1
+        record = _record(t, losses, present_list)
         if get_method_name(method) == "db_mtl":
-            method._direction(grads, losses, present, reduce=True)
+            method._direction(record, grads, losses, reduce=True)
         elif get_method_name(method) == "graddrop":
             method._generator.generator.manual_seed(step)  # its only state: a fixed-size generator
             lightning_aw.functional.graddrop(grads, 0.25, method._generator.generator)
         else:
-            method._coefs = method._safe_coefficients(grads, losses, present)
+            method._safe_coefficients(record, grads, losses)
         progress.completed += 1
         method.on_train_batch_end(t, net, None, None, step)
 

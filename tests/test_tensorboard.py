@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,28 @@ def test_weights_losses_and_layout(tmp_path, method):
     layout = layout_pb2.Layout()
     layout.ParseFromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
-    assert charts["task weights"] == ["weights/a", "weights/b", "weights/c"]
-    assert charts["task losses"] == ["loss/a", "loss/b", "loss/c"]
+    # TensorBoard reads chart tags as regular expressions: each must draw exactly its own tag
+    assert _drawn(charts["task weights"], tags) == [["weights/a"], ["weights/b"], ["weights/c"]]
+    assert _drawn(charts["task losses"], tags) == [["loss/a"], ["loss/b"], ["loss/c"]]
+
+
+def _drawn(patterns, tags):
+    """The logged tags each custom-scalars pattern draws (TensorBoard: ``re.search``)."""
+    return [sorted(t for t in tags if re.search(p, t)) for p in patterns]
+
+
+def test_chart_patterns_do_not_draw_tasks_sharing_a_prefix(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    net = TinyNet(tasks=("depth", "depth_aux"))
+    trainer(tmp_path, [DWA()], max_epochs=1, logger=logger, log_every_n_steps=1).fit(net, loader())
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert _drawn(charts["task weights"], tags) == [["weights/depth"], ["weights/depth_aux"]]
+    assert _drawn(charts["task losses"], tags) == [["loss/depth"], ["loss/depth_aux"]]
 
 
 def test_total_is_the_weighted_sum(tmp_path):

@@ -1,9 +1,7 @@
-"""The base class of the gradient-based methods: coefficients from per-task gradients."""
+"""The gradient-based family: coefficients from per-task gradients (through the engine)."""
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -12,8 +10,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_aw._utils import grad_scaler
-from lightning_aw.weighting._base import Interval, Weighting
+from lightning_aw._utils import all_reduce_sum
+from lightning_aw.engine import TaskGradients, flatten, gram_by_layer, inject, present_mean
+from lightning_aw.method import Interval, Weighting
+from lightning_aw.step import StepRecord
 
 Source = Literal["parameters", "representation"]
 DDPSync = Literal["gram", "gradients"]
@@ -56,7 +56,9 @@ class GradientWeighting(Weighting):
       ``interval="epoch"`` recomputes them on the first optimizer step of every ``N``-th epoch.
 
     Subclasses implement :meth:`coefficients` (from the Gram matrix) or set
-    ``needs_gradients = True`` and implement :meth:`coefficients_from_gradients`.
+    ``needs_gradient_matrix = True`` and implement :meth:`coefficients_from_gradients`. A sibling
+    of :class:`~lightning_aw.weighting.LossWeighting` on the shared lifecycle
+    :class:`~lightning_aw.Weighting`; per-task gradients come from :mod:`lightning_aw.engine`.
 
     Example::
 
@@ -72,11 +74,15 @@ class GradientWeighting(Weighting):
     """
 
     total: ClassVar[str | float | None] = None
-    uses_window_means: ClassVar[bool] = False
     #: whether the method needs the gradient matrix itself rather than its Gram matrix
-    needs_gradients: ClassVar[bool] = False
+    needs_gradient_matrix: ClassVar[bool] = False
+    #: ask MultiTaskModule.shared_representation to hand the heads a leaf copy (the fast path)
+    cuts_representation: ClassVar[bool] = True  # type: ignore[misc]
     _state_attrs: ClassVar[tuple[str, ...]] = (
-        "_coefs", "_fallbacks", "_computed_epoch", "_computed_step",
+        "_coefs",
+        "_fallbacks",
+        "_computed_epoch",
+        "_computed_step",
     )
     _diagnostic_attrs: ClassVar[tuple[str, ...]] = ("_fallbacks",)
 
@@ -103,15 +109,15 @@ class GradientWeighting(Weighting):
         self.ddp_sync = ddp_sync
         self._coefs = torch.ones(0)
         self._fallbacks = torch.zeros(())  # a float count, so it logs without conversion
-        self._trainer_ref: weakref.ref[pl.Trainer] | None = None
-        self._module_ref: weakref.ref[Any] | None = None
         self._params: list[Tensor] = []
-        self._present_idx: list[int] = []
+        self._param_names: list[str] = []
+        self._checked = False  # the first computed step checks that every shared param is used
         # (epoch, optimizer step) at which the current coefficients were computed
         self._computed_epoch = -1
         self._computed_step = -1
         self._upstream: list[Tensor] | None = None
-        self._shared_index: list[int] = []
+        self._num_shared = 0
+        self._present_idx: list[int] = []  # the tasks the last coefficients were computed for
 
     # ------------------------------------------------------------------ template methods
     def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
@@ -123,7 +129,7 @@ class GradientWeighting(Weighting):
         """Coefficients ``[T']`` from the gradients ``[T', P]`` of the present tasks."""
         return self.coefficients(grads @ grads.T, losses)
 
-    # ------------------------------------------------------------------ Weighting API
+    # ------------------------------------------------------------------ lifecycle
     def hparams_repr(self) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.source}
         if self.ddp_sync != "gram":
@@ -141,37 +147,11 @@ class GradientWeighting(Weighting):
     def weight_tensor(self) -> Tensor:
         return self._coefs
 
-    def combine_applied(self, losses: Tensor, present: Tensor) -> Tensor:
-        # the transforms act on the coefficients before they are applied (see _transformed)
-        return self.combine(losses, present)
-
-    def _transformed(self, coefs: Tensor) -> Tensor:
-        if self.transform is None:
-            return coefs
-        applied = self.transform.apply(coefs, self._optimizer_steps)
-        self._applied = applied.detach()
-        return applied
-
     def log_items(self) -> dict[str, Tensor]:
         return {"aggregation/fallbacks": self._fallbacks}
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        # weak references: a deepcopy or pickle of the module must not drag the Trainer along
-        self._trainer_ref, self._module_ref = weakref.ref(trainer), weakref.ref(pl_module)
-
-    @property
-    def _trainer(self) -> pl.Trainer | None:
-        return None if self._trainer_ref is None else self._trainer_ref()
-
-    @property
-    def _pl_module(self) -> Any:
-        return None if self._module_ref is None else self._module_ref()
-
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_trainer_ref"] = state["_module_ref"] = None
+        state = super().__getstate__()
         state["_params"] = []
         state["_upstream"] = None
         return state
@@ -180,8 +160,12 @@ class GradientWeighting(Weighting):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._upstream = None
+        self._checked = False
         if self.source == "parameters":
-            self._params = [p for p in pl_module.shared_parameters() if p.requires_grad]
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+            shared = pl_module.shared_parameters()  # type: ignore[operator]
+            self._params = [p for p in shared if p.requires_grad]
+            self._param_names = [names.get(id(p), "?") for p in self._params]
             if not self._params:
                 raise MisconfigurationException(
                     f"{self!r} found no trainable parameter in "
@@ -189,28 +173,26 @@ class GradientWeighting(Weighting):
                     "parameters there."
                 )
 
-    #: ask MultiTaskModule.shared_representation to hand the heads a leaf copy (the fast path)
-    cuts_representation: ClassVar[bool] = True
-
-    def combine(self, losses: Tensor, present: Tensor) -> Tensor:
-        module = self._pl_module
-        if module is None or not torch.is_grad_enabled() or not losses.requires_grad:
+    # ------------------------------------------------------------------ the step
+    @override
+    def step_loss(self, step: StepRecord) -> Tensor:
+        losses = step.losses
+        if not torch.is_grad_enabled() or not losses.requires_grad:
             return (self._coefs.to(losses) * losses).sum()
-        if module._shared_rep_graph is not None:
-            return self._combine_cut(module, losses, present)
-        if self._should_recompute():
-            grads = self._task_gradients(module, losses, module._present_list)
-            coefs = self._safe_coefficients(grads, losses.detach(), present)
+        if step.representation_graph is not None:
+            return self._combine_cut(step)
+        if self._should_recompute(step.trainer):
+            grads = self._task_gradients(step)
+            coefs = self._safe_coefficients(step, grads, losses.detach())
             self._coefs = self._transformed(coefs).detach()
         return (self._coefs.to(losses) * losses).sum()
 
-    def _should_recompute(self) -> bool:
+    def _should_recompute(self, trainer: pl.Trainer | None) -> bool:
         """Whether this micro-batch computes new coefficients (all micro-batches of an updating
         optimizer step do; the others reuse the last coefficients)."""
         step = self._optimizer_steps
         if self.interval == "step":
             return step % self.frequency == 0
-        trainer = self._trainer
         epoch = trainer.current_epoch if trainer is not None else 0
         if epoch % self.frequency != 0:
             return False
@@ -218,7 +200,14 @@ class GradientWeighting(Weighting):
             self._computed_epoch, self._computed_step = epoch, step
         return step == self._computed_step
 
-    def _combine_cut(self, module: Any, losses: Tensor, present: Tensor) -> Tensor:
+    def _shared_names(self) -> list[str] | None:
+        """Parameter names to check for use at the first computed step, then ``None``."""
+        if self._checked:
+            return None
+        self._checked = True
+        return self._param_names
+
+    def _combine_cut(self, step: StepRecord) -> Tensor:
         """The fast path, when the module marked its shared representation ``z``.
 
         The heads ran on a leaf copy of ``z``, so ``c^T L`` backpropagates into the heads only;
@@ -229,150 +218,87 @@ class GradientWeighting(Weighting):
         accumulation, clipping and DDP apply as usual, and the trunk is traversed ``T`` times
         (parameter source) or once (representation source) instead of ``T + 1`` times.
         """
-        leaf, rep = module._shared_rep, module._shared_rep_graph
-        trainer = self._trainer
-        scaler = grad_scaler(trainer) if trainer is not None else None
-        scale = 1.0 if scaler is None else scaler.scale(torch.ones((), device=losses.device))
-        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        present_list = module._present_list
-        update = self._should_recompute()
-        if not update:  # reuse the coefficients: the trunk gets c^T dL/dz through z, once
+        losses, rep = step.losses, step.representation_graph
+        assert rep is not None
+        engine = TaskGradients(step, self)
+        num = step.num_tasks
+        if not self._should_recompute(step.trainer):
+            # reuse the coefficients: the trunk gets c^T dL/dz through z, once
             total = (self._coefs.to(losses) * losses).sum()
-            (g_rep,) = torch.autograd.grad(
-                total if scaler is None else scaler.scale(total),
-                leaf,
-                retain_graph=True,
-                allow_unused=True,
-            )
-            g_rep = torch.zeros_like(rep) if g_rep is None else g_rep
-            return total + _inject([rep], [g_rep.float() / scale])
+            g_rep = engine.combined_on_representation_scaled(total)
+            return total + inject([rep], [engine.unscale(g_rep)])
         # per-task gradients on z: through the heads only (scaled under fp16)
-        rows = []
-        for i, here in enumerate(present_list):
-            g = None
-            if here:
-                out = losses[i] if scaler is None else scaler.scale(losses[i])
-                (g,) = torch.autograd.grad(out, leaf, retain_graph=True, allow_unused=True)
-            rows.append(torch.zeros_like(leaf) if g is None else g)
-        grads_rep = torch.stack(rows)  # [T, *z.shape], scaled
+        rows = engine.on_representation_scaled()
+        leaf = engine.representation()
+        grads_rep = torch.stack([torch.zeros_like(leaf) if r is None else r for r in rows])
         if self.source == "representation":
-            G = grads_rep.reshape(len(rows), -1).float() / (scale * accumulate)
-            coefs = self._transformed(self._safe_coefficients(G, losses.detach(), present))
+            G = engine.unscale(grads_rep.reshape(num, -1), step.accumulate)
+            coefs = self._transformed(self._safe_coefficients(step, G, losses.detach()))
             # in float32: an fp16 representation gradient would underflow once unscaled
-            g_rep = torch.einsum("t,t...->...", coefs.float(), grads_rep.float()) / scale
-            surrogate = _inject([rep], [g_rep])
+            g_rep = engine.unscale(torch.einsum("t,t...->...", coefs.float(), grads_rep.float()))
+            surrogate = inject([rep], [g_rep])
         else:
-            targets = self._upstream_params(module, rep)
-            per_task = []
-            for i, here in enumerate(present_list):
-                if not here:
-                    per_task.append([torch.zeros_like(p) for p in targets])
-                    continue
-                gs = torch.autograd.grad(
-                    rep, targets, grad_outputs=grads_rep[i], retain_graph=True, allow_unused=True
-                )
-                per_task.append(
-                    [
-                        torch.zeros_like(p) if g is None else g
-                        for g, p in zip(gs, targets, strict=False)
-                    ]
-                )
-            shared = self._shared_index
-            divisor = scale * accumulate
-            if self.needs_gradients or self.ddp_sync == "gradients":
-                G = torch.stack(
-                    [torch.cat([g[j].reshape(-1).float() for j in shared]) for g in per_task]
-                )
-                coefs = self._safe_coefficients(G / divisor, losses.detach(), present)
+            targets = self._upstream_params(engine, step)
+            per_task = engine.through_representation_scaled(rows, targets)
+            shared = targets[: self._num_shared]
+            if self.needs_gradient_matrix or self.ddp_sync == "gradients":
+                G = engine.unscale(flatten(per_task, shared), step.accumulate)
+                coefs = self._safe_coefficients(step, G, losses.detach())
             else:
                 # the Gram matrix layer by layer: no second [T, P] copy of the gradients
-                gram = torch.zeros(len(rows), len(rows), device=losses.device)
-                for j in shared:
-                    block = torch.stack([g[j].reshape(-1) for g in per_task]).float()
-                    gram = gram + block @ block.T
-                gram = gram / (divisor * divisor)
-                coefs = self._safe_coefficients(None, losses.detach(), present, gram=gram)
+                divisor = (1.0 if engine.scale is None else engine.scale) * step.accumulate
+                gram = gram_by_layer(per_task, range(len(shared)), num) / (divisor * divisor)
+                coefs = self._safe_coefficients(step, None, losses.detach(), gram=gram)
             coefs = self._transformed(coefs)
             agg = [
-                sum(coefs[t].float() * per_task[t][j].float() for t in range(len(rows))) / scale
+                engine.unscale(
+                    sum(
+                        (
+                            coefs[t].float() * g[j].float()
+                            for t, g in enumerate(per_task)
+                            if g is not None
+                        ),
+                        torch.zeros((), device=losses.device),
+                    )
+                )
                 for j in range(len(targets))
             ]
-            surrogate = _inject(targets, agg)
+            surrogate = inject(targets, agg)
         self._coefs = coefs.detach()
         return (self._coefs.to(losses) * losses).sum() + surrogate
 
-    def _upstream_params(self, module: Any, rep: Tensor) -> list[Tensor]:
-        """Trainable parameters that produce ``rep`` (found once per fit), shared ones first."""
+    def _upstream_params(self, engine: TaskGradients, step: StepRecord) -> list[Tensor]:
+        """Trainable parameters that produce the representation (found once per fit), shared
+        ones first."""
         if self._upstream is None:
-            shared_ids = {id(p) for p in self._params}
-            others = [p for p in module.parameters() if p.requires_grad and id(p) not in shared_ids]
-            probe = torch.autograd.grad(
-                rep.sum(), self._params + others, retain_graph=True, allow_unused=True
-            )
-            missing = [i for i, g in enumerate(probe[: len(self._params)]) if g is None]
-            if missing:
-                names = {id(p): n for n, p in module.named_parameters()}
-                raise MisconfigurationException(
-                    f"{self!r}: shared_parameters() includes "
-                    f"{[names.get(id(self._params[i]), '?') for i in missing]}, which do not "
-                    "produce the tensor passed to shared_representation(). Return only the "
-                    "trunk's parameters there, or mark the trunk's output."
-                )
-            extra = [
-                p for p, g in zip(others, probe[len(self._params) :], strict=False) if g is not None
-            ]
-            self._upstream = self._params + extra
-            self._shared_index = list(range(len(self._params)))
+            trainer = step.trainer
+            module = trainer.lightning_module if trainer is not None else None
+            self._upstream = engine.upstream_parameters(self._params, module)
+            self._num_shared = len(self._params)
         return self._upstream
 
-    # ------------------------------------------------------------------ internals
-    def _task_gradients(self, module: Any, losses: Tensor, present_list: list[bool]) -> Tensor:
+    def _task_gradients(self, step: StepRecord) -> Tensor:
         """``[T, P]`` float32 gradients of the losses Lightning backpropagates (zero rows for
         absent tasks)."""
-        trainer = self._trainer
+        engine = TaskGradients(step, self)
         if self.source == "representation":
-            rep = module._shared_rep
-            if rep is None:
-                raise MisconfigurationException(
-                    f"{self!r} needs the shared representation: in `task_losses`, pass the "
-                    "trunk's output through it, `h = self.shared_representation(self.trunk(x))`."
-                )
-            inputs: list[Tensor] = [rep]
+            rows = engine.on_representation_scaled()
+            G = flatten([None if r is None else [r] for r in rows], [engine.representation()])
         else:
-            inputs = self._params
-        scaler = grad_scaler(trainer) if trainer is not None else None
-        size = sum(x.numel() for x in inputs)
-        rows = []
-        for i, here in enumerate(present_list):
-            if not here:
-                rows.append(losses.new_zeros(size))
-                continue
-            out = losses[i] if scaler is None else scaler.scale(losses[i])
-            grads = torch.autograd.grad(out, inputs, retain_graph=True, allow_unused=True)
-            flat = [
-                torch.zeros(x.numel(), device=losses.device) if g is None else g.reshape(-1).float()
-                for g, x in zip(grads, inputs, strict=True)
-            ]
-            rows.append(torch.cat(flat))
-        G = torch.stack(rows)
-        divisor = 1.0
-        if scaler is not None:
-            divisor = scaler.scale(torch.ones((), device=G.device))
-        if trainer is not None and trainer.accumulate_grad_batches > 1:
-            divisor = divisor * trainer.accumulate_grad_batches
-        return G / divisor
+            per_task = engine.on_parameters_scaled(self._params, names=self._shared_names())
+            G = flatten(per_task, self._params)
+        return engine.unscale(G, step.accumulate)
 
     def _safe_coefficients(
-        self, grads: Tensor | None, losses: Tensor, present: Tensor, gram: Tensor | None = None
+        self, step: StepRecord, grads: Tensor | None, losses: Tensor, gram: Tensor | None = None
     ) -> Tensor:
         """Coefficients ``[T]`` (0 for absent tasks), identical on every DDP rank.
 
         Takes the per-task gradients ``[T, P]``, or (``ddp_sync="gram"`` only) their local Gram
         matrix ``[T, T]`` when the caller formed it without materialising ``[T, P]``.
         """
-        trainer = self._trainer
-        world = trainer.world_size if trainer is not None else 1
-        use_grads = self.needs_gradients or self.ddp_sync == "gradients"
+        trainer = step.trainer
+        use_grads = self.needs_gradient_matrix or self.ddp_sync == "gradients"
         if grads is None:
             if gram is None or use_grads:
                 raise ValueError("_safe_coefficients needs `grads` for this method or ddp_sync")
@@ -380,32 +306,30 @@ class GradientWeighting(Weighting):
         else:
             local_gram = None if use_grads else grads @ grads.T
         device = losses.device
+        present = step.present
         mask = present.to(torch.float32)
         num = present.shape[0]
-        if world > 1:
-            # sums over the ranks, with counts so that a task (or pair) absent on some ranks is
-            # averaged over the ranks where it is present
-            local = grads if use_grads else local_gram
-            stats = torch.cat(
-                [local.reshape(-1), losses * mask, mask, torch.outer(mask, mask).reshape(-1)]
-            )
-            stats = trainer.strategy.reduce(stats, reduce_op="sum")  # type: ignore[union-attr]
-            n = local.numel()
-            total = stats[:n].view_as(local)
-            count = stats[n + num : n + 2 * num]
-            pairs = stats[n + 2 * num :].view(num, num)
-            losses = stats[n : n + num] / count.clamp_min(1.0)
+        if step.world_size > 1:
+            # averaged over the ranks where each task (or pair of tasks) is present
             if use_grads:
-                grads = total / count.clamp_min(1.0).unsqueeze(1)
+                assert grads is not None
+                grads, count, (loss_sum,) = present_mean(trainer, grads, present, losses * mask)
                 gram = grads @ grads.T
             else:
+                assert local_gram is not None
+                total, count, loss_sum, pairs = all_reduce_sum(
+                    trainer, local_gram, mask, losses * mask, torch.outer(mask, mask)
+                )
                 gram = total / pairs.clamp_min(1.0)
+            losses = loss_sum / count.clamp_min(1.0)
             idx = (count > 0).nonzero().flatten().tolist()  # host sync, DDP only
         else:
             gram = grads @ grads.T if use_grads else local_gram
-            idx = [i for i, here in enumerate(self._pl_module._present_list) if here]
+            idx = step.present_index
+        assert gram is not None
         self._present_idx = idx
-        if self.needs_gradients:
+        if self.needs_gradient_matrix:
+            assert grads is not None
             ix = torch.tensor(idx, device=device)
             sub = grads[ix]
             finite = torch.isfinite(sub).all()
@@ -428,33 +352,3 @@ class GradientWeighting(Weighting):
         full = torch.zeros(num, dtype=torch.float32, device=coefs.device)
         full[ix] = coefs.float()
         return full.to(device, non_blocking=True)
-
-
-
-class _Inject(torch.autograd.Function):
-    """A float32 zero whose gradient with respect to ``x`` is ``g`` (times the incoming one).
-
-    The same as the surrogate ``<g, x> - <g, x>.detach()``, but its value is exactly 0 even when
-    ``g`` is not finite (an fp16 overflow step), and the incoming gradient (the loss scale divided
-    by ``accumulate_grad_batches``) multiplies ``g`` in float32 before the cast to ``x``'s dtype,
-    so a small unscaled ``g`` does not underflow in float16.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, g: Tensor) -> Tensor:
-        ctx.save_for_backward(g)
-        ctx.x_dtype = x.dtype
-        return torch.zeros((), dtype=torch.float32, device=x.device)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
-        (g,) = ctx.saved_tensors
-        return (g * grad_out.float()).to(ctx.x_dtype), None
-
-
-def _inject(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
-    """A float32 zero scalar whose gradient with respect to ``tensors[j]`` is ``grads[j]``."""
-    total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
-    for t, g in zip(tensors, grads, strict=True):
-        total = total + _Inject.apply(t, g.detach().float().reshape(t.shape))
-    return total

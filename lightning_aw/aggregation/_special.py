@@ -11,58 +11,18 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from lightning_aw._utils import GeneratorState, grad_scaler, reduce_sum
-from lightning_aw.aggregation._base import GradientWeighting, Source, _inject
+from lightning_aw._utils import GeneratorState, reduce_sum
+from lightning_aw.aggregation._base import GradientWeighting, Source
+from lightning_aw.engine import TaskGradients, flatten, inject, present_mean
 from lightning_aw.functional import _gradient as G
+from lightning_aw.step import StepRecord
 
 __all__ = ["DBMTL", "GradDrop"]
 
 
-def _need_marker(method: GradientWeighting) -> MisconfigurationException:
-    return MisconfigurationException(
-        f"{method!r} works on the shared representation, but the module did not mark it: in "
-        "`task_losses`, pass the trunk's output (the tensor every head reads) through "
-        "`h = self.shared_representation(self.trunk(x))`."
-    )
-
-
-class _OneBackward(GradientWeighting):
-    """Shared plumbing: per-task gradients of the (scaled) losses on the representation leaf."""
-
-    def _scale(self, device: torch.device) -> tuple[Any, Tensor | None]:
-        trainer = self._trainer
-        scaler = grad_scaler(trainer) if trainer is not None else None
-        scale = None if scaler is None else scaler.scale(torch.ones((), device=device))
-        return scaler, scale
-
-    @staticmethod
-    def _scaled_leaf_grads(
-        leaf: Tensor, losses: Tensor, present_list: list[bool], scaler: Any
-    ) -> list[Tensor | None]:
-        """Gradients of the (GradScaler-scaled) present losses on ``leaf``; ``None`` if absent."""
-        out: list[Tensor | None] = []
-        for i, here in enumerate(present_list):
-            g = None
-            if here:
-                loss = losses[i] if scaler is None else scaler.scale(losses[i])
-                (g,) = torch.autograd.grad(loss, leaf, retain_graph=True, allow_unused=True)
-                if g is None:
-                    g = torch.zeros_like(leaf)
-            out.append(g)
-        return out
-
-    @staticmethod
-    def _stack(rows: list[Tensor | None], like: Tensor, scale: Tensor | None) -> Tensor:
-        """``[T, *like.shape]`` float32, unscaled (zero rows for absent tasks)."""
-        zero = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-        grads = torch.stack([zero if r is None else r.float() for r in rows])
-        return grads if scale is None else grads / scale
-
-
-class GradDrop(_OneBackward):
+class GradDrop(GradientWeighting):
     r"""Gradient sign dropout on the shared representation.
 
     Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, "Just Pick a Sign: Optimizing Deep
@@ -191,20 +151,17 @@ class GradDrop(_OneBackward):
             self._leak_tensor = cached
         return cached
 
-    def combine(self, losses: Tensor, present: Tensor) -> Tensor:
-        module = self._pl_module
+    def step_loss(self, step: StepRecord) -> Tensor:
+        losses = step.losses
         plain = losses.sum()  # absent tasks are constant zeros
-        if module is None or not torch.is_grad_enabled() or not losses.requires_grad:
+        if not torch.is_grad_enabled() or not losses.requires_grad:
             return plain
-        leaf, rep = module._shared_rep, module._shared_rep_graph
-        if leaf is None:
-            raise _need_marker(self)
+        engine = TaskGradients(step, self)
+        engine.representation()  # a clear error when the module marked none
+        rep = step.representation_graph
         if rep is None:  # nothing trainable produces the representation
             return plain
-        scaler, scale = self._scale(losses.device)
-        grads = self._stack(
-            self._scaled_leaf_grads(leaf, losses, module._present_list, scaler), leaf, scale
-        )
+        grads = engine.on_representation()
         ok = torch.isfinite(grads)
         finite = ok.all()
         leak = self._leak_on(grads.device)
@@ -217,10 +174,10 @@ class GradDrop(_OneBackward):
         ).to(grads.dtype)
         g_z = torch.where(finite, dropped, grads.sum(0))
         self._fallbacks = self._fallbacks.to(grads.device) + (~finite).float()
-        return plain + _inject([rep], [g_z])
+        return plain + inject([rep], [g_z])
 
 
-class DBMTL(_OneBackward):
+class DBMTL(GradientWeighting):
     r"""Dual-balancing multi-task learning: log losses, and gradients scaled to the largest norm.
 
     Lin, Ye, Xu, Shi & Zhang, "Dual-Balancing for Multi-Task Learning", 2023,
@@ -324,118 +281,65 @@ class DBMTL(_OneBackward):
         return items
 
     # ------------------------------------------------------------------ the step
-    def combine(self, losses: Tensor, present: Tensor) -> Tensor:
-        module = self._pl_module
-        if module is None or not torch.is_grad_enabled() or not losses.requires_grad:
+    def step_loss(self, step: StepRecord) -> Tensor:
+        losses, present = step.losses, step.present
+        if not torch.is_grad_enabled() or not losses.requires_grad:
             return (self._coefs.to(losses) * losses).sum()
-        present_list: list[bool] = module._present_list
-        self._check_positive(losses, present)
+        self._check_positive(step)
         # per-task gradients are taken of (the scaled) log L_i: the magnitude Lightning's
         # backward of sum_i log L_i has, so they overflow in fp16 exactly when it does
         logs = torch.log(torch.where(present, losses, torch.ones_like(losses)))
         log_loss = logs.sum()
         detached = losses.detach()
-        leaf, rep = module._shared_rep, module._shared_rep_graph
-        scaler, scale = self._scale(losses.device)
+        engine = TaskGradients(step, self)
+        rep = step.representation_graph
         if self.source == "representation":
-            if leaf is None:
-                raise _need_marker(self)
+            engine.representation()  # a clear error when the module marked none
             if rep is None:
                 return log_loss
-            rows = self._scaled_leaf_grads(leaf, logs, present_list, scaler)
-            log_grads = self._stack(rows, leaf, scale).reshape(len(present_list), -1)
-            d = self._direction(log_grads, detached, present, reduce=False)
-            return log_loss + _inject([rep], [d])
+            log_grads = engine.on_representation(logs).reshape(step.num_tasks, -1)
+            d = self._direction(step, log_grads, detached, reduce=False)
+            return log_loss + inject([rep], [d])
         if rep is not None:  # marked representation: through the heads only, then the trunk
-            targets = self._upstream_params(module, rep)
-            per_task: list[list[Tensor] | None] = []
-            for r in self._scaled_leaf_grads(leaf, logs, present_list, scaler):
-                per_task.append(
-                    None
-                    if r is None
-                    else self._unscaled(
-                        torch.autograd.grad(
-                            rep, targets, grad_outputs=r, retain_graph=True, allow_unused=True
-                        ),
-                        targets,
-                        scale,
-                    )
-                )
-            n_shared = len(self._shared_index)
-            d = self._direction(
-                self._flatten(per_task, targets[:n_shared]), detached, present, reduce=True
-            )
-            out = self._split(d, targets[:n_shared])
+            targets = self._upstream_params(engine, step)
+            rows = engine.on_representation_scaled(logs)
+            per_task = _unscaled(engine, engine.through_representation_scaled(rows, targets))
+            n_shared = self._num_shared
+            d = self._direction(step, flatten(per_task, targets[:n_shared]), detached, reduce=True)
+            out = _split(d, targets[:n_shared])
             for j in range(n_shared, len(targets)):  # upstream but not declared shared
                 out.append(sum((g[j] for g in per_task if g is not None), torch.zeros(())))
-            return log_loss + _inject(targets, out)
+            return log_loss + inject(targets, out)
         # no marked representation: gradients on the shared parameters; the backward of
         # sum_i log L_i already brings them sum_i g_i / L_i, so inject only the difference
         params = self._params
-        per_task = []
-        for i, here in enumerate(present_list):
-            if not here:
-                per_task.append(None)
-                continue
-            out_i = logs[i] if scaler is None else scaler.scale(logs[i])
-            grads = torch.autograd.grad(out_i, params, retain_graph=True, allow_unused=True)
-            per_task.append(self._unscaled(grads, params, scale))
-        log_grads = self._flatten(per_task, params)
+        per_task = _unscaled(
+            engine, engine.on_parameters_scaled(params, logs, names=self._shared_names())
+        )
+        log_grads = flatten(per_task, params)
         local = log_grads.sum(0)
-        d = self._direction(log_grads, detached, present, reduce=True)
+        d = self._direction(step, log_grads, detached, reduce=True)
         delta = torch.where(self._last_ok, d - local, torch.zeros_like(d))
-        return log_loss + _inject(params, self._split(delta, params))
+        return log_loss + inject(params, _split(delta, params))
 
     # ------------------------------------------------------------------ internals
-    def _check_positive(self, losses: Tensor, present: Tensor) -> None:
-        bad = (losses.detach() <= 0) & present
-        trainer = self._trainer
-        flags = bad.float() if trainer is None else reduce_sum(trainer, bad.float())
+    def _check_positive(self, step: StepRecord) -> None:
+        losses, trainer = step.losses, step.trainer
+        bad = (losses.detach() <= 0) & step.present
+        flags = reduce_sum(trainer, bad.float())
         if bool(flags.any()):  # one host synchronisation (all ranks raise together under DDP)
             names = [t for t, b in zip(self.tasks, (flags > 0).tolist(), strict=True) if b]
             values = {t: float(losses[self.tasks.index(t)].detach()) for t in names}
-            step = trainer.global_step if trainer is not None else "?"
+            step_no = trainer.global_step if trainer is not None else "?"
             raise ValueError(
                 f"{self!r} takes log L_i, so every task loss must be positive, but task(s) "
-                f"{names} have loss {values} (on some rank) at global step {step}. Use a loss "
+                f"{names} have loss {values} (on some rank) at global step {step_no}. Use a loss "
                 "that stays above 0 (e.g. add a small constant to it), or another weighting "
                 "method for this task set."
             )
 
-    @staticmethod
-    def _unscaled(
-        grads: Sequence[Tensor | None], params: Sequence[Tensor], scale: Tensor | None
-    ) -> list[Tensor]:
-        return [
-            torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            if g is None
-            else (g.float() if scale is None else g.float() / scale)
-            for g, p in zip(grads, params, strict=True)
-        ]
-
-    @staticmethod
-    def _flatten(rows: list[list[Tensor] | None], params: Sequence[Tensor]) -> Tensor:
-        size = sum(p.numel() for p in params)
-        device = params[0].device
-        return torch.stack(
-            [
-                torch.zeros(size, device=device)
-                if r is None
-                else torch.cat([g.reshape(-1) for g in r[: len(params)]])
-                for r in rows
-            ]
-        )
-
-    @staticmethod
-    def _split(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
-        out, start = [], 0
-        for p in params:
-            out.append(flat[start : start + p.numel()].view(p.shape))
-            start += p.numel()
-        return out
-
     def _direction(
-        self, log_grads: Tensor, losses: Tensor, present: Tensor, reduce: bool
+        self, step: StepRecord, log_grads: Tensor, losses: Tensor, reduce: bool
     ) -> Tensor:
         """Advance the EMA with the log-gradients ``[T, P]`` and return the direction ``[P]``.
 
@@ -445,22 +349,18 @@ class DBMTL(_OneBackward):
         were not finite (then the direction is the plain sum of the log-gradients and the EMA
         is left untouched).
         """
-        trainer = self._trainer
         num, size = log_grads.shape
         losses = losses.to(log_grads.dtype)
-        if reduce and trainer is not None and trainer.world_size > 1:
-            mask = present.to(log_grads.dtype)
-            grads = log_grads * (losses * mask)[:, None]
-            stats = torch.cat([grads.reshape(-1), losses * mask, mask])
-            stats = trainer.strategy.reduce(stats, reduce_op="sum")  # type: ignore[union-attr]
-            count = stats[-num:].clamp_min(1.0)
-            losses = stats[num * size : num * size + num] / count
-            log_grads = (
-                stats[: num * size].view(num, size) / (count * losses.clamp_min(1e-30))[:, None]
+        if reduce and step.world_size > 1:
+            mask = step.present.to(log_grads.dtype)
+            grads, count, (loss_sum,) = present_mean(
+                step.trainer, log_grads * losses[:, None], step.present, losses * mask
             )
-            idx = (stats[-num:] > 0).nonzero().flatten().tolist()  # host sync, DDP only
+            losses = loss_sum / count.clamp_min(1.0)
+            log_grads = grads / losses.clamp_min(1e-30)[:, None]
+            idx = (count > 0).nonzero().flatten().tolist()  # host sync, DDP only
         else:
-            idx = [i for i, here in enumerate(self._pl_module._present_list) if here]
+            idx = step.present_index
         ix = self._index(idx, log_grads.device)
         sub, sub_losses = log_grads[ix], losses[ix]
         finite = torch.isfinite(sub)
@@ -501,3 +401,17 @@ class DBMTL(_OneBackward):
         if key not in self._index_cache:
             self._index_cache[key] = torch.tensor(idx, device=device, dtype=torch.long)
         return self._index_cache[key]
+
+
+def _unscaled(
+    engine: TaskGradients, per_task: list[list[Tensor] | None]
+) -> list[list[Tensor] | None]:
+    return [None if g is None else [engine.unscale(x) for x in g] for g in per_task]
+
+
+def _split(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    out, start = [], 0
+    for p in params:
+        out.append(flat[start : start + p.numel()].view(p.shape))
+        start += p.numel()
+    return out

@@ -15,13 +15,16 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_aw._utils import grad_scaler
+from lightning_aw._utils import all_reduce_sum
+from lightning_aw.engine import TaskGradients, flatten, gram_by_layer, present_mean
+from lightning_aw.module import MultiTaskModule
 from lightning_aw.monitor._plotting import (
     MISSING_MATPLOTLIB,
     cosine_heatmap,
     log_figure,
     require_matplotlib,
 )
+from lightning_aw.step import StepRecord
 
 __all__ = ["GradientConflictMonitor"]
 
@@ -168,8 +171,11 @@ class GradientConflictMonitor(Callback):
     def __repr__(self) -> str:
         args = [f"every_n_steps={self.every_n_steps}"]
         defaults: dict[str, Any] = {
-            "source": "parameters", "log_norms": True, "heatmap": True,
-            "ddp_sync": "local", "prefix": "conflict",
+            "source": "parameters",
+            "log_norms": True,
+            "heatmap": True,
+            "ddp_sync": "local",
+            "prefix": "conflict",
         }
         args += [f"{k}={getattr(self, k)!r}" for k, v in defaults.items() if getattr(self, k) != v]
         return f"{type(self).__name__}({', '.join(args)})"
@@ -182,8 +188,6 @@ class GradientConflictMonitor(Callback):
     # ------------------------------------------------------------------ Lightning hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning_aw.module import MultiTaskModule
-
         if stage != "fit":
             return  # it only acts in training steps
         if not isinstance(pl_module, MultiTaskModule):
@@ -233,107 +237,43 @@ class GradientConflictMonitor(Callback):
             return  # not a monitoring step, or a later micro-batch of the same optimizer step
         if self.ddp_sync == "local" and not trainer.is_global_zero:
             return
-        losses: Tensor | None = getattr(pl_module, "_graph_losses", None)
-        if losses is None or not losses.requires_grad:
+        record = pl_module.step_record if isinstance(pl_module, MultiTaskModule) else None
+        if record is None or not record.losses.requires_grad:
             return
         self.last_step = step
-        with torch.autocast(losses.device.type, enabled=False):
-            gram, present = self._gram(trainer, pl_module, losses)
+        with torch.autocast(record.losses.device.type, enabled=False):
+            gram, present = self._gram(trainer, record)
         self._report(trainer, gram, present, step)
 
     # ------------------------------------------------------------------ internals
-    def _inputs(self, pl_module: Any) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
-        """What to differentiate with respect to, and the cut (leaf copy, graph) when the heads
-        ran on a leaf copy of the representation."""
-        leaf, graph = pl_module._shared_rep, pl_module._shared_rep_graph
-        if self.source == "representation":
-            if leaf is None:
-                raise MisconfigurationException(
-                    f"{self!r} needs the shared representation: in `task_losses`, pass the "
-                    "trunk's output through it, `h = self.shared_representation(self.trunk(x))`."
-                )
-            return [leaf], None, None
-        return self._params, leaf, graph
-
-    def _gram(self, trainer: pl.Trainer, pl_module: Any, losses: Tensor) -> tuple[Tensor, Tensor]:
+    def _gram(self, trainer: pl.Trainer, step: StepRecord) -> tuple[Tensor, Tensor]:
         """The ``[T, T]`` float64 CPU Gram matrix of the unscaled task gradients and the ``[T]``
         presence mask (reduced over the ranks with ``ddp_sync="global"``)."""
-        present_list: list[bool] = list(pl_module._present_list)
-        inputs, leaf, graph = self._inputs(pl_module)
-        scaler = grad_scaler(trainer)
-        device = losses.device
-        num = len(present_list)
-        per_task: list[list[Tensor] | None] = []
-        for i, here in enumerate(present_list):
-            if not here:
-                per_task.append(None)
-                continue
-            out = losses[i] if scaler is None else scaler.scale(losses[i])
-            if graph is not None and leaf is not None:
-                # the heads ran on a leaf copy of the representation: chain the task's gradient
-                # on the leaf through the trunk's graph (plus any direct path to the inputs)
-                (g_leaf,) = torch.autograd.grad(out, leaf, retain_graph=True, allow_unused=True)
-                outputs, grad_outputs = [out], [torch.ones_like(out)]
-                if g_leaf is not None:
-                    outputs.append(graph)
-                    grad_outputs.append(g_leaf.to(graph.dtype))
-                grads = torch.autograd.grad(
-                    outputs, inputs, grad_outputs, retain_graph=True, allow_unused=True
-                )
-            else:
-                grads = torch.autograd.grad(out, inputs, retain_graph=True, allow_unused=True)
-            per_task.append(
-                [
-                    torch.zeros(x.numel(), device=device) if g is None else g.reshape(-1).float()
-                    for g, x in zip(grads, inputs, strict=True)
-                ]
-            )
-        mask = torch.tensor(present_list, dtype=torch.float32, device=device)
-        unscale = 1.0
-        if scaler is not None:
-            unscale = 1.0 / float(scaler.get_scale())
-        if self.ddp_sync == "global" and trainer.world_size > 1:
-            return self._global_gram(trainer, per_task, inputs, mask, unscale)
-        gram = torch.zeros(num, num, device=device)
-        index = [i for i, here in enumerate(present_list) if here]
-        if index:
-            for j in range(len(inputs)):
-                block = torch.stack([per_task[i][j] for i in index])  # type: ignore[index]
-                gram[torch.tensor(index)[:, None], torch.tensor(index)[None, :]] += block @ block.T
-        gram = gram.to("cpu", torch.float64) * unscale**2
-        return gram, mask.cpu().bool()
-
-    def _global_gram(
-        self,
-        trainer: pl.Trainer,
-        per_task: list[list[Tensor] | None],
-        inputs: list[Tensor],
-        mask: Tensor,
-        unscale: float,
-    ) -> tuple[Tensor, Tensor]:
-        device = mask.device
-        size = sum(x.numel() for x in inputs)
-        num = mask.shape[0]
-        rows = [
-            torch.zeros(size, device=device) if g is None else torch.cat(g) * unscale
-            for g in per_task
-        ]
-        G = torch.stack(rows)  # [T, P]
+        engine = TaskGradients(step, self)
         if self.source == "representation":
-            # the samples differ across ranks: the global batch's Gram is the sum of the local
-            # ones (the cosines do not depend on the 1/world_size of the global mean loss)
-            local = torch.cat([(G @ G.T).reshape(-1), mask])
-            stats = trainer.strategy.reduce(local, reduce_op="sum")
-            gram = stats[: num * num].view(num, num)
-            count = stats[num * num :]
+            rows = engine.on_representation_scaled()
+            leaf = engine.representation()
+            per_task = [None if r is None else [r] for r in rows]
+            inputs = [leaf]
         else:
-            # the global gradient is the mean of the ranks' gradients (over the ranks where the
-            # task is present)
-            stats = trainer.strategy.reduce(torch.cat([G.reshape(-1), mask]), reduce_op="sum")
-            count = stats[num * size :]
-            G = stats[: num * size].view(num, size) / count.clamp_min(1.0)[:, None]
-            gram = G @ G.T
-        return gram.to("cpu", torch.float64), (count > 0).cpu()
+            # through the trunk's graph when the heads ran on a leaf copy of the representation
+            per_task = engine.on_parameters_scaled(self._params)
+            inputs = self._params
+        num = step.num_tasks
+        if self.ddp_sync == "global" and trainer.world_size > 1:
+            G = engine.unscale(flatten(per_task, inputs))  # [T, P]
+            if self.source == "representation":
+                # the samples differ across ranks: the global batch's Gram is the sum of the
+                # local ones (the cosines do not depend on the 1/world_size of the global mean)
+                gram, count = all_reduce_sum(trainer, G @ G.T, step.present.float())
+            else:
+                # the global gradient is the mean of the ranks' gradients (over the ranks where
+                # the task is present)
+                G, count, _ = present_mean(trainer, G, step.present)
+                gram = G @ G.T
+            return gram.to("cpu", torch.float64), (count > 0).cpu()
+        gram = engine.unscale(engine.unscale(gram_by_layer(per_task, range(len(inputs)), num)))
+        return gram.to("cpu", torch.float64), step.present.cpu()
 
     def _report(self, trainer: pl.Trainer, gram: Tensor, present: Tensor, step: int) -> None:
         sub = gram[present][:, present]
@@ -341,7 +281,9 @@ class GradientConflictMonitor(Callback):
             self.num_skipped += 1
             log.debug(
                 "%r: the task gradients at step %d are not finite (an fp16 overflow or a NaN); "
-                "the measurement is skipped.", self, step,
+                "the measurement is skipped.",
+                self,
+                step,
             )
             return
         norms = gram.diagonal().clamp_min(0.0).sqrt()

@@ -188,10 +188,12 @@ def _matches(key: str, group: str) -> bool:
 # ---------------------------------------------------------------------------------- groups
 def _overrides(module: nn.Module, hook: str) -> bool:
     """Whether ``module`` implements ``hook`` itself (not MultiTaskModule's default)."""
-    from lightning_aw.module import MultiTaskModule
-
     fn = getattr(type(module), hook, None)
-    return fn is not None and fn is not getattr(MultiTaskModule, hook, None)
+    # MultiTaskModule's default, recognised by name: lightning_aw.module imports this package
+    default = getattr(fn, "__module__", None) == "lightning_aw.module" and getattr(
+        fn, "__qualname__", None
+    ) == f"MultiTaskModule.{hook}"
+    return fn is not None and not default
 
 
 def named_param_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:

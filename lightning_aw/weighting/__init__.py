@@ -1,6 +1,6 @@
-"""Weighting callbacks: one Lightning callback per method, on the common :class:`Weighting` base."""
+"""Loss-based weighting callbacks: one Lightning callback per method, on :class:`LossWeighting`."""
 
-from lightning_aw.weighting._base import Weighting
+from lightning_aw.weighting._base import LossWeighting, Weighting
 from lightning_aw.weighting._dwa import DWA
 from lightning_aw.weighting._equal import EqualWeighting
 from lightning_aw.weighting._famo import FAMO
@@ -22,6 +22,7 @@ __all__ = [
     "STCH",
     "EqualWeighting",
     "GradNorm",
+    "LossWeighting",
     "PositiveLossWeighting",
     "ScaleInvariant",
     "SoftAdapt",

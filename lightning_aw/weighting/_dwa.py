@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from lightning_aw.functional import dwa
-from lightning_aw.weighting._base import Interval, Weighting
+from lightning_aw.weighting._base import Interval, LossWeighting
 
 
-class DWA(Weighting):
+class DWA(LossWeighting):
     r"""Dynamic Weight Average: tasks whose loss falls slowly get more weight.
 
     Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019,

@@ -7,10 +7,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lightning_aw.weighting._base import Weighting
+from lightning_aw.weighting._base import LossWeighting
 
 
-class EqualWeighting(Weighting):
+class EqualWeighting(LossWeighting):
     r"""Equal weights :math:`w_i = 1`: the loss is :math:`\sum_i L_i` (weights sum to ``T``).
 
     The baseline every adaptive method is compared with, and what

@@ -11,6 +11,8 @@ from torch import Tensor
 
 from lightning_aw._utils import AdamState, reduce_sum
 from lightning_aw.functional import famo_logit_grad, famo_loss, famo_weights
+from lightning_aw.module import MultiTaskModule
+from lightning_aw.step import StepRecord
 from lightning_aw.weighting._base import Interval
 from lightning_aw.weighting._positive import (
     PositiveLossWeighting,
@@ -200,11 +202,11 @@ class FAMO(PositiveLossWeighting):
         self._update_epoch = epoch
         return True
 
-    def observe(self, trainer: pl.Trainer, losses: Tensor, present: Tensor) -> None:
-        super().observe(trainer, losses, present)
+    def observe(self, step: StepRecord) -> None:
+        super().observe(step)
         # the losses the coming optimizer step is taken on (the last micro-batch's)
-        self._before = losses.detach()
-        self._before_present = present
+        self._before = step.losses.detach()
+        self._before_present = step.present
 
     def after_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -226,11 +228,12 @@ class FAMO(PositiveLossWeighting):
         before: Tensor,
         present: Tensor,
     ) -> None:
+        if not isinstance(pl_module, MultiTaskModule):
+            return
         with torch.no_grad(), trainer.precision_plugin.train_step_context():
-            outputs = pl_module._call_task_losses(batch, batch_idx)  # type: ignore[operator]
-            after, after_list = pl_module._stack(outputs, batch_idx)  # type: ignore[operator]
+            after, after_present = pl_module.compute_losses(batch, batch_idx)
         after = after.detach().float()
-        present = present & pl_module._mask(after_list, after.device)  # type: ignore[operator]
+        present = present & after_present
         if trainer.world_size > 1:
             zero = torch.zeros_like(before)
             stats = torch.cat(

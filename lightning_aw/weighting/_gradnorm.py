@@ -10,12 +10,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_aw._utils import AdamState, grad_scaler, reduce_sum
+from lightning_aw._utils import AdamState, reduce_sum
+from lightning_aw.engine import TaskGradients
 from lightning_aw.functional import gradnorm_weight_grad, renormalize
-from lightning_aw.weighting._base import Interval, Weighting
+from lightning_aw.module import MultiTaskModule
+from lightning_aw.weighting._base import Interval, LossWeighting
 
 
-class GradNorm(Weighting):
+class GradNorm(LossWeighting):
     r"""GradNorm: balance the tasks' gradient norms on one shared layer.
 
     Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for Adaptive Loss
@@ -115,7 +117,7 @@ class GradNorm(Weighting):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if self.layer is None:
-            self._param = pl_module.gradnorm_parameter()  # type: ignore[operator]
+            self._param = pl_module.gradnorm_parameter()  # type: ignore[attr-defined]
             return
         named = dict(pl_module.named_parameters())
         if self.layer not in named:
@@ -130,24 +132,11 @@ class GradNorm(Weighting):
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
-        losses = pl_module._graph_losses  # type: ignore[attr-defined]
-        present_list: list[bool] = pl_module._present_list  # type: ignore[attr-defined]
-        present = pl_module._present  # type: ignore[attr-defined]
-        if losses is None or self._param is None:
+        step = pl_module.step_record if isinstance(pl_module, MultiTaskModule) else None
+        if step is None or self._param is None:
             return
-        scaler = grad_scaler(trainer)
-        zero = losses.new_zeros(())
-        norms = []
-        for i, here in enumerate(present_list):
-            if not here:
-                norms.append(zero)
-                continue
-            out = losses[i] if scaler is None else scaler.scale(losses[i])
-            (grad,) = torch.autograd.grad(out, self._param, retain_graph=True, allow_unused=True)
-            norms.append(zero if grad is None else torch.linalg.vector_norm(grad.float()))
-        grad_norms = torch.stack(norms)
-        if scaler is not None:
-            grad_norms = grad_norms / scaler.scale(torch.ones((), device=losses.device))
+        losses, present = step.losses, step.present
+        grad_norms = TaskGradients(step, self).layer_norms(self._param)
         current = losses.detach()
         initial = torch.where(self._has_initial, self._initial, current)
         ok = (initial > 0) & (current > 0)

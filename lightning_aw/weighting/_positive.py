@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -11,11 +10,11 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_aw._utils import reduce_sum
-from lightning_aw.weighting._base import Interval, Weighting
+from lightning_aw._utils import Stateful, reduce_sum
+from lightning_aw.weighting._base import Interval, LossWeighting
 
 
-class _NonPositiveCounter:
+class _NonPositiveCounter(Stateful):
     """Counts, per task, the training steps whose checked value was not positive.
 
     Pure tensor arithmetic, so recording costs no host synchronisation; the owner reads the counts
@@ -55,7 +54,7 @@ class _NonPositiveCounter:
         self.lowest = state["lowest"]
 
 
-class PositiveLossWeighting(Weighting):
+class PositiveLossWeighting(LossWeighting):
     """Base of the weightings whose maths needs positive task losses (logarithms).
 
     A task whose loss is not positive in a step is left out of that step (it contributes nothing
@@ -92,7 +91,6 @@ class PositiveLossWeighting(Weighting):
                 f"Parameter `check_every` should be an int >= 1. Found {check_every!r}."
             )
         self.check_every = check_every
-        self._trainer_ref: weakref.ref[pl.Trainer] | None = None
         self._nonpositive = _NonPositiveCounter()
 
     @property
@@ -120,17 +118,6 @@ class PositiveLossWeighting(Weighting):
         self.check_losses(trainer)
         super().on_train_epoch_end(trainer, pl_module)
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        # weak: a deepcopy or pickle of the callback must not drag the Trainer along
-        self._trainer_ref = weakref.ref(trainer)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_trainer_ref"] = None
-        return state
-
     def _shared_weights(
         self,
         loss: Tensor,
@@ -148,7 +135,7 @@ class PositiveLossWeighting(Weighting):
         ``sum_i w_i grad L_i`` with the same ``w`` on every rank, the loss value stays the
         method's. On one process: ``(loss, local)`` unchanged.
         """
-        trainer = None if self._trainer_ref is None else self._trainer_ref()
+        trainer = self._trainer
         if trainer is None or trainer.world_size <= 1:
             return loss, local
         current = losses.detach()

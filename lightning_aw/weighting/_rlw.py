@@ -11,10 +11,10 @@ from typing_extensions import override
 
 from lightning_aw._utils import GeneratorState
 from lightning_aw.functional._loss_extra import _DISTRIBUTIONS, Distribution, rlw
-from lightning_aw.weighting._base import Interval, Weighting
+from lightning_aw.weighting._base import Interval, LossWeighting
 
 
-class RLW(Weighting):
+class RLW(LossWeighting):
     r"""Random loss weighting: fresh random weights at every step.
 
     Lin, Ye, Zhang, Tsang, "Reasonable Effectiveness of Random Weighting: A Litmus Test for
@@ -86,7 +86,7 @@ class RLW(Weighting):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if getattr(pl_module, "weighting", None) is not self:
+        if self._first_setup(pl_module):
             seed = self.seed
             if seed is None:
                 seed = int(torch.randint(0, 2**62, ()))  # rank 0's global generator...

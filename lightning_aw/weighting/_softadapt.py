@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from lightning_aw.functional import softadapt
-from lightning_aw.weighting._base import Interval, Weighting
+from lightning_aw.weighting._base import Interval, LossWeighting
 
 
-class SoftAdapt(Weighting):
+class SoftAdapt(LossWeighting):
     r"""SoftAdapt: weights from a softmax of the recent slopes of the task losses.
 
     Heydari, Thompson, Mehmood, "SoftAdapt: Techniques for Adaptive Loss Weighting of Neural

@@ -8,10 +8,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_aw.weighting._base import Weighting
+from lightning_aw.weighting._base import LossWeighting
 
 
-class UncertaintyWeighting(Weighting):
+class UncertaintyWeighting(LossWeighting):
     r"""Learned task uncertainties weigh the losses.
 
     Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses for Scene

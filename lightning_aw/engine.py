@@ -1,0 +1,383 @@
+"""The per-task-gradient engine: the one place that differentiates task losses one by one.
+
+Every method that looks at per-task gradients (GradNorm, the gradient methods, GradDrop, DB-MTL)
+and :class:`~lightning_aw.monitor.GradientConflictMonitor` take them here, from the
+:class:`~lightning_aw.step.StepRecord` of the current training step:
+
+- on the marked representation (:meth:`TaskGradients.on_representation`),
+- on a list of parameters, directly or chained through the marked representation's graph
+  (:meth:`TaskGradients.on_parameters`, :meth:`TaskGradients.through_representation`),
+- as norms on one layer (:meth:`TaskGradients.layer_norms`, GradNorm).
+
+What is handled here once: the fp16 GradScaler (per-task gradients are taken of the scaled
+losses, so they overflow exactly when Lightning's backward does, then unscaled in float32),
+gradient accumulation (:attr:`TaskGradients.accumulate`), tasks absent from the batch (``None``
+rows), the checks that a present task's loss really reaches what is differentiated (a clear
+error instead of silently uniform coefficients), the rank reduction of per-task statistics
+(:func:`present_mean`: the mean over the ranks where each task is present, one all-reduce) and
+the delivery of a method's own gradient inside Lightning's one backward (:func:`inject`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+
+from lightning_aw._utils import all_reduce_sum, grad_scaler
+from lightning_aw.step import StepRecord
+
+__all__ = ["TaskGradients", "inject", "present_mean"]
+
+
+class TaskGradients:
+    """Per-task gradients of one training step's task losses.
+
+    Args:
+        step: the step record (losses with their graph, presence, marked representation).
+        owner: who asks (its ``repr`` names it in error messages).
+
+    Gradients come back per task, ``None`` for a task absent from the batch. Methods named
+    ``*_scaled`` return what autograd gives for the GradScaler-scaled losses (the caller
+    unscales once, after combining); the others return float32 gradients of the unscaled losses.
+    None of them divides by ``accumulate_grad_batches``: Lightning divides the returned loss
+    itself, so only methods that compare per-task gradients with the ones Lightning applies
+    divide by :attr:`accumulate`.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_aw.engine import TaskGradients
+        >>> from lightning_aw.step import StepRecord
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> losses = torch.stack([w[0] ** 2, 3 * w.sum()])  # d/dw: [2, 0] and [3, 3]
+        >>> step = StepRecord(
+        ...     tasks=("a", "b"), losses=losses, present=torch.tensor([True, True]),
+        ...     present_list=(True, True), batch=None, batch_idx=0, representation=None,
+        ...     representation_graph=None, trainer=None,
+        ... )
+        >>> engine = TaskGradients(step, owner="example")
+        >>> [g[0] for g in engine.on_parameters_scaled([w])]
+        [tensor([2., 0.]), tensor([3., 3.])]
+        >>> engine.layer_norms(w)
+        tensor([2.0000, 4.2426])
+    """
+
+    def __init__(self, step: StepRecord, owner: object) -> None:
+        self.step = step
+        self.owner = owner
+        trainer = step.trainer
+        self.scaler = None if trainer is None else grad_scaler(trainer)
+        device = step.losses.device
+        #: the GradScaler's scale as a 0-d device tensor (``None`` without fp16 loss scaling)
+        self.scale: Tensor | None = (
+            None if self.scaler is None else self.scaler.scale(torch.ones((), device=device))
+        )
+        self.accumulate = step.accumulate
+
+    # ------------------------------------------------------------------ helpers
+    def scaled(self, loss: Tensor) -> Tensor:
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def unscale(self, x: Tensor, accumulate: int = 1) -> Tensor:
+        """``x`` in float32, divided by the loss scale (and by ``accumulate``), in one division."""
+        x = x.float()
+        if self.scale is None:
+            return x if accumulate == 1 else x / accumulate
+        return x / self.scale if accumulate == 1 else x / (self.scale * accumulate)
+
+    # ------------------------------------------------------------------ representation
+    def representation(self) -> Tensor:
+        """The tensor the heads read (a leaf copy when the method cuts the representation)."""
+        rep = self.step.representation
+        if rep is None:
+            raise MisconfigurationException(
+                f"{self.owner!r} works on the shared representation, but the module did not mark "
+                "it: in `task_losses`, pass the trunk's output (the tensor every head reads) "
+                "through it, `h = self.shared_representation(self.trunk(x))`."
+            )
+        return rep
+
+    def on_representation_scaled(self, losses: Tensor | None = None) -> list[Tensor | None]:
+        """Gradients of the (scaled) present ``losses`` (default: the step's) with respect to the
+        marked representation, in its dtype; ``None`` for absent tasks.
+
+        Raises:
+            MisconfigurationException: a present task's loss does not depend on the marked
+                representation (its head reads another tensor).
+        """
+        leaf = self.representation()
+        losses = self.step.losses if losses is None else losses
+        rows: list[Tensor | None] = []
+        for i, here in enumerate(self.step.present_list):
+            g = None
+            if here:
+                (g,) = torch.autograd.grad(
+                    self.scaled(losses[i]), leaf, retain_graph=True, allow_unused=True
+                )
+                if g is None:
+                    raise MisconfigurationException(
+                        f"{self.owner!r}: the loss of task '{self.step.tasks[i]}' does not depend "
+                        "on the tensor marked with `shared_representation()`, so its gradient "
+                        "there is missing. Make that task's head read the marked tensor "
+                        "(`h = self.shared_representation(self.trunk(x))`, then every head on "
+                        "`h`), or use source='parameters'."
+                    )
+            rows.append(g)
+        return rows
+
+    def stack(self, rows: Sequence[Tensor | None], like: Tensor) -> Tensor:
+        """``[T, *like.shape]`` float32, unscaled, zero rows for absent tasks."""
+        zero = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+        return self.unscale(torch.stack([zero if r is None else r.float() for r in rows]))
+
+    def on_representation(self, losses: Tensor | None = None) -> Tensor:
+        """``[T, *z.shape]`` float32 unscaled gradients on the marked representation ``z``."""
+        return self.stack(self.on_representation_scaled(losses), self.representation())
+
+    # ------------------------------------------------------------------ parameters
+    def on_parameters_scaled(
+        self,
+        params: Sequence[Tensor],
+        losses: Tensor | None = None,
+        names: Sequence[str] | None = None,
+    ) -> list[list[Tensor] | None]:
+        """Per present task, the gradients of its (scaled) loss on ``params`` (zeros where a
+        parameter is not reached), in the parameters' dtype; ``None`` for absent tasks.
+
+        When the heads ran on a leaf copy of the representation, the gradient is chained through
+        the trunk's graph, plus any path from the loss to ``params`` that bypasses it. With
+        ``names`` (one per parameter), a parameter that no present task reaches is an error
+        (:meth:`check_reached`).
+        """
+        step = self.step
+        losses = step.losses if losses is None else losses
+        leaf, graph = step.representation, step.representation_graph
+        raw: list[Sequence[Tensor | None] | None] = []
+        for i, here in enumerate(step.present_list):
+            if not here:
+                raw.append(None)
+                continue
+            loss = self.scaled(losses[i])
+            if graph is not None and leaf is not None:
+                (g_leaf,) = torch.autograd.grad(loss, leaf, retain_graph=True, allow_unused=True)
+                outputs, grad_outputs = [loss], [torch.ones_like(loss)]
+                if g_leaf is not None:
+                    outputs.append(graph)
+                    grad_outputs.append(g_leaf.to(graph.dtype))
+                grads = torch.autograd.grad(
+                    outputs, list(params), grad_outputs, retain_graph=True, allow_unused=True
+                )
+            else:
+                grads = torch.autograd.grad(
+                    loss, list(params), retain_graph=True, allow_unused=True
+                )
+            raw.append(grads)
+        if names is not None:
+            self.check_reached(raw, names)
+        return [None if r is None else _filled(r, params) for r in raw]
+
+    def through_representation_scaled(
+        self, rows: Sequence[Tensor | None], targets: Sequence[Tensor]
+    ) -> list[list[Tensor] | None]:
+        """Chain per-task (scaled) representation gradients ``rows`` through the trunk's graph
+        onto ``targets`` (the parameters that produce the representation)."""
+        graph = self.step.representation_graph
+        if graph is None:
+            raise ValueError("through_representation_scaled needs a cut representation")
+        out: list[list[Tensor] | None] = []
+        for r in rows:
+            if r is None:
+                out.append(None)
+                continue
+            grads = torch.autograd.grad(
+                graph, list(targets), grad_outputs=r, retain_graph=True, allow_unused=True
+            )
+            out.append(_filled(grads, targets))
+        return out
+
+    def combined_on_representation_scaled(self, total: Tensor) -> Tensor:
+        """The gradient of one (scaled) combined loss on the marked representation, in its dtype
+        (zeros when it does not reach it): reused coefficients need no per-task gradients."""
+        leaf = self.representation()
+        (g,) = torch.autograd.grad(self.scaled(total), leaf, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(leaf) if g is None else g
+
+    def check_reached(
+        self, per_task: Sequence[Sequence[Tensor | None] | None], names: Sequence[str]
+    ) -> None:
+        """Raise when a parameter in ``names`` gets a gradient from no present task.
+
+        Called on raw ``autograd.grad`` results (``None`` = not reached) at the first step a
+        method computes, so a parameter listed as shared that no task loss uses (an unused
+        layer, a head) is an error instead of a silent zero row in every Gram matrix.
+        """
+        rows = [r for r in per_task if r is not None]
+        if not rows:
+            return
+        unused = [n for j, n in enumerate(names) if all(r[j] is None for r in rows)]
+        if unused:
+            raise MisconfigurationException(
+                f"{self.owner!r}: no task loss reaches the shared parameter(s) {unused[:5]}"
+                f"{' ...' if len(unused) > 5 else ''}, so their per-task gradients are missing. "
+                "Return from `shared_parameters()` only the parameters every task's loss goes "
+                "through (the trunk), not unused layers or task heads."
+            )
+
+    def upstream_parameters(self, shared: Sequence[Tensor], module: Any) -> list[Tensor]:
+        """``shared`` followed by the other trainable parameters of ``module`` that produce the
+        marked representation (found by one probe backward through the trunk's graph).
+
+        Raises:
+            MisconfigurationException: a shared parameter does not produce the representation.
+        """
+        graph = self.step.representation_graph
+        if graph is None:
+            raise ValueError("upstream_parameters needs a cut representation")
+        shared_ids = {id(p) for p in shared}
+        others = [p for p in module.parameters() if p.requires_grad and id(p) not in shared_ids]
+        probe = torch.autograd.grad(
+            graph.sum(), [*shared, *others], retain_graph=True, allow_unused=True
+        )
+        missing = [i for i, g in enumerate(probe[: len(shared)]) if g is None]
+        if missing:
+            names = {id(p): n for n, p in module.named_parameters()}
+            raise MisconfigurationException(
+                f"{self.owner!r}: shared_parameters() includes "
+                f"{[names.get(id(shared[i]), '?') for i in missing]}, which do not produce the "
+                "tensor passed to shared_representation(). Return only the trunk's parameters "
+                "there, or mark the trunk's output."
+            )
+        extra = [p for p, g in zip(others, probe[len(shared) :], strict=True) if g is not None]
+        return [*shared, *extra]
+
+    # ------------------------------------------------------------------ one layer
+    def layer_norms(self, param: Tensor) -> Tensor:
+        """``[T]`` float32 norms of the per-task gradients on ``param``, unscaled (0 for absent
+        tasks and for tasks that do not reach it): GradNorm's :math:`G_i`."""
+        losses = self.step.losses
+        zero = losses.new_zeros(())
+        norms = []
+        for i, here in enumerate(self.step.present_list):
+            if not here:
+                norms.append(zero)
+                continue
+            (grad,) = torch.autograd.grad(
+                self.scaled(losses[i]), param, retain_graph=True, allow_unused=True
+            )
+            norms.append(zero if grad is None else torch.linalg.vector_norm(grad.float()))
+        return self.unscale(torch.stack(norms))
+
+
+def _filled(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+
+
+def flatten(per_task: Sequence[Sequence[Tensor] | None], params: Sequence[Tensor]) -> Tensor:
+    """``[T, P]`` float32 rows (zeros for absent tasks) from per-task parameter gradients."""
+    size = sum(p.numel() for p in params)
+    device = params[0].device
+    return torch.stack(
+        [
+            torch.zeros(size, device=device)
+            if r is None
+            else torch.cat([g.reshape(-1).float() for g in r[: len(params)]])
+            for r in per_task
+        ]
+    )
+
+
+def gram_by_layer(
+    per_task: Sequence[Sequence[Tensor] | None], layers: Sequence[int], num: int
+) -> Tensor:
+    """The ``[T, T]`` float32 Gram matrix of per-task gradients, formed layer by layer (no
+    ``[T, P]`` copy); zero rows and columns for absent tasks."""
+    index = [i for i, r in enumerate(per_task) if r is not None]
+    device = next(r for r in per_task if r is not None)[0].device
+    gram = torch.zeros(num, num, device=device)
+    if not index:
+        return gram
+    sub = torch.zeros(len(index), len(index), device=device)
+    for j in layers:
+        block = torch.stack([per_task[i][j].reshape(-1) for i in index]).float()  # type: ignore[index]
+        sub = sub + block @ block.T
+    if len(index) == num:
+        return sub
+    ix = torch.tensor(index, device=device)
+    return gram.index_put_((ix[:, None], ix[None, :]), sub)
+
+
+def present_mean(
+    trainer: Any, values: Tensor, mask: Tensor, *extra: Tensor
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The mean of per-task ``values`` ``[T, ...]`` over the ranks where each task is present.
+
+    One all-reduce carries ``values * mask``, ``mask`` and any ``extra`` tensors (summed). On
+    one process it is the identity (``values`` where present).
+
+    Returns:
+        ``(mean, count, extra_sums)``: the per-task mean ``[T, ...]`` (0 where no rank has the
+        task), the number of ranks ``[T]`` that have it, the summed ``extra`` tensors.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_aw.engine import present_mean
+        >>> values, mask = torch.tensor([[1.0, 2.0], [5.0, 5.0]]), torch.tensor([True, False])
+        >>> mean, count, _ = present_mean(None, values, mask)  # one process: no reduction
+        >>> mean, count
+        (tensor([[1., 2.],
+                [0., 0.]]), tensor([1., 0.]))
+    """
+    m = mask.to(values.dtype)
+    shape = (-1,) + (1,) * (values.dim() - 1)
+    sums = all_reduce_sum(trainer, values * m.view(shape), m, *extra)
+    total, count, rest = sums[0], sums[1], sums[2:]
+    return total / count.clamp_min(1.0).view(shape), count, rest
+
+
+class _Inject(torch.autograd.Function):
+    """A float32 zero whose gradient with respect to ``x`` is ``g`` (times the incoming one).
+
+    The same as the surrogate ``<g, x> - <g, x>.detach()``, but its value is exactly 0 even when
+    ``g`` is not finite (an fp16 overflow step), and the incoming gradient (the loss scale divided
+    by ``accumulate_grad_batches``) multiplies ``g`` in float32 before the cast to ``x``'s dtype,
+    so a small unscaled ``g`` does not underflow in float16.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, g: Tensor) -> Tensor:
+        ctx.save_for_backward(g)
+        ctx.x_dtype = x.dtype
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
+        (g,) = ctx.saved_tensors
+        return (g * grad_out.float()).to(ctx.x_dtype), None
+
+
+def inject(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    """A float32 zero scalar whose gradient with respect to ``tensors[j]`` is ``grads[j]``.
+
+    Added to the returned loss, it hands a method's own (unscaled, undivided) gradient to the
+    trunk inside Lightning's one backward: loss scaling, accumulation, clipping and DDP apply.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_aw.engine import inject
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> out = inject([x], [torch.tensor([0.5, -1.0])])
+        >>> out.item()
+        0.0
+        >>> out.backward(); x.grad
+        tensor([ 0.5000, -1.0000])
+    """
+    total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+    for t, g in zip(tensors, grads, strict=True):
+        total = total + _Inject.apply(t, g.detach().float().reshape(t.shape))
+    return total
