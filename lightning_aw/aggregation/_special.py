@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_aw._utils import GeneratorState, grad_scaler, reduce_sum
 from lightning_aw.aggregation._base import GradientWeighting, Source, _inject
-from lightning_aw.functional import _gradient as G
+from lightning_aw.functional import _direction as G
 
 __all__ = ["DBMTL", "GradDrop"]
 
