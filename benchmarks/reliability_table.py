@@ -58,9 +58,9 @@ FUZZ_TESTS = {
     **{f: [f"test_stch[{f}]"] for f in ("stch_loss", "stch_weights")},
     **{f: [f"test_gradvac[{f}]"] for f in ("gradvac", "gradvac_from_gram")},
     **{f: [f"test_coefficients_from_gradients[{f}]"] for f in (
-        "mgda", "pcgrad", "cagrad", "imtlg", "nash_mtl", "aligned_mtl", "upgrad")},
+        "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad")},
     **{f"{f}_from_gram": [f"test_coefficients_from_gram[{f}]"] for f in (
-        "mgda", "pcgrad", "cagrad", "imtlg", "nash_mtl", "aligned_mtl", "upgrad")},
+        "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad")},
 }
 
 

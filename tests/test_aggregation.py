@@ -72,7 +72,7 @@ class HandCheck(pl.Callback):
 COEF_FNS = {
     "MGDA": lambda G, L: AF.mgda(G),
     "UPGrad": lambda G, L: AF.upgrad(G),
-    "IMTLG": lambda G, L: AF.imtlg(G),
+    "IMTLG": lambda G, L: AF.imtl_g(G),
     "CAGrad": lambda G, L: AF.cagrad(G, 0.4, 1),
     "AlignedMTL": lambda G, L: AF.aligned_mtl(G),
     "NashMTL": lambda G, L: AF.nash_mtl(G),

@@ -46,7 +46,7 @@ METHOD_TWINS: dict[str, list[str]] = {
     "mgda": ["mgda", "mgda_from_gram", "gram_matrix"],
     "pcgrad": ["pcgrad", "pcgrad_from_gram", "gram_matrix"],
     "cagrad": ["cagrad", "cagrad_from_gram", "gram_matrix"],
-    "imtl_g": ["imtlg", "imtlg_from_gram", "gram_matrix"],
+    "imtl_g": ["imtl_g", "imtl_g_from_gram", "gram_matrix"],
     "nash_mtl": ["nash_mtl", "nash_mtl_from_gram", "gram_matrix"],
     "aligned_mtl": ["aligned_mtl", "aligned_mtl_from_gram", "gram_matrix"],
     "upgrad": ["upgrad", "upgrad_from_gram", "gram_matrix"],
@@ -330,7 +330,7 @@ COEFFICIENT_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "mgda": F.mgda,
     "pcgrad": F.pcgrad,
     "cagrad": F.cagrad,
-    "imtlg": F.imtlg,
+    "imtl_g": F.imtl_g,
     "nash_mtl": F.nash_mtl,
     "aligned_mtl": F.aligned_mtl,
     "upgrad": F.upgrad,
@@ -359,7 +359,7 @@ def _check_coefficients(name: str, c: torch.Tensor, g: torch.Tensor, options: di
     assert c.shape == (n,) and c.dtype == g.dtype
     if name == "nash_mtl":
         assert (c > 0).all()
-    if name == "imtlg" and bool((g != 0).any(dim=1).all()):
+    if name == "imtl_g" and bool((g != 0).any(dim=1).all()):
         _sum_close(c, 1.0, rel=1e-3)  # documented: sum to 1 (for non-zero gradients)
     if name == "mgda" and options["normalization"] == "none":
         assert (c >= -1e-6).all()

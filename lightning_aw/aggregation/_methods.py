@@ -7,9 +7,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from lightning_aw import functional as G
 from lightning_aw._utils import GeneratorState
 from lightning_aw.aggregation._base import DDPSync, GradientWeighting, Source
-from lightning_aw.functional import _gradient as G
 from lightning_aw.weighting._base import Interval
 
 __all__ = ["IMTLG", "MGDA", "AlignedMTL", "CAGrad", "GradVac", "NashMTL", "PCGrad", "UPGrad"]
@@ -224,7 +224,7 @@ class IMTLG(GradientWeighting):
 
     The coefficients (summing to 1) make the aggregated gradient's projection onto every task's
     unit gradient equal; closed form on the Gram matrix, with a pseudo-inverse for
-    rank-deficient gradients (:func:`lightning_aw.functional.imtlg`). No hyperparameters.
+    rank-deficient gradients (:func:`lightning_aw.functional.imtl_g`). No hyperparameters.
 
     Args:
         source: ``"parameters"`` (gradients on ``shared_parameters()``, default) or
@@ -241,10 +241,10 @@ class IMTLG(GradientWeighting):
         >>> import lightning.pytorch as pl
         >>> import torch
         >>> from lightning_aw import IMTLG
-        >>> from lightning_aw.functional import imtlg
+        >>> from lightning_aw.functional import imtl_g
         >>> trainer = pl.Trainer(callbacks=[IMTLG()], logger=False)
         >>> grads = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-        >>> d = imtlg(grads) @ grads
+        >>> d = imtl_g(grads) @ grads
         >>> d
         tensor([0.6667, 0.6667])
         >>> d @ (grads / grads.norm(dim=1, keepdim=True)).T  # equal projections on unit gradients
@@ -254,7 +254,7 @@ class IMTLG(GradientWeighting):
     total: ClassVar[str | float | None] = 1
 
     def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
-        return G.imtlg_from_gram(gram)
+        return G.imtl_g_from_gram(gram)
 
 
 class NashMTL(GradientWeighting):

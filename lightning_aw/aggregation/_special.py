@@ -16,7 +16,7 @@ from torch import Tensor
 from lightning_aw._utils import GeneratorState, reduce_sum
 from lightning_aw.aggregation._base import GradientWeighting, Source
 from lightning_aw.engine import TaskGradients, flatten, inject, present_mean
-from lightning_aw.functional import _gradient as G
+from lightning_aw.functional import _direction as G
 from lightning_aw.step import StepRecord
 
 __all__ = ["DBMTL", "GradDrop"]

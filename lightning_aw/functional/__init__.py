@@ -1,52 +1,58 @@
 """Pure-torch maths of every weighting method: no Lightning, no state, no host synchronisation.
 
-Each callback in :mod:`lightning_aw.weighting` gathers a statistic and calls its twin here, so
-every method can be used and tested without a Trainer.
+Each callback in :mod:`lightning_aw.weighting` and :mod:`lightning_aw.aggregation` gathers a
+statistic and calls its twin here, so every method can be used and tested without a Trainer. A
+twin is named after its method's registry name (:func:`lightning_aw.registry.list_methods`), e.g.
+``imtl_g`` and ``imtl_g_from_gram`` for ``"imtl_g"``.
+
+Layout, by concept (all names are re-exported here; the modules are private):
+
+* loss-based: ``_baseline`` (equal, RLW, renormalisation), ``_loss_rates`` (DWA, SoftAdapt),
+  ``_learned`` (uncertainty, GradNorm, IMTL-L, FAMO), ``_scalarization`` (GLS, log loss, STCH),
+  on the validation and masked numerics of ``_vectors``;
+* gradient-based: ``_gram`` (the Gram matrix, checks, shared numerics), ``_qp`` (exact simplex
+  and non-negative QP solvers), ``_simplex`` (MGDA, CAGrad), ``_projection`` (PCGrad, GradVac,
+  UPGrad), ``_balancing`` (IMTL-G, Nash-MTL, Aligned-MTL), ``_direction`` (DB-MTL, GradDrop).
 """
 
-from lightning_aw.functional._gradient import (
+from lightning_aw.functional._balancing import (
     aligned_mtl,
     aligned_mtl_from_gram,
-    cagrad,
-    cagrad_from_gram,
-    db_mtl,
-    graddrop,
-    gradvac,
-    gradvac_from_gram,
-    gram_matrix,
-    imtlg,
-    imtlg_from_gram,
-    mgda,
-    mgda_from_gram,
+    imtl_g,
+    imtl_g_from_gram,
     nash_mtl,
     nash_mtl_from_gram,
+)
+from lightning_aw.functional._baseline import equal, renormalize, rlw
+from lightning_aw.functional._direction import db_mtl, graddrop
+from lightning_aw.functional._gram import gram_matrix
+from lightning_aw.functional._learned import (
+    famo_logit_grad,
+    famo_loss,
+    famo_weights,
+    gradnorm_weight_grad,
+    imtl_l_loss,
+    uncertainty_loss,
+    uncertainty_weights,
+)
+from lightning_aw.functional._loss_rates import dwa, softadapt
+from lightning_aw.functional._projection import (
+    gradvac,
+    gradvac_from_gram,
     pcgrad,
     pcgrad_from_gram,
     upgrad,
     upgrad_from_gram,
 )
-from lightning_aw.functional._loss import (
-    dwa,
-    equal,
-    gradnorm_weight_grad,
-    renormalize,
-    uncertainty_loss,
-    uncertainty_weights,
-)
-from lightning_aw.functional._loss_extra import (
-    famo_logit_grad,
-    famo_loss,
-    famo_weights,
+from lightning_aw.functional._scalarization import (
     gls_loss,
     gls_weights,
-    imtl_l_loss,
-    rlw,
     scale_invariant_loss,
     scale_invariant_weights,
-    softadapt,
     stch_loss,
     stch_weights,
 )
+from lightning_aw.functional._simplex import cagrad, cagrad_from_gram, mgda, mgda_from_gram
 
 __all__ = [
     "aligned_mtl",
@@ -66,9 +72,9 @@ __all__ = [
     "gradvac",
     "gradvac_from_gram",
     "gram_matrix",
+    "imtl_g",
+    "imtl_g_from_gram",
     "imtl_l_loss",
-    "imtlg",
-    "imtlg_from_gram",
     "mgda",
     "mgda_from_gram",
     "nash_mtl",

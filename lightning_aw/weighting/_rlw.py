@@ -10,7 +10,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_aw._utils import GeneratorState
-from lightning_aw.functional._loss_extra import _DISTRIBUTIONS, Distribution, rlw
+from lightning_aw.functional._baseline import _DISTRIBUTIONS, Distribution, rlw
 from lightning_aw.weighting._base import Interval, LossWeighting
 
 
@@ -40,7 +40,7 @@ class RLW(LossWeighting):
         seed: seed of the weights' generator (default ``None``: from the global generator).
         distribution: ``"normal"`` (default, softmax of standard normal draws), ``"uniform"``
             (softmax of :math:`U(0,1)` draws) or ``"dirichlet"`` (flat Dirichlet), see
-            :func:`~lightning_aw.functional._loss_extra.rlw`.
+            :func:`~lightning_aw.functional.rlw`.
         interval: ``"step"`` (default, the paper) or ``"epoch"``.
         frequency: draw new weights every ``frequency`` optimizer steps or epochs.
 

@@ -1,7 +1,7 @@
 """GPU checks beyond gpu_check.py: host syncs per step, monitors and optimizers on CUDA.
 
-    python benchmarks/gpu_check_extras.py           # on a CUDA machine, ~1-2 minutes
-    python benchmarks/gpu_check_extras.py --cpu     # the monitor/optimizer cells on the CPU
+    python benchmarks/gpu_check_syncs_monitors_optim.py  # on a CUDA machine, ~1-2 minutes
+    python benchmarks/gpu_check_syncs_monitors_optim.py --cpu  # the monitor/optimizer cells on the CPU
 
 1. Host-device synchronisations per training step that come from lightning_aw's own code, for
    every registered method: ``torch.cuda.set_sync_debug_mode("warn")`` is switched on for the
@@ -205,7 +205,7 @@ def optimizer_cells(results, accelerator: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="monitor/optimizer cells on the CPU")
-    parser.add_argument("--out", default="runs/gpu_check_extras")
+    parser.add_argument("--out", default="runs/gpu_check_syncs_monitors_optim")
     args = parser.parse_args(argv)
     accelerator = "cpu" if args.cpu else "cuda"
     if accelerator == "cuda" and not torch.cuda.is_available():

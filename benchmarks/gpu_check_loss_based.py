@@ -1,7 +1,7 @@
 """GPU check of RLW, GLS, ScaleInvariant, IMTLL, FAMO, SoftAdapt and STCH on CUDA.
 
-    python benchmarks/gpu_check_loss_extra.py          # on a machine with a CUDA GPU, < 2 minutes
-    python benchmarks/gpu_check_loss_extra.py --cpu    # the same checks on the CPU
+    python benchmarks/gpu_check_loss_based.py          # on a machine with a CUDA GPU, < 2 minutes
+    python benchmarks/gpu_check_loss_based.py --cpu    # the same checks on the CPU
 
 For each method and precision (fp32, fp16 + GradScaler, bf16) it trains a small three-task model
 for one epoch of 60 steps and checks: finite weights with the documented total, finite parameters

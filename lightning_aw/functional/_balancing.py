@@ -1,0 +1,313 @@
+r"""Balancing methods: the combination that treats every task alike, by linear algebra on K.
+
+IMTL-G (equal projections on every unit task gradient: a linear system), Nash-MTL (the Nash
+bargaining solution :math:`K\alpha = 1/\alpha`: a Newton method) and Aligned-MTL (aligned
+task gradients of equal norms: an eigendecomposition). All are coefficient methods with
+``*_from_gram`` twins; see :mod:`._gram` for the contract.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_aw.functional._gram import (
+    _check_gram,
+    _finish,
+    _gram64,
+    _normalised,
+    _rank_rtol,
+    _work_dtype,
+)
+
+__all__ = [
+    "aligned_mtl",
+    "aligned_mtl_from_gram",
+    "imtl_g",
+    "imtl_g_from_gram",
+    "nash_mtl",
+    "nash_mtl_from_gram",
+]
+
+ScaleMode = Literal["min", "median", "rmse"]
+
+
+# --------------------------------------------------------------------------------------------
+# IMTL-G
+# --------------------------------------------------------------------------------------------
+
+
+def _imtl_g(q: Tensor, work: torch.dtype) -> Tensor:
+    num_tasks = q.shape[0]
+    qn, _ = _normalised(q)
+    norms = qn.diagonal().clamp_min(0.0).sqrt()
+    nonzero = norms > 0
+    alpha = qn.new_zeros(num_tasks)
+    if not bool(nonzero.any()):
+        return alpha + 1.0 / num_tasks
+    idx = nonzero.nonzero().squeeze(1)
+    k = idx.numel()
+    # unknowns (alpha, gamma):  K alpha - gamma n = 0  (equal projections gamma on unit grads),
+    #                           1^T alpha = 1;  minimum-norm least-squares solution.
+    system = qn.new_zeros(k + 1, k + 1)
+    system[:k, :k] = qn[idx][:, idx]
+    system[:k, k] = -norms[idx]
+    system[k, :k] = 1.0
+    rhs = qn.new_zeros(k + 1)
+    rhs[k] = 1.0
+    alpha[idx] = (torch.linalg.pinv(system, rtol=_rank_rtol(work)) @ rhs)[:k]
+    return alpha
+
+
+def imtl_g(grads: Tensor) -> Tensor:
+    r"""IMTL-G: the combination whose projections on every unit task gradient are equal.
+
+    Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task Learning",
+    ICLR 2021, https://openreview.net/forum?id=IMPnRXEWpvr.
+
+    With :math:`u_i = g_i/\lVert g_i\rVert`, find :math:`\alpha` with :math:`\sum_i\alpha_i = 1`
+    and :math:`d = \sum_i \alpha_i g_i` such that :math:`d\cdot u_i` is the same for all
+    :math:`i`. In Gram space (:math:`K = GG^\top`, :math:`n_i = \lVert g_i\rVert`):
+
+    .. math::
+
+        K\alpha = \gamma\, n,\quad \mathbf 1^\top\alpha = 1
+        \quad\Longrightarrow\quad
+        \alpha = \frac{K^{-1} n}{\mathbf 1^\top K^{-1} n}\ \text{(full rank)},
+
+    equivalent to the paper's closed form :math:`\alpha_{2:T} = g_1 U^\top (D U^\top)^{-1}`.
+
+    Conventions: coefficients sum to 1 (the paper's constraint). Rank deficiency is handled by the
+    minimum-norm least-squares solution of the bordered ``(T+1) x (T+1)`` system above (a
+    pseudo-inverse, singular values below ``1000 * eps`` relative dropped), which keeps the
+    result permutation-equivariant; e.g. identical gradients give :math:`1/T` each and opposite
+    ones :math:`d = 0`. Tasks with an exactly zero gradient have no direction: they get
+    :math:`\alpha_i = 0`, and if all gradients are zero :math:`\alpha_i = 1/T`. ``alpha`` is
+    invariant to multiplying ``grads`` by a constant.
+
+    Args:
+        grads: ``[T, P]`` per-task gradients.
+
+    Returns:
+        ``[T]`` coefficients summing to 1, dtype and device of ``grads``.
+
+    Raises:
+        ValueError: on a malformed or non-finite ``grads``.
+
+    Example::
+
+        >>> imtl_g(torch.tensor([[1.0, 0.0], [0.0, 3.0]]))
+        tensor([0.7500, 0.2500])
+    """
+    q = _gram64(grads)
+    return _finish(_imtl_g(q, _work_dtype(grads.dtype)), grads)
+
+
+def imtl_g_from_gram(gram: Tensor) -> Tensor:
+    r""":func:`imtl_g` from the Gram matrix ``gram = grads @ grads.T`` (``[T, T]``).
+
+    Example::
+
+        >>> imtl_g_from_gram(torch.tensor([[1.0, 0.0], [0.0, 9.0]]))
+        tensor([0.7500, 0.2500])
+    """
+    q, work = _check_gram(gram)
+    return _finish(_imtl_g(q, work), gram)
+
+
+# --------------------------------------------------------------------------------------------
+# Nash-MTL
+# --------------------------------------------------------------------------------------------
+
+
+def _nash(q: Tensor, max_iter: int, tol: float, ridge: float) -> Tensor:
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"Parameter `max_iter` should be a positive int. Found {max_iter!r}.")
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"Parameter `tol` should be a positive number. Found {tol!r}.")
+    if not (math.isfinite(ridge) and ridge > 0):
+        raise ValueError(f"Parameter `ridge` should be a positive number. Found {ridge!r}.")
+    num_tasks = q.shape[0]
+    # A Gram matrix computed in float32 is slightly indefinite when two gradients (nearly)
+    # cancel, e.g. on the Pareto set of a 2-task problem: project it onto the PSD cone first, or
+    # the quadratic form below can be negative.
+    evals, evecs = torch.linalg.eigh(q)
+    q = (evecs * evals.clamp_min(0.0)) @ evecs.T
+    fro = float(torch.linalg.matrix_norm(q))
+    if fro == 0.0:
+        return q.new_ones(num_tasks)
+    a = q / fro + ridge * torch.eye(num_tasks, dtype=q.dtype, device=q.device)
+
+    def objective(x: Tensor) -> float:  # convex; its gradient is A x - 1/x
+        return float(0.5 * x @ a @ x - torch.log(x).sum())
+
+    alpha = a.diagonal().rsqrt()
+    alpha = alpha * math.sqrt(num_tasks / float(alpha @ a @ alpha))  # best multiple of the start
+    for _ in range(max_iter):
+        a_alpha = a @ alpha
+        if float((alpha * a_alpha - 1).abs().max()) <= tol:
+            break
+        grad = a_alpha - 1 / alpha
+        hess = a + torch.diag(1 / alpha**2)
+        step = -torch.linalg.solve(hess, grad)
+        decrease = float(grad @ step)  # < 0
+        shrink = torch.where(step < 0, -alpha / step, torch.full_like(alpha, math.inf))
+        t = min(1.0, 0.99 * float(shrink.min()))
+        f0 = objective(alpha)
+        while t > 1e-12 and objective(alpha + t * step) > f0 + 0.25 * t * decrease:
+            t *= 0.5
+        alpha = alpha + t * step
+        if t * float(step.abs().max()) <= 1e-15 * float(alpha.max()):
+            break  # no more progress in floating point
+    return alpha
+
+
+def nash_mtl(grads: Tensor, max_iter: int = 20, tol: float = 1e-10, ridge: float = 1e-8) -> Tensor:
+    r"""Nash-MTL: the Nash bargaining solution, :math:`K\alpha = 1/\alpha` with :math:`\alpha>0`.
+
+    Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, "Multi-Task Learning as a
+    Bargaining Game", ICML 2022, https://arxiv.org/abs/2202.01017.
+
+    .. math::
+
+        \bar K = \frac{G G^\top}{\lVert G G^\top\rVert_F} + \epsilon I, \qquad
+        \bar K \alpha = 1/\alpha \ (\text{elementwise}), \qquad d = \sum_i \alpha_i g_i .
+
+    The system is the stationarity condition of the strictly convex
+    :math:`f(\alpha) = \tfrac12\alpha^\top\bar K\alpha - \sum_i\log\alpha_i`; it is solved by a
+    damped Newton method on the positive orthant (backtracking line search, steps kept inside
+    :math:`\alpha > 0`), instead of the paper's CCCP + cvxpy, until
+    :math:`\max_i\lvert\alpha_i(\bar K\alpha)_i - 1\rvert \le` ``tol`` or ``max_iter`` steps.
+
+    Conventions: as in the authors' implementation the Gram matrix is divided by its Frobenius
+    norm, so :math:`\alpha` is invariant to multiplying ``grads`` by a constant (and ``d`` scales
+    with it); the weights are used as they are (no sum-to-1). The ridge :math:`\epsilon` keeps the
+    problem solvable when a gradient is zero or gradients cancel (:math:`0` in their cone), and
+    bounds :math:`\lVert\alpha\rVert_2 \le \sqrt{T/\epsilon}`; it is negligible unless a task's
+    squared gradient norm is below about :math:`\epsilon` times the Frobenius norm. All-zero
+    gradients give :math:`\alpha = 1`. For two tasks Nash-MTL equals IMTL-G up to scale. The
+    paper also clips the update norm at 1 and may refresh the weights every few steps: that is
+    the caller's business.
+
+    Args:
+        grads: ``[T, P]`` per-task gradients.
+        max_iter: maximum number of Newton steps (default 20, like the paper's CCCP steps;
+            Newton converges quadratically, usually in under 10).
+        tol: tolerance on :math:`\max_i\lvert\alpha_i(\bar K\alpha)_i - 1\rvert`.
+        ridge: :math:`\epsilon` above.
+
+    Returns:
+        ``[T]`` positive weights, dtype and device of ``grads``.
+
+    Raises:
+        ValueError: on a malformed or non-finite ``grads`` or invalid solver settings.
+
+    Example::
+
+        >>> nash_mtl(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        tensor([1.1892, 1.1892])
+    """
+    q = _gram64(grads)
+    return _finish(_nash(q, max_iter, tol, ridge), grads)
+
+
+def nash_mtl_from_gram(
+    gram: Tensor, max_iter: int = 20, tol: float = 1e-10, ridge: float = 1e-8
+) -> Tensor:
+    r""":func:`nash_mtl` from the Gram matrix ``gram = grads @ grads.T`` (``[T, T]``).
+
+    Example::
+
+        >>> nash_mtl_from_gram(torch.eye(2))
+        tensor([1.1892, 1.1892])
+    """
+    q, _ = _check_gram(gram)
+    return _finish(_nash(q, max_iter, tol, ridge), gram)
+
+
+# --------------------------------------------------------------------------------------------
+# Aligned-MTL
+# --------------------------------------------------------------------------------------------
+
+
+def _aligned(q: Tensor, work: torch.dtype, scale_mode: str) -> Tensor:
+    if scale_mode not in ("min", "median", "rmse"):
+        raise ValueError(
+            f"Parameter `scale_mode` should be 'min', 'median' or 'rmse'. Found {scale_mode!r}."
+        )
+    qn, _ = _normalised(q)
+    eigvals, eigvecs = torch.linalg.eigh(qn)
+    keep = eigvals > _rank_rtol(work) * eigvals.max().clamp_min(0.0)
+    if not bool(keep.any()):  # every gradient is zero
+        return qn.new_zeros(q.shape[0])
+    lam, vec = eigvals[keep], eigvecs[:, keep]
+    if scale_mode == "min":
+        scale = lam.min()
+    elif scale_mode == "median":
+        scale = lam.median()
+    else:
+        scale = lam.mean()
+    basis = (vec * (scale / lam).sqrt()) @ vec.T  # B = sqrt(scale) V diag(lam^-1/2) V^T
+    return basis.sum(1)
+
+
+def aligned_mtl(grads: Tensor, scale_mode: ScaleMode = "min") -> Tensor:
+    r"""Aligned-MTL: align the principal components of the task gradients, keep a common scale.
+
+    Senushkin, Patakin, Kuznetsov & Konushin, "Independent Component Alignment for Multi-Task
+    Learning", CVPR 2023, https://arxiv.org/abs/2305.19000, Algorithm 1.
+
+    .. math::
+
+        G G^\top = V \Lambda V^\top, \qquad
+        B = \sqrt{\lambda_\text{s}}\; V \Lambda^{-1/2} V^\top, \qquad
+        c = B\,\mathbf 1, \qquad d = c^\top G = \mathbf 1^\top (B G),
+
+    where the rows of :math:`BG` are the aligned task gradients, whose Gram matrix is
+    :math:`\lambda_\text{s} I` (full rank): they are orthogonal with equal norms.
+
+    Conventions:
+
+    * ``scale_mode``: :math:`\lambda_\text{s}` is the smallest kept eigenvalue (``"min"``,
+      default), their median (``"median"``, torch's lower median) or their mean (``"rmse"``: the
+      aligned gradients then have the RMS norm of the original singular values).
+    * Task weights :math:`\omega = \mathbf 1` as in the authors' code: the aligned gradients are
+      summed (the library-wide sum convention), not averaged.
+    * Eigenvalues below ``1000 * eps * max eigenvalue`` (``eps`` of the working dtype) are
+      dropped (rank-deficient gradients): :math:`\Lambda^{-1/2}` is a pseudo-inverse square root
+      and the aligned Gram matrix is :math:`\lambda_\text{s}` times the projector on the range.
+      All-zero gradients give ``c = 0``.
+    * ``c`` is invariant to multiplying ``grads`` by a constant.
+
+    Args:
+        grads: ``[T, P]`` per-task gradients.
+        scale_mode: ``"min"``, ``"median"`` or ``"rmse"``.
+
+    Returns:
+        ``[T]`` coefficients, dtype and device of ``grads``.
+
+    Raises:
+        ValueError: on a malformed or non-finite ``grads`` or an unknown ``scale_mode``.
+
+    Example::
+
+        >>> aligned_mtl(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        tensor([1.0000, 0.5000])
+    """
+    q = _gram64(grads)
+    return _finish(_aligned(q, _work_dtype(grads.dtype), scale_mode), grads)
+
+
+def aligned_mtl_from_gram(gram: Tensor, scale_mode: ScaleMode = "min") -> Tensor:
+    r""":func:`aligned_mtl` from the Gram matrix ``gram = grads @ grads.T`` (``[T, T]``).
+
+    Example::
+
+        >>> aligned_mtl_from_gram(torch.tensor([[1.0, 0.0], [0.0, 4.0]]))
+        tensor([1.0000, 0.5000])
+    """
+    q, work = _check_gram(gram)
+    return _finish(_aligned(q, work, scale_mode), gram)

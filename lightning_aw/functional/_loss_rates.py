@@ -1,0 +1,108 @@
+"""Weights from how fast each loss changes: DWA (ratio of epoch means) and SoftAdapt (slopes).
+
+The callbacks keep the loss history (epoch or step windows) and pass its statistics here.
+Conventions in :mod:`._vectors`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_aw.functional._vectors import _check_vector
+
+__all__ = ["dwa", "softadapt"]
+
+
+def dwa(previous: Tensor, before_previous: Tensor, temperature: float = 2.0) -> Tensor:
+    r"""Dynamic Weight Average weights (Liu, Johns & Davison, CVPR 2019, arXiv:1803.10704, eq. 7).
+
+    .. math::
+
+        r_i = \frac{\bar L_i(e-1)}{\bar L_i(e-2)}, \qquad
+        w_i = T\,\frac{\exp(r_i/\tau)}{\sum_j \exp(r_j/\tau)}
+
+    Args:
+        previous: per-task mean training loss of the last epoch, :math:`\bar L(e-1)`, ``[T]``.
+        before_previous: the same for the epoch before, :math:`\bar L(e-2)`, ``[T]``; must be
+            positive.
+        temperature: :math:`\tau > 0`; larger values give more even weights. Default 2.
+
+    Returns:
+        Weights summing to ``T``.
+
+    Raises:
+        ValueError: on mismatched shapes, a non-positive temperature, or losses that are not
+            positive and finite (never NaN weights).
+
+    Example::
+
+        >>> dwa(torch.tensor([0.5, 1.0, 1.2]), torch.ones(3))
+        tensor([0.8101, 1.0402, 1.1496])
+    """
+    _check_vector("previous", previous)
+    _check_vector("before_previous", before_previous, previous.numel())
+    if not temperature > 0:
+        raise ValueError(f"Parameter `temperature` should be > 0. Found {temperature!r}.")
+    for name, x in (("previous", previous), ("before_previous", before_previous)):
+        bad = ~(torch.isfinite(x) & (x > 0))
+        if bool(bad.any()):  # one host synchronisation per call (DWA updates once per window)
+            i = int(bad.nonzero()[0])
+            raise ValueError(
+                f"Parameter `{name}` should hold positive, finite mean losses (DWA divides and "
+                f"compares them). Found `{name}[{i}] = {float(x[i])}`."
+            )
+    ratio = previous / before_previous
+    return previous.numel() * torch.softmax(ratio / temperature, dim=0)
+
+
+def softadapt(
+    slopes: Tensor,
+    beta: float = 0.1,
+    *,
+    normalize: bool = False,
+    loss_values: Tensor | None = None,
+    eps: float = 1e-8,
+) -> Tensor:
+    r"""SoftAdapt weights from the recent slopes of the task losses.
+
+    Heydari, Thompson, Mehmood, "SoftAdapt: Techniques for Adaptive Loss Weighting of Neural
+    Networks with Multi-Part Loss Functions", 2019, https://arxiv.org/abs/1912.12355, Sec. 3.1.
+
+    With the slopes :math:`s_i = L_i(k) - L_i(k-1)` (finite differences of recent loss values):
+
+    .. math::
+
+        \alpha_i = \frac{f_i\, e^{\beta s_i}}{\sum_j f_j\, e^{\beta s_j}}
+
+    with :math:`f_i = 1` (original variant) or :math:`f_i` the recent loss value (loss-weighted
+    variant, ``loss_values``). The normalised-slopes variant uses
+    :math:`s_i / (\sum_j |s_j| + \epsilon)` instead of :math:`s_i`, which makes :math:`\beta`
+    independent of the losses' scale. Both variants combine. The weights **sum to 1**. With
+    :math:`\beta > 0` a task whose loss falls slowly (or rises) gets more weight; :math:`\beta <
+    0` favours the tasks that improve fastest.
+
+    Args:
+        slopes: :math:`s`, ``[T]``.
+        beta: :math:`\beta` (default 0.1, the paper's).
+        normalize: use normalised slopes.
+        loss_values: :math:`f` for the loss-weighted variant, ``[T]``, positive.
+        eps: :math:`\epsilon` of the normalisation.
+
+    Example::
+
+        >>> softadapt(torch.tensor([0.0, 0.0]))
+        tensor([0.5000, 0.5000])
+    """
+    _check_vector("slopes", slopes)
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta != beta:
+        raise ValueError(f"Parameter `beta` should be a finite number. Found {beta!r}.")
+    s = slopes
+    if normalize:
+        s = s / (s.abs().sum() + eps)
+    x = beta * s
+    e = torch.exp(x - x.max())
+    if loss_values is not None:
+        _check_vector("loss_values", loss_values, slopes.numel())
+        e = loss_values.to(e) * e
+    return e / e.sum()
