@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 import csv
-import math
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
-from _helpers import TASKS, TinyNet, WeightRecorder, loader, params, run_ddp_script, trainer
+from _helpers import TASKS, TinyNet, WeightRecorder, loader, params, trainer
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 
@@ -442,34 +441,6 @@ def test_stch_with_a_reference_starts_at_once(tmp_path):
         expected = 3 * torch.softmax((L[k - 1] - ref) / 2.0, 0)
         torch.testing.assert_close(torch.tensor(rec.weights[k], dtype=torch.float64), expected)
         assert sum(rec.weights[k]) == pytest.approx(3.0, abs=1e-5)
-
-
-# ---------------------------------------------------------------------------------- DDP
-DDP_SCRIPT = Path(__file__).with_name("ddp_loss_extra_script.py")
-DDP_METHODS = ["rlw", "famo", "softadapt-step", "imtl_l", "stch", "gls", "scale_invariant"]
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_loss_extra")
-    run_ddp_script(DDP_SCRIPT, out, DDP_METHODS)
-    return out
-
-
-@pytest.mark.ddp
-@pytest.mark.parametrize("method", DDP_METHODS)
-def test_ddp_ranks_hold_identical_state_and_parameters(ddp_run, method):
-    r0 = torch.load(ddp_run / f"{method}-rank0.pt", weights_only=True)
-    r1 = torch.load(ddp_run / f"{method}-rank1.pt", weights_only=True)
-    assert r0["global_step"] == r1["global_step"] == 3 * 8
-    for k, v in r0["state"].items():
-        torch.testing.assert_close(r1["state"][k], v, rtol=0, atol=0, msg=k)
-        assert torch.isfinite(v).all()
-    for k, v in r0["params"].items():
-        torch.testing.assert_close(r1["params"][k], v, rtol=0, atol=0, msg=k)
-    if method in ("rlw", "softadapt-step"):  # their weights are state: identical too
-        assert not torch.allclose(r0["weights"], torch.full((3,), 1 / 3))
-        assert math.isclose(r0["weights"].sum().item(), 1.0, abs_tol=1e-6)
 
 
 def test_famo_frequency_updates_the_logits_every_n_steps(tmp_path):
