@@ -215,28 +215,6 @@ def test_the_encoder_trains(tmp_path, method):
     assert err_after < 0.7 * err_before
 
 
-@pytest.mark.parametrize("method", [GradDrop(leak=0.2), DBMTL(), DBMTL(source="representation")], ids=repr)
-def test_resume_equals_uninterrupted(tmp_path, method):
-    def fit(root, epochs, ckpt=None):
-        net = TinyNet(optimizer={"name": "adam", "lr": 0.01})
-        t = trainer(root, [copy.deepcopy(method)], max_epochs=epochs)
-        t.fit(net, loader(), ckpt_path=ckpt)
-        return t, net
-
-    full_trainer, full = fit(tmp_path / "full", 3)
-    first, _ = fit(tmp_path / "a", 1)
-    first.save_checkpoint(tmp_path / "c.ckpt")
-    state = torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"]
-    assert len(state) == 1
-    resumed_trainer, resumed = fit(tmp_path / "b", 3, str(tmp_path / "c.ckpt"))
-    assert resumed_trainer.global_step == full_trainer.global_step == 24
-    for k, v in params(full).items():
-        torch.testing.assert_close(params(resumed)[k], v, rtol=0, atol=0, msg=k)
-    assert resumed.task_weights == full.task_weights
-    if isinstance(method, DBMTL):
-        torch.testing.assert_close(resumed.weighting._ema, full.weighting._ema, rtol=0, atol=0)
-
-
 # ---------------------------------------------------------------------------- degenerate input
 def _zero_grad_task(i, t, loss):
     # task "b" carries no gradient (a constant positive loss); "c" is a billion times larger
