@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -115,13 +117,41 @@ class WeightRecorder(pl.Callback):
         self.epochs.append(trainer.current_epoch)
 
 
-def run_ddp_script(script, out, methods: Sequence[str], timeout: int = 300) -> None:
+def run_ddp_script(script, out, args: Sequence[str] = (), timeout: int = 300) -> None:
     """Run a 2-process DDP script in a subprocess (the ddp launcher re-executes sys.argv), with
     no distributed variables inherited from this process; fail with its output's tail."""
     prefixes = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     proc = subprocess.run(
-        [sys.executable, str(script), str(out), *methods],
-        capture_output=True, text=True, timeout=timeout, env=env,
+        [sys.executable, str(script), str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def ddp_result_file(out: Path, case: str, rank: int, suffix: str = "pt") -> Path:
+    """Where ``ddp_script.py`` writes a case's result (``pt``) or error (``err``) for a rank."""
+    return out / f"{case.replace('/', '.')}-rank{rank}.{suffix}"
+
+
+@dataclass
+class DDPResults:
+    """The output folder of one ``ddp_script.py`` launch (the ``ddp_results`` fixture), and the
+    launch's failure message, if it failed."""
+
+    out: Path
+    failure: str | None = None
+
+    def load(self, case: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Rank 0's and rank 1's results of ``case``; fails with the case's error, if it raised,
+        or the launch's, if it stopped before the case."""
+        for rank in (0, 1):
+            err = ddp_result_file(self.out, case, rank, "err")
+            assert not err.exists(), err.read_text()[-3000:]
+        files = [ddp_result_file(self.out, case, rank) for rank in (0, 1)]
+        assert all(f.exists() for f in files), f"no result for {case!r}: {self.failure}"
+        r0, r1 = (torch.load(f, weights_only=True) for f in files)
+        return r0, r1

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+from _helpers import DDPResults, run_ddp_script
 from hypothesis import settings
 
 # Property tests draw the same examples on every run (no flaky CI); set HYPOTHESIS_PROFILE=explore
@@ -22,3 +24,15 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ddp_results(tmp_path_factory) -> DDPResults:
+    """Every 2-process DDP case of ``ddp_script.py``, run in one launch for the whole session
+    (the DDP tests of several files read their cases' results from it)."""
+    out = tmp_path_factory.mktemp("ddp")
+    try:
+        run_ddp_script(Path(__file__).with_name("ddp_script.py"), out, timeout=600)
+    except AssertionError as err:  # reported by each test, with its case's error if it raised
+        return DDPResults(out, str(err))
+    return DDPResults(out)

@@ -9,13 +9,12 @@ just before the optimizer step.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import TinyNet, loader, params, run_ddp_script, trainer
+from _helpers import TinyNet, loader, params, trainer
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -216,28 +215,6 @@ def test_the_encoder_trains(tmp_path, method):
     assert err_after < 0.7 * err_before
 
 
-@pytest.mark.parametrize("method", [GradDrop(leak=0.2), DBMTL(), DBMTL(source="representation")], ids=repr)
-def test_resume_equals_uninterrupted(tmp_path, method):
-    def fit(root, epochs, ckpt=None):
-        net = TinyNet(optimizer={"name": "adam", "lr": 0.01})
-        t = trainer(root, [copy.deepcopy(method)], max_epochs=epochs)
-        t.fit(net, loader(), ckpt_path=ckpt)
-        return t, net
-
-    full_trainer, full = fit(tmp_path / "full", 3)
-    first, _ = fit(tmp_path / "a", 1)
-    first.save_checkpoint(tmp_path / "c.ckpt")
-    state = torch.load(tmp_path / "c.ckpt", weights_only=True)["callbacks"]
-    assert len(state) == 1
-    resumed_trainer, resumed = fit(tmp_path / "b", 3, str(tmp_path / "c.ckpt"))
-    assert resumed_trainer.global_step == full_trainer.global_step == 24
-    for k, v in params(full).items():
-        torch.testing.assert_close(params(resumed)[k], v, rtol=0, atol=0, msg=k)
-    assert resumed.task_weights == full.task_weights
-    if isinstance(method, DBMTL):
-        torch.testing.assert_close(resumed.weighting._ema, full.weighting._ema, rtol=0, atol=0)
-
-
 # ---------------------------------------------------------------------------- degenerate input
 def _zero_grad_task(i, t, loss):
     # task "b" carries a zero gradient (a constant positive loss that keeps its graph); "c" is
@@ -352,23 +329,3 @@ def test_repr_and_state_key():
     assert repr(DBMTL(beta=0.5, source="representation")) == "DBMTL(beta=0.5, source='representation')"
     assert GradDrop(seed=1).state_key != GradDrop(seed=2).state_key
 
-
-# ---------------------------------------------------------------------------- DDP
-SCRIPT = Path(__file__).with_name("ddp_special_script.py")
-DDP_METHODS = ["graddrop", "dbmtl", "dbmtl-unmarked"]
-
-
-@pytest.mark.ddp
-def test_ddp_ranks_hold_identical_parameters(tmp_path):
-    run_ddp_script(SCRIPT, tmp_path, DDP_METHODS)
-    for name in DDP_METHODS:
-        r0 = torch.load(tmp_path / f"{name}-rank0.pt", weights_only=True)
-        r1 = torch.load(tmp_path / f"{name}-rank1.pt", weights_only=True)
-        assert r0["global_step"] == r1["global_step"] == 8
-        torch.testing.assert_close(r0["weights"], r1["weights"], rtol=0, atol=0)
-        assert torch.isfinite(r0["weights"]).all()
-        if name.startswith("dbmtl"):
-            torch.testing.assert_close(r0["ema"], r1["ema"], rtol=0, atol=0)
-            assert r0["fallbacks"] == 0
-        for k, v in r0["params"].items():
-            torch.testing.assert_close(r1["params"][k], v, rtol=0, atol=0, msg=f"{name}: {k}")

@@ -7,8 +7,9 @@ optimizer steps; the Trainer runs are shared between the checks through a module
 
 What is checked, for every method:
 
-(a) a real run with tasks absent from some batches gives finite weights, summing to the
-    documented ``total`` on every step; the registry metadata is true to the class;
+(a) a real run with tasks absent from some batches gives finite non-negative weights, summing to
+    the documented ``total`` on every step, and logs them with the method's diagnostics; the
+    registry metadata is true to the class;
 (b) permuting the tasks (and their data) permutes the weights the same way;
 (c) the weights are float32 on the module's device (CPU, CPU under bf16 autocast, CUDA);
 (d) ``state_dict`` round trip into a fresh instance, ``copy.deepcopy`` and ``pickle``;
@@ -17,17 +18,23 @@ What is checked, for every method:
 (f) crash-and-resume equals an uninterrupted run, bitwise; a stateless method also resumes
     exactly without its saved state, a stateful one does not;
 (g) ``repr`` shows the hyperparameters and ``state_key`` tells different ones apart.
+
+(a) and (f) also run :data:`VARIANTS`, configurations the example arguments do not reach (another
+interval, an unseeded or Dirichlet RLW, a stateful weight transform, ...); test ids are the
+variant's name.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
 import doctest
 import inspect
 import itertools
 import pickle
 from collections.abc import Callable
 from dataclasses import FrozenInstanceError, dataclass, field
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -37,6 +44,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import TASKS, TinyNet, loader, params, trainer
+from lightning.pytorch.loggers import CSVLogger
 from scipy.optimize import minimize, nnls
 
 import lightning_aw
@@ -49,6 +57,7 @@ from lightning_aw.registry import (
     list_methods,
     register_method,
 )
+from lightning_aw.transforms import EMA
 
 METHODS = list_methods()
 #: task "c" has no label in the 2nd batch of every epoch, task "a" none in the 3rd
@@ -69,6 +78,49 @@ def _methods(check: str) -> list[Any]:
         else n
         for n in METHODS
     ]
+
+
+#: Configurations beyond the registry's example arguments, checked by (a) and (f): registry name
+#: and a factory. Window frequencies of 4 put the two-epoch checkpoint (step 6) inside a window.
+VARIANTS: dict[str, tuple[str, Callable[[], Weighting]]] = {
+    "dwa-step": ("dwa", lambda: create_method("dwa", interval="step", frequency=4)),
+    "gradnorm-epoch": ("gradnorm", lambda: create_method("gradnorm", alpha=0.5, interval="epoch")),
+    "gradnorm-ema": (  # a transform with state of its own
+        "gradnorm",
+        lambda: create_method("gradnorm", lr=0.1).transformed(EMA(0.8)),
+    ),
+    "rlw-unseeded": ("rlw", lambda: create_method("rlw")),
+    "rlw-dirichlet-epoch": (
+        "rlw",
+        lambda: create_method("rlw", seed=1, distribution="dirichlet", interval="epoch"),
+    ),
+    "famo-min_losses": (
+        "famo",
+        lambda: create_method("famo", min_losses=[-1.0, -1.0, -1.0], gamma=0.0, check_every=3),
+    ),
+    "softadapt-normalized-step": (
+        "softadapt",
+        lambda: create_method(
+            "softadapt", beta=5.0, normalize=True, loss_weighted=True, interval="step", frequency=4
+        ),
+    ),
+    "stch-in-warmup": ("stch", lambda: create_method("stch", warmup_epochs=3)),  # resumed in it
+    "stch-reference": (
+        "stch",
+        lambda: create_method("stch", reference=[1.0, 5.0, 0.1], logarithmic=False, mu=0.5),
+    ),
+    "db_mtl-representation": ("db_mtl", lambda: create_method("db_mtl", source="representation")),
+}
+#: every registered method (with its example arguments) and every variant
+CASES = [*METHODS, *VARIANTS]
+
+
+def _case(case: str) -> tuple[MethodInfo, Callable[[], Weighting] | None]:
+    """The registry record of a method or variant, and the variant's factory (None: example)."""
+    if case in VARIANTS:
+        name, make = VARIANTS[case]
+        return get_method(name), make
+    return get_method(case), None
 
 
 def _absent(batch_idx: int, task: str) -> bool:
@@ -182,15 +234,28 @@ class Runs:
     root: Any
     cache: dict[tuple[str, str], Run] = field(default_factory=dict)
 
-    def get(self, name: str, kind: str) -> Run:
-        key = (name, kind)
+    def get(self, case: str, kind: str) -> Run:
+        key = (case, kind)
         if key not in self.cache:
-            self.cache[key] = _RUNS[kind](get_method(name), self.root / f"{name}-{kind}")
+            info, make = _case(case)
+            self.cache[key] = _RUNS[kind](info, self.root / f"{case}-{kind}", make=make)
         return self.cache[key]
 
 
-def _fit(info, path, *, max_epochs, order=TASKS, absent=True, probe=False, n=96, ckpt=None, **kw):
-    method = _make(info)
+def _fit(
+    info,
+    path,
+    *,
+    max_epochs,
+    order=TASKS,
+    absent=True,
+    probe=False,
+    n=96,
+    ckpt=None,
+    make=None,
+    **kw,
+):
+    method = _make(info) if make is None else make()
     rec = Recorder(probe=probe)
     net = PermNet(
         order=order,
@@ -202,17 +267,19 @@ def _fit(info, path, *, max_epochs, order=TASKS, absent=True, probe=False, n=96,
     return Run(t, net, method, rec)
 
 
-def _base(info, path) -> Run:
-    """Two epochs with absent tasks, then a checkpoint; counts the per-task gradient calls."""
+def _base(info, path, make=None) -> Run:
+    """Two epochs with absent tasks, logged to CSV every 2 steps, then a checkpoint; counts the
+    per-task gradient calls."""
+    logger = CSVLogger(path, name="csv")
     with mock.patch("torch.autograd.grad", wraps=torch.autograd.grad) as grad:
-        run = _fit(info, path, max_epochs=2)
+        run = _fit(info, path, max_epochs=2, make=make, logger=logger, log_every_n_steps=2)
     run.grad_calls = grad.call_count
     run.ckpt = str(path / "two_epochs.ckpt")
     run.trainer.save_checkpoint(run.ckpt)
     return run
 
 
-def _pinned(info, path) -> Run:
+def _pinned(info, path, make=None) -> Run:
     """The fixed short run of the pinned values: 3 epochs of 2 steps, plain SGD (lr 0.05), every
     task present, with the losses and gradients of every step recorded independently."""
     return _fit(
@@ -223,16 +290,21 @@ def _pinned(info, path) -> Run:
         probe=True,
         n=64,
         optimizer={"name": "sgd", "lr": 0.05},
+        make=make,
     )
 
 
-_RUNS: dict[str, Callable[[MethodInfo, Any], Run]] = {
+_RUNS: dict[str, Callable[..., Run]] = {
     "base": _base,
-    "full": lambda info, path: _fit(info, path, max_epochs=4),
-    "permuted": lambda info, path: _fit(info, path, max_epochs=2, order=("c", "a", "b")),
-    "two": lambda info, path: _fit(info, path, max_epochs=2, order=("a", "b"), absent=False),
-    "two_swapped": lambda info, path: _fit(
-        info, path, max_epochs=2, order=("b", "a"), absent=False
+    "full": lambda info, path, make: _fit(info, path, max_epochs=4, make=make),
+    "permuted": lambda info, path, make: _fit(
+        info, path, max_epochs=2, order=("c", "a", "b"), make=make
+    ),
+    "two": lambda info, path, make: _fit(
+        info, path, max_epochs=2, order=("a", "b"), absent=False, make=make
+    ),
+    "two_swapped": lambda info, path, make: _fit(
+        info, path, max_epochs=2, order=("b", "a"), absent=False, make=make
     ),
     "pinned": _pinned,
     "pinned_again": _pinned,
@@ -281,25 +353,33 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 # ================================================================================== (a) run
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", CASES)
 def test_run_gives_finite_weights_with_the_documented_total(runs, name):
-    info = get_method(name)
+    info, _ = _case(name)
     run = runs.get(name, "base")
     assert run.trainer.global_step == 2 * STEPS_PER_EPOCH
     if info.partial_labels:  # the run did have absent tasks
         assert run.net.absent is not None
     w = np.concatenate([run.rec.array("before"), run.rec.array("after")])
     assert w.shape == (4 * STEPS_PER_EPOCH, 3)
-    assert np.isfinite(w).all()
+    assert np.isfinite(w).all() and (w >= 0).all()
     total = _total(info, 3)
     if total is not None:  # on every step, before and after the update (the weights before
         # the first step are checked on their own, below)
         np.testing.assert_allclose(w[1:].sum(1), total, rtol=0, atol=1e-5)
     final = run.method.weight_tensor().double().numpy()
     assert np.isfinite(final).all()
-    # the weights of an adaptive method do move in this run (DWA's only at the last epoch end)
-    if info.cls.__name__ not in ("EqualWeighting", "GradDrop"):  # constant weights by design
+    # the weights of an adaptive method do move in this run (DWA's only at the last epoch end);
+    # a variant's move is checked by (f), over 12 steps (windows of 4 steps move DWA's and
+    # SoftAdapt's weights at step 8 only)
+    constant = info.cls.__name__ in ("EqualWeighting", "GradDrop")  # constant weights by design
+    if name in METHODS and not constant:
         assert not np.allclose(np.vstack([w, final]), w[0])
+    # logged: the weights of every task and the method's diagnostics
+    with open(Path(run.trainer.logger.log_dir) / "metrics.csv") as fh:
+        columns = set(next(csv.reader(fh)))
+    assert {f"weights/{t}" for t in TASKS} <= columns
+    assert set(run.method.log_items()) <= columns
 
 
 @pytest.mark.parametrize("name", _methods("initial total"))
@@ -820,16 +900,28 @@ def test_every_builtin_has_a_pinned_reference():
 
 
 # ================================================================================== (f) resume
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", CASES)
 def test_resume_equals_uninterrupted(runs, tmp_path, name):
-    info = get_method(name)
+    info, make = _case(name)
     full, base = runs.get(name, "full"), runs.get(name, "base")
-    resumed = _fit(info, tmp_path, max_epochs=4, ckpt=base.ckpt)
+    saved = torch.load(base.ckpt, weights_only=True)["callbacks"]
+    assert list(saved) == [base.method.state_key]  # the method's state, saved once
+    resumed = _fit(info, tmp_path, max_epochs=4, ckpt=base.ckpt, make=make)
     assert resumed.trainer.global_step == full.trainer.global_step == 4 * STEPS_PER_EPOCH
     for k, v in params(full.net).items():
         torch.testing.assert_close(params(resumed.net)[k], v, rtol=0, atol=0, msg=k)
     assert resumed.net.task_weights == full.net.task_weights
     _assert_same_state(resumed.method.state_dict(), full.method.state_dict())
+    # the weights of every resumed step, before and after it, are those of the uninterrupted run
+    steps = 2 * STEPS_PER_EPOCH
+    for which in ("before", "after"):
+        resumed_w, full_w = resumed.rec.array(which), full.rec.array(which)[steps:]
+        assert resumed_w.shape == full_w.shape == (steps, 3)
+        assert (resumed_w == full_w).all(), which
+    if info.cls.__name__ not in ("EqualWeighting", "GradDrop"):  # constant weights by design
+        # they moved in the resumed epochs, so the equality above means something
+        trajectory = np.vstack([full.rec.array("before")[steps:], full.rec.array("after")[steps:]])
+        assert not np.allclose(trajectory, trajectory[0])
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -879,7 +971,14 @@ def test_repr_shows_hyperparameters_and_state_key_tells_them_apart(name):
 # ================================================================================== registry API
 def test_list_methods_filters_with_wildcards():
     assert sorted(METHODS) == METHODS and len(METHODS) >= 19
-    assert list_methods("*grad*") == ["cagrad", "graddrop", "gradnorm", "gradvac", "pcgrad", "upgrad"]
+    assert list_methods("*grad*") == [
+        "cagrad",
+        "graddrop",
+        "gradnorm",
+        "gradvac",
+        "pcgrad",
+        "upgrad",
+    ]
     assert list_methods(["imtl_?", "DWA"]) == ["dwa", "imtl_g", "imtl_l"]
     assert list_methods("nothing*") == []
 

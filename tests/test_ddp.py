@@ -1,91 +1,107 @@
-"""2-process DDP on CPU (gloo): every rank holds identical weights and parameters.
+"""2-process DDP on CPU (gloo): every rank holds identical weights, method state and parameters.
 
-``test_ranks_hold_identical_weights_and_parameters`` runs a few configurations of the first
-methods (``ddp_script.py``); ``test_ddp_matrix`` runs every registered method in two
-configurations, 32-true and bf16-mixed with ``accumulate_grad_batches=2`` and clipping, all in
-one launch (``ddp_matrix_script.py``). Test ids of the matrix are ``<method>-<config>``.
+All the cases run in one launch of ``ddp_script.py`` (the session's ``ddp_results`` fixture);
+the tests here read its per-rank result files:
+
+- ``test_ddp_matrix``: every registered method, built from its registry ``example_kwargs``, in
+  two configurations, 32-true and bf16-mixed with ``accumulate_grad_batches=2`` and clipping.
+  Test ids are ``<method>-<config>`` (``benchmarks/reliability_table.py`` reads them).
+- ``test_ddp_variant``: the configurations ``ddp_script.VARIANTS`` adds (another interval,
+  source or ``ddp_sync``, an unseeded RLW, an unmarked representation), in 32-true.
+
+The ranks see different data, task "c" is absent from rank 1's odd batches and each rank's global
+generator differs, so weights or state that were not reduced (or broadcast) over the ranks would
+differ.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from _helpers import run_ddp_script
+from ddp_script import CONFIGS, VARIANTS, Fit
 
 from lightning_aw.registry import get_method, list_methods
 
-SCRIPT = Path(__file__).with_name("ddp_script.py")
-MATRIX_SCRIPT = Path(__file__).with_name("ddp_matrix_script.py")
-METHODS = [
-    "dwa", "dwa-step", "gradnorm", "uncertainty",
-    "mgda", "pcgrad", "upgrad-gradients", "gradvac-representation",
-]
-MATRIX_CONFIGS = ("32", "bf16acc2")
 #: methods whose weights are constant by design (no movement to check)
 CONSTANT = {"equal", "graddrop"}
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    run_ddp_script(SCRIPT, out, METHODS)
-    return out
+def _total(name: str) -> float | None:
+    total = get_method(name).total
+    return None if total is None else 3.0 if total == "T" else float(total)
 
 
-@pytest.mark.ddp
-@pytest.mark.parametrize("method", METHODS)
-def test_ranks_hold_identical_weights_and_parameters(ddp_run, method):
-    r0 = torch.load(ddp_run / f"{method}-rank0.pt", weights_only=True)
-    r1 = torch.load(ddp_run / f"{method}-rank1.pt", weights_only=True)
-    assert r0["global_step"] == r1["global_step"] == 3 * 8  # 128 samples per rank, batch 16
-    torch.testing.assert_close(r0["weights"], r1["weights"], rtol=0, atol=0)
-    assert torch.isfinite(r0["weights"]).all()
-    assert r0["weights"].shape == (24, 3)  # the weights after every step
-    assert not torch.allclose(r0["weights"], torch.ones_like(r0["weights"]))  # they moved
-    for k, v in r0["params"].items():
-        torch.testing.assert_close(r1["params"][k], v, rtol=0, atol=0, msg=k)
-
-
-@pytest.fixture(scope="module")
-def ddp_matrix(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_matrix")
-    try:
-        run_ddp_script(MATRIX_SCRIPT, out, list_methods(), timeout=420)
-    except AssertionError as err:  # reported per cell below, with the failing method's error
-        return out, str(err)
-    return out, None
+def _assert_same_on_both_ranks(r0: dict, r1: dict) -> None:
+    """The method's state (all of it, and its public views) and the model's parameters are
+    bitwise identical on the two ranks; finite, but for the state, which may hold infinite
+    sentinels (e.g. "no loss seen yet"), and is only free of NaN. (Diagnostics may be rank-local,
+    e.g. GradNorm's own loss: only the fallback counts are checked, zero on both ranks.)"""
+    for part in ("state", "public", "params"):
+        assert r0[part].keys() == r1[part].keys(), part
+        for k, v in r0[part].items():
+            torch.testing.assert_close(r1[part][k], v, rtol=0, atol=0, msg=f"{part}: {k}")
+            if not v.is_floating_point():
+                continue
+            if part == "state":
+                assert not torch.isnan(v).any(), f"{part}: {k}"
+            else:
+                assert torch.isfinite(v).all(), f"{part}: {k}"
+    for r in (r0, r1):  # no step fell back to the plain sum
+        for k, v in r["diagnostics"].items():
+            if k.endswith("fallbacks"):
+                assert v == 0, k
 
 
 @pytest.mark.ddp
 @pytest.mark.parametrize(
     ("name", "config"),
-    [pytest.param(n, c, id=f"{n}-{c}") for n in list_methods() for c in MATRIX_CONFIGS],
+    [pytest.param(n, c, id=f"{n}-{c}") for n in list_methods() for c in CONFIGS],
 )
-def test_ddp_matrix(ddp_matrix, name, config):
-    out, failure = ddp_matrix
-    errors = sorted(out.glob(f"{name}-{config}-rank*.err"))
-    assert not errors, errors[0].read_text()[-3000:]
-    files = [out / f"{name}-{config}-rank{r}.pt" for r in (0, 1)]
-    assert all(f.exists() for f in files), f"no result (the job stopped before it): {failure}"
-    r0, r1 = (torch.load(f, weights_only=True) for f in files)
+def test_ddp_matrix(ddp_results, name, config):
+    r0, r1 = ddp_results.load(f"matrix/{name}-{config}")
     steps = 2 * 4 if config == "32" else 2 * 2  # 64 samples per rank, batch 16, 2 epochs
     assert r0["global_step"] == r1["global_step"] == steps
-    assert r0["weights"].shape == (steps, 3)  # the weights after every optimizer step
+    # the weights applied after every optimizer step (the batch that ends a window)
+    for r in (r0, r1):
+        ends = torch.cat([r["steps"][:1] != 0, r["steps"][1:] != r["steps"][:-1]])
+        r["weights"] = r["applied"][ends]
+    assert r0["weights"].shape == (steps, 3)
     torch.testing.assert_close(r0["weights"], r1["weights"], rtol=0, atol=0)
+    for which in ("raw", "applied"):  # after every batch, before the transforms and as applied
+        torch.testing.assert_close(r0[which], r1[which], rtol=0, atol=0, msg=which)
     torch.testing.assert_close(r0["final"], r1["final"], rtol=0, atol=0)
     assert torch.isfinite(r0["weights"]).all() and torch.isfinite(r0["final"]).all()
-    total = get_method(name).total
+    total = _total(name)
     if total is not None:
-        expected = 3.0 if total == "T" else float(total)
         torch.testing.assert_close(
-            r0["weights"].sum(1), torch.full((steps,), expected), rtol=0, atol=1e-5
+            r0["weights"].sum(1), torch.full((steps,), total), rtol=0, atol=1e-5
         )
     if name not in CONSTANT:  # the weights did move (DWA's at the last epoch end), so the
         # equality above means something
         trajectory = torch.cat([r0["weights"], r0["final"][None]])
         assert not torch.allclose(trajectory, trajectory[0]), trajectory
-    for k, v in r0["params"].items():
-        assert torch.isfinite(v).all(), k
-        torch.testing.assert_close(r1["params"][k], v, rtol=0, atol=0, msg=k)
+    _assert_same_on_both_ranks(r0, r1)
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize(("variant", "fit"), VARIANTS.items(), ids=list(VARIANTS))
+def test_ddp_variant(ddp_results, variant: str, fit: Fit):
+    r0, r1 = ddp_results.load(f"variant/{variant}")
+    steps = fit.epochs * fit.samples // 2 // 16  # batch 16 on each rank, no accumulation
+    assert r0["global_step"] == r1["global_step"] == steps
+    for which in ("raw", "applied"):  # the weights after every step
+        assert r0[which].shape == (steps, 3)
+        torch.testing.assert_close(r0[which], r1[which], rtol=0, atol=0, msg=which)
+        assert torch.isfinite(r0[which]).all()
+    torch.testing.assert_close(r0["initial"], r1["initial"], rtol=0, atol=0)
+    torch.testing.assert_close(r0["final"], r1["final"], rtol=0, atol=0)
+    total = _total(fit.method)
+    if total is not None:
+        torch.testing.assert_close(
+            r0["applied"].sum(1), torch.full((steps,), total), atol=1e-5, rtol=0
+        )
+        # and not the uniform weights
+        assert not torch.allclose(r0["final"], torch.full((3,), total / 3))
+    # the weights moved, so the equality above means something
+    assert not torch.allclose(r0["applied"], r0["applied"][0])
+    _assert_same_on_both_ranks(r0, r1)

@@ -7,7 +7,6 @@ import copy
 import io
 import logging
 import sys
-import textwrap
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -15,7 +14,7 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import TinyNet, WeightRecorder, loader, regression_data, run_ddp_script, trainer
+from _helpers import TinyNet, WeightRecorder, loader, regression_data, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
@@ -447,53 +446,15 @@ def test_weight_figures_arguments():
 
 
 # ---------------------------------------------------------------------------------- DDP
-DDP_SCRIPT = """
-import os
-import sys
-sys.path.insert(0, {tests!r})
-import lightning.pytorch as pl
-import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader, TensorDataset
-from _helpers import TinyNet, regression_data
-from lightning_aw import PCGrad
-from lightning_aw.monitor import GradientConflictMonitor, WeightFigures
-
-out = sys.argv[1]
-monitors = [
-    GradientConflictMonitor(every_n_steps=1, prefix="local"),
-    GradientConflictMonitor(every_n_steps=1, ddp_sync="global", prefix="global"),
-    GradientConflictMonitor(every_n_steps=1, source="representation", ddp_sync="global",
-                            prefix="global_rep"),
-]
-figures = WeightFigures(every_n_steps=1)
-extra = [PCGrad(source="representation", seed=0)] if sys.argv[2] == "pcgrad" else []
-trainer = pl.Trainer(
-    accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=TensorBoardLogger(out, name="tb"),
-    callbacks=[*extra, *monitors, figures], enable_checkpointing=False,
-    enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
-    use_distributed_sampler=False,
-)
-# rank r trains on samples r, r + 2, r + 4, ... in order (the launcher sets LOCAL_RANK)
-rank = int(os.environ.get("LOCAL_RANK", "0"))
-x, y = regression_data(64)
-trainer.fit(TinyNet(), DataLoader(TensorDataset(x[rank::2], y[rank::2]), batch_size=16))
-measured = {{m.prefix: m.num_measured for m in monitors}}
-torch.save({{"measured": measured, "steps": figures.steps}}, f"{{out}}/rank{{rank}}.pt")
-"""
-
-
 @pytest.mark.ddp
-def test_ddp_local_and_global(tmp_path):
-    script = tmp_path / "ddp_monitor.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))
-    run_ddp_script(script, tmp_path, ["pcgrad"])
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+def test_ddp_local_and_global(ddp_results):
+    """The ``monitor`` case of ``ddp_script.py``: three GradientConflictMonitors and WeightFigures
+    next to PCGrad, for 2 steps; rank r trains on samples r, r + 2, r + 4, ... in order."""
+    r0, r1 = ddp_results.load("monitor")
     assert r0["measured"] == {"local": 2, "global": 2, "global_rep": 2}
     assert r1["measured"] == {"local": 0, "global": 2, "global_rep": 2}  # "local": rank 0 only
     assert r0["steps"] == [0, 1] and r1["steps"] == []  # WeightFigures: rank 0 only
-    acc = _events(str(next((tmp_path / "tb").iterdir())))
+    acc = _events(str(next((ddp_results.out / "monitor" / "tb").iterdir())))
     # step 0, initial parameters: rank 0's shard is samples 0, 2, ..., 30, the global batch 0..31
     x, y = regression_data(64)
     state = TinyNet().state_dict()

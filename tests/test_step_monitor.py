@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import math
-import textwrap
 import warnings
-from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from _helpers import TinyNet, loader, run_ddp_script, trainer
+from _helpers import TinyNet, loader, trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -366,51 +364,18 @@ def test_repr_and_quantile_names():
     assert m.state_key != AdaptiveStepMonitor(every_n_steps=6).state_key
 
 
-DDP_SCRIPT = """
-import sys
-from pathlib import Path
-
-import lightning.pytorch as pl
-import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-
-sys.path.insert(0, {tests!r})
-from _helpers import TinyNet, loader
-
-from lightning_aw.optim import AdaptiveStepMonitor
-
-
-class Net(TinyNet):
-    def task_parameters(self):
-        return {{t: self.heads[t].parameters() for t in self.tasks}}
-
-
-if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=4, log_every_n_steps=1,
-        logger=TensorBoardLogger(out, name="tb", version=0),
-        callbacks=[AdaptiveStepMonitor(every_n_steps=2)], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )
-    trainer.fit(Net(optimizer={{"name": "adam", "lr": 0.01}}), loader())
-    torch.save(trainer.optimizers[0].state_dict(), out / f"opt-rank{{trainer.global_rank}}.pt")
-"""
-
-
 @pytest.mark.ddp
-def test_ddp_rank_zero_logs_the_shared_state(tmp_path):
-    script = tmp_path / "monitor_ddp.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))
-    run_ddp_script(script, tmp_path, [])
-    r0 = torch.load(tmp_path / "opt-rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "opt-rank1.pt", weights_only=True)
+def test_ddp_rank_zero_logs_the_shared_state(ddp_results):
+    """The ``step_monitor`` case of ``ddp_script.py``: AdaptiveStepMonitor(every_n_steps=2) for
+    4 Adam steps, one parameter group per task head; each rank saved the optimizer's state."""
+    r0, r1 = ddp_results.load("step_monitor")
+    tb = ddp_results.out / "step_monitor" / "tb" / "version_0"
     for i, s in r0["state"].items():  # the state is identical on both ranks
         for k, v in s.items():
             torch.testing.assert_close(r1["state"][i][k], v, rtol=0, atol=0)
-    files = list((tmp_path / "tb" / "version_0").glob("events.out.tfevents.*"))
+    files = list(tb.glob("events.out.tfevents.*"))
     assert len(files) == 1  # rank 0 only
-    acc = events(tmp_path / "tb" / "version_0")
+    acc = events(tb)
     for group in r0["param_groups"]:
         states = [r0["state"][i] for i in group["params"]]
         eta = np.concatenate([hand_eta("adam", s, group, 4).ravel() for s in states])

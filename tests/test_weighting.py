@@ -8,17 +8,13 @@ precision and accumulation, bad losses, DDP).
 from __future__ import annotations
 
 import copy
-import csv
-import math
 import pickle
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import TASKS, TinyNet, WeightRecorder, loader, params, run_ddp_script, trainer
-from lightning.pytorch.loggers import CSVLogger
+from _helpers import TinyNet, WeightRecorder, loader, params, trainer
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -215,76 +211,6 @@ METHODS = [
     STCH(warmup_epochs=3),
     STCH(reference=[1.0, 5.0, 0.1], logarithmic=False, mu=0.5),
 ]
-
-
-def _fit(tmp_path, method, max_epochs, ckpt_path=None, **kw):
-    net = TinyNet(optimizer={"name": "adam", "lr": 0.01})
-    cb = copy.deepcopy(method)
-    t = trainer(tmp_path, [cb], max_epochs=max_epochs, **kw)
-    t.fit(net, loader(), ckpt_path=ckpt_path)
-    return t, net, cb
-
-
-def _flat(state, prefix=""):
-    out = {}
-    for k, v in state.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _assert_same_state(a, b):
-    fa, fb = _flat(a.state_dict()), _flat(b.state_dict())
-    assert fa.keys() == fb.keys()
-    for k, v in fa.items():
-        if isinstance(v, torch.Tensor):
-            assert torch.equal(v.cpu(), fb[k].cpu()), k
-        else:
-            assert v == fb[k], k
-
-
-# ---------------------------------------------------------------------------------- all methods
-@pytest.mark.parametrize("method", METHODS, ids=repr)
-def test_resume_equals_uninterrupted(tmp_path, method):
-    _, full, full_cb = _fit(tmp_path / "full", method, 4)
-    first, _, _ = _fit(tmp_path / "a", method, 2)
-    ckpt = tmp_path / "two_epochs.ckpt"
-    first.save_checkpoint(ckpt)
-    resumed_trainer, resumed, resumed_cb = _fit(tmp_path / "b", method, 4, ckpt_path=str(ckpt))
-    assert resumed_trainer.global_step == 32
-    for k, v in params(full).items():
-        torch.testing.assert_close(params(resumed)[k], v, rtol=0, atol=0, msg=k)
-    assert resumed.task_weights == full.task_weights
-    _assert_same_state(resumed_cb, full_cb)
-    initial = copy.deepcopy(method)
-    initial.tasks = list(TASKS)
-    initial.init_state(3)
-    assert resumed.task_weights != dict(zip(TASKS, initial.weight_tensor().tolist(), strict=True))
-
-
-def _absent_c(batch_idx, task):
-    return task == "c" and batch_idx % 2 == 1
-
-
-@pytest.mark.parametrize("method", METHODS, ids=repr)
-def test_weights_finite_with_the_documented_total(tmp_path, method):
-    rec = WeightRecorder()
-    cb = copy.deepcopy(method)
-    logger = CSVLogger(tmp_path, name="run")
-    t = trainer(tmp_path, [cb, rec], max_epochs=3, logger=logger, log_every_n_steps=4)
-    t.fit(TinyNet(absent=_absent_c, optimizer={"name": "adam", "lr": 0.01}), loader())
-    w = torch.tensor(rec.weights)
-    assert torch.isfinite(w).all() and (w >= 0).all()
-    if method.total == 1:
-        torch.testing.assert_close(w.sum(1), torch.ones(len(w)), rtol=0, atol=1e-6)
-    else:
-        assert method.total is None
-    with open(Path(logger.log_dir) / "metrics.csv") as fh:
-        columns = next(csv.reader(fh))
-    assert {f"weights/{t}" for t in TASKS} <= set(columns)
-    assert set(cb.log_items()) <= set(columns)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=repr)
@@ -621,34 +547,6 @@ def test_stch_with_a_reference_starts_at_once(tmp_path):
         expected = 3 * torch.softmax((L[k - 1] - ref) / 2.0, 0)
         torch.testing.assert_close(torch.tensor(rec.weights[k], dtype=torch.float64), expected)
         assert sum(rec.weights[k]) == pytest.approx(3.0, abs=1e-5)
-
-
-# ---------------------------------------------------------------------------------- DDP
-DDP_SCRIPT = Path(__file__).with_name("ddp_loss_extra_script.py")
-DDP_METHODS = ["rlw", "famo", "softadapt-step", "imtl_l", "stch", "gls", "scale_invariant"]
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp_loss_extra")
-    run_ddp_script(DDP_SCRIPT, out, DDP_METHODS)
-    return out
-
-
-@pytest.mark.ddp
-@pytest.mark.parametrize("method", DDP_METHODS)
-def test_ddp_ranks_hold_identical_state_and_parameters(ddp_run, method):
-    r0 = torch.load(ddp_run / f"{method}-rank0.pt", weights_only=True)
-    r1 = torch.load(ddp_run / f"{method}-rank1.pt", weights_only=True)
-    assert r0["global_step"] == r1["global_step"] == 3 * 8
-    for k, v in r0["state"].items():
-        torch.testing.assert_close(r1["state"][k], v, rtol=0, atol=0, msg=k)
-        assert torch.isfinite(v).all()
-    for k, v in r0["params"].items():
-        torch.testing.assert_close(r1["params"][k], v, rtol=0, atol=0, msg=k)
-    if method in ("rlw", "softadapt-step"):  # their weights are state: identical too
-        assert not torch.allclose(r0["weights"], torch.full((3,), 1 / 3))
-        assert math.isclose(r0["weights"].sum().item(), 1.0, abs_tol=1e-6)
 
 
 def test_famo_frequency_updates_the_logits_every_n_steps(tmp_path):
