@@ -68,6 +68,25 @@ class Weighting(StepMethod, Callback):
 
     #: What the weights sum to: ``"T"`` (number of tasks), ``1`` or ``None`` (not normalised).
     total: ClassVar[str | float | None] = "T"
+    # what the class declares for the registry (:class:`lightning_aw.registry.MethodInfo`)
+    #: the registry name
+    name: ClassVar[str | None] = None
+    #: the reference (authors, title, venue, link); ``None`` for a plain baseline
+    paper: ClassVar[str | None] = None
+    #: the name of the functional twin in :mod:`lightning_aw.functional`
+    functional: ClassVar[str | None] = None
+    #: whether state carried from step to step decides future weights (saved in checkpoints)
+    stateful: ClassVar[bool] = False
+    #: whether the method draws random numbers (from its own seeded generator)
+    stochastic: ClassVar[bool] = False
+    #: whether the method takes per-task gradients (through :mod:`lightning_aw.engine`)
+    needs_task_gradients: ClassVar[bool] = False
+    #: whether it always works on the tensor marked with ``shared_representation``
+    needs_representation: ClassVar[bool] = False
+    #: whether tasks may be absent from some batches
+    partial_labels: ClassVar[bool] = True
+    #: whether the weights are fixed by design (the update may still adapt, as GradDrop's mask)
+    constant_weights: ClassVar[bool] = False
     #: Names of the attributes saved by :meth:`state_dict`.
     _state_attrs: ClassVar[tuple[str, ...]] = ()
     #: State attributes that are diagnostics (counters of fallbacks, of bad losses): kept, not

@@ -1,9 +1,11 @@
 """A registry of every weighting method: frozen metadata, lookup by name, construction.
 
-Each method is described once by a :class:`MethodInfo` record; :func:`list_methods`,
-:func:`get_method` and :func:`create_method` look it up by name. The conformance suite
-(``tests/test_conformance.py``) is parametrized over :func:`list_methods`, so registering a
-method is all it takes for it to be tested like every other one.
+Each method class declares its metadata once, as class attributes (``name``, ``paper``,
+``total``, ``needs_task_gradients``, ``needs_representation``, ``functional``, ``stateful``,
+``stochastic``); :meth:`MethodInfo.of` reads them into a frozen :class:`MethodInfo` record, and
+:func:`list_methods`, :func:`get_method` and :func:`create_method` look records up by name.
+The conformance suite (``tests/test_conformance.py``) is parametrized over :func:`list_methods`,
+so registering a method is all it takes for it to be tested like every other one.
 
 Example::
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from lightning_aw import functional as _functional
 from lightning_aw.aggregation import (
     DBMTL,
     IMTLG,
@@ -35,7 +38,6 @@ from lightning_aw.aggregation import (
     AlignedMTL,
     CAGrad,
     GradDrop,
-    GradientWeighting,
     GradVac,
     NashMTL,
     PCGrad,
@@ -70,11 +72,9 @@ class MethodInfo:
         name: the registry name, lowercase letters, digits and ``_`` (e.g. ``"nash_mtl"``).
         cls: the :class:`~lightning_aw.Weighting` subclass that implements the method.
         paper: the reference (authors, title, venue, link); ``None`` for a plain baseline.
-        needs_gradients: whether the method takes per-task gradients each step (extra backward
-            passes through the shared parameters or representation; the module must define
-            ``shared_parameters()``). Not to be confused with
-            :attr:`GradientWeighting.needs_gradients <lightning_aw.GradientWeighting>`, which
-            says whether a gradient method needs the gradient matrix rather than its Gram matrix.
+        needs_task_gradients: whether the method takes per-task gradients each step (extra
+            backward passes through the shared parameters, one layer or the representation;
+            through :mod:`lightning_aw.engine`).
         stateful: whether the method carries state from step to step that decides its future
             weights (learned parameters, window statistics, an optimizer's moments, a random
             generator), saved in checkpoints.
@@ -92,33 +92,73 @@ class MethodInfo:
             ``"c"`` trained for a few epochs of a few steps. Stored read-only.
         partial_labels: whether the method supports tasks absent from some batches (``None``
             losses from ``task_losses``).
+        needs_representation: whether the method always works on the tensor marked with
+            :meth:`~lightning_aw.MultiTaskModule.shared_representation` (gradient methods with
+            ``source="representation"`` need it too).
+        functional: the name of the method's functional twin in :mod:`lightning_aw.functional`
+            (``None``: none).
+        constant_weights: whether the weights are fixed by design (Equal; GradDrop, whose update
+            adapts through its mask).
 
     Raises:
         ValueError: on an invalid name, a ``cls`` that is not a ``Weighting`` subclass, a
-            ``total`` that differs from ``cls.total``, or ``example_kwargs`` the class does not
-            accept.
+            ``total`` that differs from ``cls.total``, a ``functional`` twin that does not exist,
+            or ``example_kwargs`` the class does not accept.
 
     Example::
 
         >>> from lightning_aw import EqualWeighting
         >>> info = MethodInfo(
-        ...     name="my_equal", cls=EqualWeighting, paper=None, needs_gradients=False,
+        ...     name="my_equal", cls=EqualWeighting, paper=None, needs_task_gradients=False,
         ...     stateful=False, default_interval=None, total="T",
         ... )
         >>> info.cls()
         EqualWeighting()
+        >>> MethodInfo.of(EqualWeighting).functional  # what the class declares
+        'equal'
     """
 
     name: str
     cls: type[Weighting]
     paper: str | None
-    needs_gradients: bool
+    needs_task_gradients: bool
     stateful: bool
     default_interval: Interval | None
     total: str | float | None
     example_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
     stochastic: bool = False
     partial_labels: bool = True
+    needs_representation: bool = False
+    functional: str | None = None
+    constant_weights: bool = False
+
+    @classmethod
+    def of(
+        cls, method: type[Weighting], example_kwargs: Mapping[str, Any] | None = None
+    ) -> MethodInfo:
+        """The record of ``method`` from what the class declares; ``default_interval`` is the
+        ``interval`` of an instance built with the default arguments."""
+        name = getattr(method, "name", None)
+        if not isinstance(name, str):
+            raise ValueError(
+                f"{method.__name__} declares no registry `name`; set the class attribute "
+                '`name: ClassVar[str] = "my_method"` or build the MethodInfo by hand.'
+            )
+        return cls(
+            name=name,
+            cls=method,
+            paper=method.paper,
+            needs_task_gradients=method.needs_task_gradients,
+            stateful=method.stateful,
+            default_interval=method().interval,
+            total=method.total,
+            example_kwargs=dict(example_kwargs or {}),
+            stochastic=method.stochastic,
+            partial_labels=method.partial_labels,
+            needs_representation=method.needs_representation,
+            functional=method.functional,
+            constant_weights=method.constant_weights,
+        )
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -140,6 +180,11 @@ class MethodInfo:
             raise ValueError(
                 "Parameter `default_interval` should be 'step', 'epoch' or None. "
                 f"Found {self.default_interval!r}."
+            )
+        if self.functional is not None and self.functional not in _functional.__all__:
+            raise ValueError(
+                f"Parameter `functional` should name a function of lightning_aw.functional. "
+                f"Found {self.functional!r}."
             )
         kwargs = dict(self.example_kwargs)
         _check_kwargs(self.name, self.cls, kwargs)
@@ -167,7 +212,7 @@ def register_method(info: MethodInfo, *, overwrite: bool = False) -> MethodInfo:
 
         >>> from lightning_aw import EqualWeighting
         >>> info = MethodInfo(
-        ...     name="sum", cls=EqualWeighting, paper=None, needs_gradients=False,
+        ...     name="sum", cls=EqualWeighting, paper=None, needs_task_gradients=False,
         ...     stateful=False, default_interval=None, total="T",
         ... )
         >>> register_method(info).name
@@ -231,7 +276,7 @@ def get_method(name: str) -> MethodInfo:
         'pcgrad'
         >>> get_method("nash-mtl").cls.__name__
         'NashMTL'
-        >>> get_method("nashmtl").needs_gradients
+        >>> get_method("nashmtl").needs_task_gradients
         True
     """
     if isinstance(name, str):
@@ -295,284 +340,33 @@ def _check_kwargs(name: str, cls: type[Weighting], kwargs: Mapping[str, Any]) ->
 
 
 # ---------------------------------------------------------------------------------- built-ins
-def _gradient_method(
-    name: str,
-    cls: type[GradientWeighting],
-    paper: str,
-    *,
-    stateful: bool,
-    example_kwargs: Mapping[str, Any],
-    total: str | float | None = None,
-    stochastic: bool = False,
-) -> MethodInfo:
-    """A gradient-based method: per-task gradients every step, coefficients not normalised
-    unless ``total`` says otherwise."""
-    return MethodInfo(
-        name=name,
-        cls=cls,
-        paper=paper,
-        needs_gradients=True,
-        stateful=stateful,
-        default_interval="step",
-        total=total,
-        example_kwargs=example_kwargs,
-        stochastic=stochastic,
-    )
-
-
-for _info in (
-    # ------------------------------------------------------------------ loss-based
-    MethodInfo(
-        name="equal",
-        cls=EqualWeighting,
-        paper=None,
-        needs_gradients=False,
-        stateful=False,
-        default_interval=None,
-        total="T",
-    ),
-    MethodInfo(
-        name="uncertainty",
-        cls=UncertaintyWeighting,
-        paper=(
-            'Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses for '
-            'Scene Geometry and Semantics", CVPR 2018, https://arxiv.org/abs/1705.07115'
-        ),
-        needs_gradients=False,
-        stateful=True,
-        default_interval=None,
-        total=None,
-        example_kwargs={"classification": ["b"], "init": 0.1, "lr": 0.02},
-    ),
-    MethodInfo(
-        name="dwa",
-        cls=DWA,
-        paper=(
-            'Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019, '
-            "https://arxiv.org/abs/1803.10704"
-        ),
-        needs_gradients=False,
-        stateful=True,
-        default_interval="epoch",
-        total="T",
-        example_kwargs={"temperature": 1.5},
-    ),
-    MethodInfo(
-        name="gradnorm",
-        cls=GradNorm,
-        paper=(
-            'Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for '
-            'Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018, '
-            "https://arxiv.org/abs/1711.02257"
-        ),
-        needs_gradients=True,
-        stateful=True,
-        default_interval="step",
-        total="T",
-        example_kwargs={"alpha": 1.0, "lr": 0.05},
-    ),
-    MethodInfo(
-        name="rlw",
-        cls=RLW,
-        paper=(
-            'Lin, Ye, Zhang & Tsang, "Reasonable Effectiveness of Random Weighting: A Litmus '
-            'Test for Multi-Task Learning", TMLR 2022, https://arxiv.org/abs/2111.10603'
-        ),
-        needs_gradients=False,
-        stateful=True,
-        stochastic=True,
-        default_interval="step",
-        total=1,
-        example_kwargs={"seed": 7},
-    ),
-    MethodInfo(
-        name="gls",
-        cls=GLS,
-        paper=(
-            'Chennupati, Sistu, Yogamani & Rawashdeh, "MultiNet++: Multi-Stream Feature '
-            'Aggregation and Geometric Loss Strategy for Multi-Task Learning", CVPR Workshops '
-            "2019, https://arxiv.org/abs/1904.08492"
-        ),
-        needs_gradients=False,
-        stateful=False,
-        default_interval=None,
-        total=None,
-        example_kwargs={"check_every": 3},
-    ),
-    MethodInfo(
-        name="scale_invariant",
-        cls=ScaleInvariant,
-        paper=(
-            'baseline in Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022, '
-            "https://arxiv.org/abs/2202.01017"
-        ),
-        needs_gradients=False,
-        stateful=False,
-        default_interval=None,
-        total=None,
-        example_kwargs={"check_every": 3},
-    ),
-    MethodInfo(
-        name="imtl_l",
-        cls=IMTLL,
-        paper=(
-            'Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task '
-            'Learning", ICLR 2021, https://openreview.net/forum?id=IMPnRXEWpvr'
-        ),
-        needs_gradients=False,
-        stateful=True,
-        default_interval=None,
-        total=None,
-        example_kwargs={"init": 0.1, "lr": 0.02, "check_every": 3},
-    ),
-    MethodInfo(
-        name="famo",
-        cls=FAMO,
-        paper=(
-            'Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023, '
-            "https://arxiv.org/abs/2306.03792"
-        ),
-        needs_gradients=False,
-        stateful=True,
-        default_interval="step",
-        total=1,
-        example_kwargs={"lr": 0.05, "gamma": 0.01, "check_every": 3},
-    ),
-    MethodInfo(
-        name="softadapt",
-        cls=SoftAdapt,
-        paper=(
-            'Heydari, Thompson & Mehmood, "SoftAdapt: Techniques for Adaptive Loss Weighting of '
-            'Neural Networks with Multi-Part Loss Functions", 2019, '
-            "https://arxiv.org/abs/1912.12355"
-        ),
-        needs_gradients=False,
-        stateful=True,
-        default_interval="epoch",
-        total=1,
-        example_kwargs={"beta": 5.0},
-    ),
-    MethodInfo(
-        name="stch",
-        cls=STCH,
-        paper=(
-            'Lin, Zhang, Yang, Liu, Wang & Zhang, "Smooth Tchebycheff Scalarization for '
-            'Multi-Objective Optimization", ICML 2024, https://arxiv.org/abs/2402.19078'
-        ),
-        needs_gradients=False,
-        stateful=True,
-        default_interval="epoch",
-        total=None,
-        example_kwargs={"mu": 0.5, "warmup_epochs": 1},
-    ),
-    # ------------------------------------------------------------------ gradient-based
-    _gradient_method(
-        "mgda",
-        MGDA,
-        (
-            'Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS '
-            "2018, https://arxiv.org/abs/1810.04650"
-        ),
-        stateful=False,
-        example_kwargs={"normalization": "l2", "source": "representation"},
-    ),
-    _gradient_method(
-        "pcgrad",
-        PCGrad,
-        (
-            'Yu, Kumar, Gupta, Levine, Hausman & Finn, "Gradient Surgery for Multi-Task '
-            'Learning", NeurIPS 2020, https://arxiv.org/abs/2001.06782'
-        ),
-        stateful=True,
-        stochastic=True,
-        example_kwargs={"reduction": "mean", "seed": 3},
-    ),
-    _gradient_method(
-        "cagrad",
-        CAGrad,
-        (
-            'Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for Multi-task '
-            'Learning", NeurIPS 2021, https://arxiv.org/abs/2110.14048'
-        ),
-        stateful=False,
-        example_kwargs={"c": 0.5, "rescale": 0, "frequency": 2},
-    ),
-    _gradient_method(
-        "imtl_g",
-        IMTLG,
-        (
-            'Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task '
-            'Learning", ICLR 2021, https://openreview.net/forum?id=IMPnRXEWpvr'
-        ),
-        stateful=False,
-        example_kwargs={"source": "representation", "ddp_sync": "gradients"},
-        total=1,
-    ),
-    _gradient_method(
-        "nash_mtl",
-        NashMTL,
-        (
-            'Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, "Multi-Task Learning '
-            'as a Bargaining Game", ICML 2022, https://arxiv.org/abs/2202.01017'
-        ),
-        stateful=False,
-        example_kwargs={"max_iter": 30, "frequency": 2},
-    ),
-    _gradient_method(
-        "aligned_mtl",
-        AlignedMTL,
-        (
-            'Senushkin, Patakin, Kuznetsov & Konushin, "Independent Component Alignment for '
-            'Multi-Task Learning", CVPR 2023, https://arxiv.org/abs/2305.19000'
-        ),
-        stateful=False,
-        example_kwargs={"scale_mode": "median", "source": "representation"},
-    ),
-    _gradient_method(
-        "upgrad",
-        UPGrad,
-        (
-            'Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024, '
-            "https://arxiv.org/abs/2406.16232"
-        ),
-        stateful=False,
-        example_kwargs={"source": "representation"},
-    ),
-    _gradient_method(
-        "gradvac",
-        GradVac,
-        (
-            'Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and Improving '
-            'Multi-task Optimization in Massively Multilingual Models", ICLR 2021, '
-            "https://arxiv.org/abs/2010.05874"
-        ),
-        stateful=True,
-        stochastic=True,
-        example_kwargs={"beta": 0.25, "seed": 3},
-    ),
-    _gradient_method(
-        "graddrop",
-        GradDrop,
-        (
-            'Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, "Just Pick a Sign: '
-            'Optimizing Deep Multitask Models with Gradient Sign Dropout", NeurIPS 2020, '
-            "https://arxiv.org/abs/2010.06808"
-        ),
-        stateful=True,
-        stochastic=True,
-        total="T",
-        example_kwargs={"leak": 0.25, "seed": 3},
-    ),
-    _gradient_method(
-        "db_mtl",
-        DBMTL,
-        (
-            'Lin, Ye, Xu, Shi & Zhang, "Dual-Balancing for Multi-Task Learning", 2023, '
-            "https://arxiv.org/abs/2308.12029"
-        ),
-        stateful=True,
-        example_kwargs={"beta": 0.5},
-    ),
-):
-    register_method(_info)
-del _info
+#: every built-in method, with the constructor arguments of its small working example (see
+#: ``MethodInfo.example_kwargs``); the rest of each record is what the class declares
+_BUILTINS: dict[type[Weighting], dict[str, Any]] = {
+    # loss-based
+    EqualWeighting: {},
+    UncertaintyWeighting: {"classification": ["b"], "init": 0.1, "lr": 0.02},
+    DWA: {"temperature": 1.5},
+    GradNorm: {"alpha": 1.0, "lr": 0.05},
+    RLW: {"seed": 7},
+    GLS: {"check_every": 3},
+    ScaleInvariant: {"check_every": 3},
+    IMTLL: {"init": 0.1, "lr": 0.02, "check_every": 3},
+    FAMO: {"lr": 0.05, "gamma": 0.01, "check_every": 3},
+    SoftAdapt: {"beta": 5.0},
+    STCH: {"mu": 0.5, "warmup_epochs": 1},
+    # gradient-based
+    MGDA: {"normalization": "l2", "source": "representation"},
+    PCGrad: {"reduction": "mean", "seed": 3},
+    CAGrad: {"c": 0.5, "rescale": 0, "frequency": 2},
+    IMTLG: {"source": "representation", "ddp_sync": "gradients"},
+    NashMTL: {"max_iter": 30, "frequency": 2},
+    AlignedMTL: {"scale_mode": "median", "source": "representation"},
+    UPGrad: {"source": "representation"},
+    GradVac: {"beta": 0.25, "seed": 3},
+    GradDrop: {"leak": 0.25, "seed": 3},
+    DBMTL: {"beta": 0.5},
+}
+for _cls, _example in _BUILTINS.items():
+    register_method(MethodInfo.of(_cls, _example))
+del _cls, _example

@@ -41,7 +41,9 @@ class HandCheck(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx % self.k == 0:
             self.ref = copy.deepcopy(pl_module).float()
-            self.ref._weighting = None  # a plain module: its losses reach the trunk directly
+            # eval: shared_representation cuts only in training, so its losses reach the trunk
+            # directly (TinyNet has no dropout or batch norm: the same numbers as in training)
+            self.ref.eval()
             self.window = []
         self._batch = batch
 

@@ -48,7 +48,7 @@ from lightning.pytorch.loggers import CSVLogger
 from scipy.optimize import minimize, nnls
 
 import lightning_aw
-from lightning_aw import GradientWeighting, Weighting
+from lightning_aw import GradientWeighting, LossWeighting, Weighting
 from lightning_aw import registry as registry_module
 from lightning_aw.registry import (
     MethodInfo,
@@ -372,7 +372,7 @@ def test_run_gives_finite_weights_with_the_documented_total(runs, name):
     # the weights of an adaptive method do move in this run (DWA's only at the last epoch end);
     # a variant's move is checked by (f), over 12 steps (windows of 4 steps move DWA's and
     # SoftAdapt's weights at step 8 only)
-    constant = info.cls.__name__ in ("EqualWeighting", "GradDrop")  # constant weights by design
+    constant = info.constant_weights
     if name in METHODS and not constant:
         assert not np.allclose(np.vstack([w, final]), w[0])
     # logged: the weights of every task and the method's diagnostics
@@ -399,9 +399,9 @@ def test_metadata_is_true_to_the_class(runs, name):
     assert info.total == info.cls.total
     assert info.cls().interval == info.default_interval
     if issubclass(info.cls, GradientWeighting):
-        assert info.needs_gradients
-    # needs_gradients <=> per-task gradients were taken during the training run
-    assert (runs.get(name, "base").grad_calls > 0) == info.needs_gradients
+        assert info.needs_task_gradients
+    # needs_task_gradients <=> per-task gradients were taken during the training run
+    assert (runs.get(name, "base").grad_calls > 0) == info.needs_task_gradients
     init = [p for p in inspect.signature(info.cls.__init__).parameters if p != "self"]
     assert info.stochastic == ("seed" in init)  # a random method takes a seed
     if info.paper is not None:
@@ -415,7 +415,7 @@ def test_every_exported_callback_is_registered():
         for n in lightning_aw.__all__
         if isinstance(obj := getattr(lightning_aw, n), type)
         and issubclass(obj, Weighting)
-        and obj not in (Weighting, GradientWeighting)
+        and obj not in (Weighting, LossWeighting, GradientWeighting)  # the bases
     }
     registered = [get_method(n).cls for n in METHODS]
     assert len(registered) == len(set(registered))  # one entry per class
@@ -457,7 +457,7 @@ def test_permuting_the_tasks_permutes_the_weights(runs, name):
         )
         for run in (ab, ba)
     )
-    if info.cls.__name__ == "GradDrop":  # weights are 1 by design: trivially permuted
+    if info.constant_weights and info.needs_task_gradients:  # 1 by design: trivially permuted
         assert np.array_equal(w_ab, np.ones_like(w_ab)) and np.array_equal(w_ba, w_ab)
         return
     assert not np.allclose(w_ab[:, 0], w_ab[:, 1])  # else the check below cannot tell
@@ -918,7 +918,7 @@ def test_resume_equals_uninterrupted(runs, tmp_path, name):
         resumed_w, full_w = resumed.rec.array(which), full.rec.array(which)[steps:]
         assert resumed_w.shape == full_w.shape == (steps, 3)
         assert (resumed_w == full_w).all(), which
-    if info.cls.__name__ not in ("EqualWeighting", "GradDrop"):  # constant weights by design
+    if not info.constant_weights:
         # they moved in the resumed epochs, so the equality above means something
         trajectory = np.vstack([full.rec.array("before")[steps:], full.rec.array("after")[steps:]])
         assert not np.allclose(trajectory, trajectory[0])
@@ -1019,7 +1019,7 @@ def test_method_info_is_frozen_and_validated():
     with pytest.raises(TypeError):
         info.example_kwargs["temperature"] = 9.0  # type: ignore[index]
     assert hash(info) == hash(get_method("dwa"))
-    fields = {"paper": None, "needs_gradients": False, "stateful": False, "default_interval": None}
+    fields = {"paper": None, "needs_task_gradients": False, "stateful": False, "default_interval": None}
     with pytest.raises(ValueError, match="`name` should be lowercase"):
         MethodInfo(name="My-Method", cls=lightning_aw.EqualWeighting, total="T", **fields)
     with pytest.raises(ValueError, match=r"`cls` should be a subclass of lightning_aw\.Weighting"):
@@ -1036,7 +1036,7 @@ def test_registering_adds_a_method(monkeypatch):
         name="plain_sum",
         cls=lightning_aw.EqualWeighting,
         paper=None,
-        needs_gradients=False,
+        needs_task_gradients=False,
         stateful=False,
         default_interval=None,
         total="T",

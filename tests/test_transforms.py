@@ -59,7 +59,7 @@ class GradProbe(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.batch = batch
         self.ref = copy.deepcopy(pl_module)
-        self.ref._weighting = None
+        self.ref.eval()  # a plain module: losses reach the trunk directly (no cut)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         w = pl_module.weighting.current_weights()

@@ -1,6 +1,7 @@
 """Gradient-based methods: coefficients from per-task gradients, applied with one backward."""
 
 from lightning_aw.aggregation._base import GradientWeighting
+from lightning_aw.aggregation._direction_methods import DBMTL, GradDrop
 from lightning_aw.aggregation._methods import (
     IMTLG,
     MGDA,
@@ -11,7 +12,6 @@ from lightning_aw.aggregation._methods import (
     PCGrad,
     UPGrad,
 )
-from lightning_aw.aggregation._special import DBMTL, GradDrop
 
 __all__ = [
     "DBMTL",

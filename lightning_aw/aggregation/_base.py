@@ -74,6 +74,7 @@ class GradientWeighting(Weighting):
     """
 
     total: ClassVar[str | float | None] = None
+    needs_task_gradients: ClassVar[bool] = True
     #: whether the method needs the gradient matrix itself rather than its Gram matrix
     needs_gradient_matrix: ClassVar[bool] = False
     #: ask MultiTaskModule.shared_representation to hand the heads a leaf copy (the fast path)

@@ -61,6 +61,13 @@ class MGDA(GradientWeighting):
         tensor([0.3077, 0.4615])
     """
 
+    name: ClassVar[str] = "mgda"
+    paper: ClassVar[str | None] = (
+        'Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS '
+        '2018, https://arxiv.org/abs/1810.04650'
+    )
+    functional: ClassVar[str | None] = "mgda"
+
     def __init__(
         self,
         normalization: Literal["none", "l2", "loss", "loss+"] = "none",
@@ -123,6 +130,15 @@ class PCGrad(GradientWeighting):
         >>> pcgrad(grads, generator=gen) @ grads  # conflicts projected away
         tensor([0.5000, 1.5000])
     """
+
+    name: ClassVar[str] = "pcgrad"
+    paper: ClassVar[str | None] = (
+        'Yu, Kumar, Gupta, Levine, Hausman & Finn, "Gradient Surgery for Multi-Task '
+        'Learning", NeurIPS 2020, https://arxiv.org/abs/2001.06782'
+    )
+    functional: ClassVar[str | None] = "pcgrad"
+    stateful: ClassVar[bool] = True
+    stochastic: ClassVar[bool] = True
 
     _state_attrs: ClassVar[tuple[str, ...]] = (*GradientWeighting._state_attrs, "_generator")
 
@@ -191,6 +207,13 @@ class CAGrad(GradientWeighting):
         tensor([0.6421, 0.5504])
     """
 
+    name: ClassVar[str] = "cagrad"
+    paper: ClassVar[str | None] = (
+        'Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for Multi-task '
+        'Learning", NeurIPS 2021, https://arxiv.org/abs/2110.14048'
+    )
+    functional: ClassVar[str | None] = "cagrad"
+
     def __init__(
         self,
         c: float = 0.4,
@@ -251,6 +274,13 @@ class IMTLG(GradientWeighting):
         tensor([0.6667, 0.6667])
     """
 
+    name: ClassVar[str] = "imtl_g"
+    paper: ClassVar[str | None] = (
+        'Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task '
+        'Learning", ICLR 2021, https://openreview.net/forum?id=IMPnRXEWpvr'
+    )
+    functional: ClassVar[str | None] = "imtl_g"
+
     total: ClassVar[str | float | None] = 1
 
     def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
@@ -291,6 +321,13 @@ class NashMTL(GradientWeighting):
         >>> alpha  # orthogonal gradients: alpha_i = 1 / |g_i|
         tensor([1.0153, 2.0305])
     """
+
+    name: ClassVar[str] = "nash_mtl"
+    paper: ClassVar[str | None] = (
+        'Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, "Multi-Task '
+        'Learning as a Bargaining Game", ICML 2022, https://arxiv.org/abs/2202.01017'
+    )
+    functional: ClassVar[str | None] = "nash_mtl"
 
     def __init__(
         self,
@@ -344,6 +381,13 @@ class AlignedMTL(GradientWeighting):
         >>> aligned_mtl(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))  # scaled to the smallest norm
         tensor([0.3333, 1.0000])
     """
+
+    name: ClassVar[str] = "aligned_mtl"
+    paper: ClassVar[str | None] = (
+        'Senushkin, Patakin, Kuznetsov & Konushin, "Independent Component Alignment for '
+        'Multi-Task Learning", CVPR 2023, https://arxiv.org/abs/2305.19000'
+    )
+    functional: ClassVar[str | None] = "aligned_mtl"
 
     def __init__(
         self,
@@ -402,6 +446,13 @@ class UPGrad(GradientWeighting):
         True
     """
 
+    name: ClassVar[str] = "upgrad"
+    paper: ClassVar[str | None] = (
+        'Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024, '
+        'https://arxiv.org/abs/2406.16232'
+    )
+    functional: ClassVar[str | None] = "upgrad"
+
     def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
         return G.upgrad_from_gram(gram)
 
@@ -440,6 +491,16 @@ class GradVac(GradientWeighting):
         >>> coefs
         tensor([1., 1.])
     """
+
+    name: ClassVar[str] = "gradvac"
+    paper: ClassVar[str | None] = (
+        'Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and Improving '
+        'Multi-task Optimization in Massively Multilingual Models", ICLR 2021, '
+        'https://arxiv.org/abs/2010.05874'
+    )
+    functional: ClassVar[str | None] = "gradvac"
+    stateful: ClassVar[bool] = True
+    stochastic: ClassVar[bool] = True
 
     _state_attrs: ClassVar[tuple[str, ...]] = (
         *GradientWeighting._state_attrs,

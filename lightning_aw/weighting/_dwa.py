@@ -52,6 +52,14 @@ class DWA(LossWeighting):
         tensor([0.8756, 1.1244])
     """
 
+    name: ClassVar[str] = "dwa"
+    paper: ClassVar[str | None] = (
+        'Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR '
+        '2019, https://arxiv.org/abs/1803.10704'
+    )
+    functional: ClassVar[str | None] = "dwa"
+    stateful: ClassVar[bool] = True
+
     total: ClassVar[str | float | None] = "T"
     _state_attrs = ("_weights", "_previous", "_before_previous", "_known")
 

@@ -26,6 +26,10 @@ class EqualWeighting(LossWeighting):
         tensor([1., 1., 1.])
     """
 
+    name: ClassVar[str] = "equal"
+    constant_weights: ClassVar[bool] = True
+    functional: ClassVar[str | None] = "equal"
+
     total: ClassVar[str | float | None] = "T"
 
     def __init__(self) -> None:

@@ -100,6 +100,14 @@ class FAMO(PositiveLossWeighting):
         tensor([0.8000, 0.2000])
     """
 
+    name: ClassVar[str] = "famo"
+    paper: ClassVar[str | None] = (
+        'Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS '
+        '2023, https://arxiv.org/abs/2306.03792'
+    )
+    functional: ClassVar[str | None] = "famo_weights"
+    stateful: ClassVar[bool] = True
+
     total: ClassVar[str | float | None] = 1
     _state_attrs = ("_logits", "_adam", "_weights", "_update_epoch")
     uses_window_means = False  # it updates from the step's own before/after losses

@@ -56,6 +56,14 @@ class GLS(PositiveLossWeighting):
         tensor([1.0000, 0.2500])
     """
 
+    name: ClassVar[str] = "gls"
+    paper: ClassVar[str | None] = (
+        'Chennupati, Sistu, Yogamani & Rawashdeh, "MultiNet++: Multi-Stream Feature '
+        'Aggregation and Geometric Loss Strategy for Multi-Task Learning", CVPR Workshops '
+        '2019, https://arxiv.org/abs/1904.08492'
+    )
+    functional: ClassVar[str | None] = "gls_weights"
+
     total: ClassVar[str | float | None] = None
     _state_attrs = ("_weights",)
 
@@ -119,6 +127,13 @@ class ScaleInvariant(PositiveLossWeighting):
         >>> scale_invariant_weights(torch.tensor([1.0, 100.0]))  # w_i = 1 / L_i
         tensor([1.0000, 0.0100])
     """
+
+    name: ClassVar[str] = "scale_invariant"
+    paper: ClassVar[str | None] = (
+        'baseline in Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022, '
+        'https://arxiv.org/abs/2202.01017'
+    )
+    functional: ClassVar[str | None] = "scale_invariant_weights"
 
     total: ClassVar[str | float | None] = None
     _state_attrs = ("_weights",)

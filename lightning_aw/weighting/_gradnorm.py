@@ -70,6 +70,16 @@ class GradNorm(LossWeighting):
         GradNorm(alpha=1.5, lr=0.025, layer=None, interval='step', frequency=1)
     """
 
+    name: ClassVar[str] = "gradnorm"
+    paper: ClassVar[str | None] = (
+        'Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for '
+        'Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018, '
+        'https://arxiv.org/abs/1711.02257'
+    )
+    functional: ClassVar[str | None] = "gradnorm_weight_grad"
+    stateful: ClassVar[bool] = True
+    needs_task_gradients: ClassVar[bool] = True
+
     total: ClassVar[str | float | None] = "T"
     _state_attrs = ("_weights", "_initial", "_has_initial", "_grad_sum", "_grad_count", "_adam")
 

@@ -54,6 +54,14 @@ class IMTLL(PositiveLossWeighting):
         tensor(2.5000)
     """
 
+    name: ClassVar[str] = "imtl_l"
+    paper: ClassVar[str | None] = (
+        'Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task '
+        'Learning", ICLR 2021, https://openreview.net/forum?id=IMPnRXEWpvr'
+    )
+    functional: ClassVar[str | None] = "imtl_l_loss"
+    stateful: ClassVar[bool] = True
+
     total: ClassVar[str | float | None] = None
 
     def __init__(self, init: float = 0.0, lr: float | None = None, check_every: int = 100) -> None:

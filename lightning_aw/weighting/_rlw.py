@@ -58,6 +58,15 @@ class RLW(LossWeighting):
         1.0
     """
 
+    name: ClassVar[str] = "rlw"
+    paper: ClassVar[str | None] = (
+        'Lin, Ye, Zhang & Tsang, "Reasonable Effectiveness of Random Weighting: A Litmus '
+        'Test for Multi-Task Learning", TMLR 2022, https://arxiv.org/abs/2111.10603'
+    )
+    functional: ClassVar[str | None] = "rlw"
+    stateful: ClassVar[bool] = True
+    stochastic: ClassVar[bool] = True
+
     total: ClassVar[str | float | None] = 1
     _state_attrs = ("_weights", "_generator")
 

@@ -62,6 +62,15 @@ class SoftAdapt(LossWeighting):
         tensor([0.0474, 0.9526])
     """
 
+    name: ClassVar[str] = "softadapt"
+    paper: ClassVar[str | None] = (
+        'Heydari, Thompson & Mehmood, "SoftAdapt: Techniques for Adaptive Loss Weighting '
+        'of Neural Networks with Multi-Part Loss Functions", 2019, '
+        'https://arxiv.org/abs/1912.12355'
+    )
+    functional: ClassVar[str | None] = "softadapt"
+    stateful: ClassVar[bool] = True
+
     total: ClassVar[str | float | None] = 1
     _state_attrs = ("_weights", "_previous", "_known")
 

@@ -87,6 +87,14 @@ class STCH(PositiveLossWeighting):
         tensor([0.0020, 0.9990])
     """
 
+    name: ClassVar[str] = "stch"
+    paper: ClassVar[str | None] = (
+        'Lin, Zhang, Yang, Liu, Wang & Zhang, "Smooth Tchebycheff Scalarization for '
+        'Multi-Objective Optimization", ICML 2024, https://arxiv.org/abs/2402.19078'
+    )
+    functional: ClassVar[str | None] = "stch_weights"
+    stateful: ClassVar[bool] = True
+
     total: ClassVar[str | float | None] = None
     _state_attrs = ("_weights", "_reference", "_active")
 

@@ -51,6 +51,14 @@ class UncertaintyWeighting(LossWeighting):
         tensor([0.5000, 0.1250])
     """
 
+    name: ClassVar[str] = "uncertainty"
+    paper: ClassVar[str | None] = (
+        'Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses '
+        'for Scene Geometry and Semantics", CVPR 2018, https://arxiv.org/abs/1705.07115'
+    )
+    functional: ClassVar[str | None] = "uncertainty_weights"
+    stateful: ClassVar[bool] = True
+
     total: ClassVar[str | float | None] = None
 
     def __init__(

@@ -108,6 +108,18 @@ class GradDrop(GradientWeighting):
         4
     """
 
+    name: ClassVar[str] = "graddrop"
+    paper: ClassVar[str | None] = (
+        'Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, "Just Pick a Sign: '
+        'Optimizing Deep Multitask Models with Gradient Sign Dropout", NeurIPS 2020, '
+        'https://arxiv.org/abs/2010.06808'
+    )
+    functional: ClassVar[str | None] = "graddrop"
+    stateful: ClassVar[bool] = True
+    stochastic: ClassVar[bool] = True
+    needs_representation: ClassVar[bool] = True
+    constant_weights: ClassVar[bool] = True
+
     total: ClassVar[str | float | None] = "T"
     _state_attrs: ClassVar[tuple[str, ...]] = (*GradientWeighting._state_attrs, "_generator")
 
@@ -249,6 +261,14 @@ class DBMTL(GradientWeighting):
         DBMTL(beta=0.9, source='parameters')
         >>> trainer = pl.Trainer(callbacks=[method], logger=False)
     """
+
+    name: ClassVar[str] = "db_mtl"
+    paper: ClassVar[str | None] = (
+        'Lin, Ye, Xu, Shi & Zhang, "Dual-Balancing for Multi-Task Learning", 2023, '
+        'https://arxiv.org/abs/2308.12029'
+    )
+    functional: ClassVar[str | None] = "db_mtl"
+    stateful: ClassVar[bool] = True
 
     _state_attrs: ClassVar[tuple[str, ...]] = (*GradientWeighting._state_attrs, "_ema", "_seen")
 
