@@ -256,7 +256,14 @@ class AWCLI(LightningCLI):
         return None
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        if self._mode == "run":
+            super().instantiate_classes()
+        else:
+            try:
+                super().instantiate_classes()
+            except (TypeError, ValueError) as err:  # a constructor refused its arguments
+                config = self.config.get(str(self.subcommand), self.config)
+                raise ConfigError(_failed_at(err, config)) from err
         path = self._get(self.config, "weights_from")
         if path:
             _load_weights(self.model, str(path))
@@ -276,14 +283,14 @@ def _parse(parser: Any, args: dict[str, Any], config: dict[str, Any], errors: li
         from jsonargparse._loaders_dumpers import set_omegaconf_loader
 
         set_omegaconf_loader(parser.parser_mode)
-    known = [e.split(":")[0].split(".init_args")[0] for e in errors]
+    known = [e.split(":")[0] for e in errors]
     for _ in range(20):
         try:
             result = parser.parse_object(args)
         except Exception as err:  # argparse.ArgumentError and jsonargparse's own
             message, drop = _condense(str(err), config)
             path = message.split(":")[0]
-            if not any(path.startswith(k) or k.startswith(path) for k in known):
+            if not any(k.startswith(path) for k in known):
                 errors.append(message)  # (the pre-check said it better)
             if drop is None or not drop():
                 break
@@ -292,6 +299,34 @@ def _parse(parser: Any, args: dict[str, Any], config: dict[str, Any], errors: li
             return result
         break
     raise ConfigError(errors)
+
+
+def _failed_at(err: BaseException, config: Any) -> str:
+    """``path: Class(...) failed: message`` for the innermost constructor that raised."""
+    import traceback
+
+    while err.__cause__ or err.__context__:  # jsonargparse re-raises in its own words
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    for frame, _ in reversed(list(traceback.walk_tb(err.__traceback__))):
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            name = type(frame.f_locals["self"]).__name__
+            path = _find(config.as_dict(), name, "")
+            if path:
+                return f"{path}: {name}(...) failed: {type(err).__name__}: {_line(err)}"
+    return f"config: {type(err).__name__}: {_line(err)}"
+
+
+def _find(node: Any, name: str, path: str) -> str | None:
+    """The path of the first class spec whose class_path names ``name``."""
+    if isinstance(node, Mapping):
+        if str(node.get("class_path", "")).rpartition(".")[2] == name:
+            return path
+        items: Any = ((f"{path}.{k}" if path else str(k), v) for k, v in node.items())
+    elif isinstance(node, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(node))
+    else:
+        return None
+    return next((p for k, v in items if (p := _find(v, name, k))), None)
 
 
 def _load_weights(model: pl.LightningModule, path: str) -> None:
@@ -483,7 +518,12 @@ def _condense(text: str, config: dict[str, Any]) -> tuple[str, Any]:
                 break
         parts = [*parts, *([] if owner is None else [owner]), "init_args", *keys[1:]]
         value = _get(config, parts)
-    block = text.split(f'Parser key "{keys[-1]}"')[-1]
+    lines = text.splitlines()
+    at = max(i for i, line in enumerate(lines) if f'Parser key "{keys[-1]}"' in line)
+    indent = len(lines[at]) - len(lines[at].lstrip())
+    inner = [ln for ln in lines[at + 1 :] if ln.strip()]
+    cut = next((i for i, ln in enumerate(inner) if len(ln) - len(ln.lstrip()) <= indent), None)
+    block = "\n".join([lines[at].split(":", 1)[1], *inner[:cut]])
     names, options = [], []
     for cls, literal in re.findall(
         r"Expected a (?:<class '([\w.]+)'>|typing\.Literal\[(.*)\])", block
@@ -492,8 +532,9 @@ def _condense(text: str, config: dict[str, Any]) -> tuple[str, Any]:
         name = _TYPES.get(cls, cls.rpartition(".")[2]) if cls else ""
         if name and name not in names:
             names.append(name)
-    names += [f"one of {', '.join(options)}"] if options else []
-    problem = f"expected {' or '.join(names)}" if names else " ".join(block.split()).lstrip(": ")
+    names = ([f"one of {', '.join(options)}"] if options else []) + names
+    first = " ".join(block.split()).split(". Got value")[0].split(" Given value")[0]
+    problem = f"expected {' or '.join(names)}" if names else first[:1].lower() + first[1:]
     shown = (
         repr(value)
         if isinstance(value, str) or value is None
