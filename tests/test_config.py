@@ -536,7 +536,10 @@ def test_nested_specs_are_built_and_values_converted():
         "model.init_args.sizes: expected a tuple with 2 elements, got [1, 2, 3] (list)"
     ]
     del cfg["model"]["init_args"]["metric"]
-    assert errors_of(cfg) == ["model.init_args: HolderNet needs argument 'metric'"]
+    assert sorted(errors_of(cfg)) == [
+        "model.init_args: HolderNet needs argument 'metric'",
+        "model.init_args.sizes: expected a tuple with 2 elements, got [1, 2, 3] (list)",
+    ]
     cfg["model"] = {"class_path": f"{__name__}.HolderNet"}
     cfg["trainer"]["callbacks"] = [{"class_path": f"{__name__}.HolderNet"}]
     assert errors_of(cfg)[0].startswith(
