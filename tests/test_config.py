@@ -537,8 +537,8 @@ def test_nested_specs_are_built_and_values_converted():
     ]
     del cfg["model"]["init_args"]["metric"]
     assert sorted(errors_of(cfg)) == [
-        "model.init_args: HolderNet needs argument 'metric'",
         "model.init_args.sizes: expected a tuple with 2 elements, got [1, 2, 3] (list)",
+        "model.init_args: HolderNet needs argument 'metric'",
     ]
     cfg["model"] = {"class_path": f"{__name__}.HolderNet"}
     cfg["trainer"]["callbacks"] = [{"class_path": f"{__name__}.HolderNet"}]
