@@ -133,9 +133,9 @@ def _override(cfg: DictConfig, item: str) -> None:
             f"override {item!r}: expected KEY=VALUE with a dotted key, like "
             "'trainer.max_epochs=3' or 'trainer.callbacks.0.init_args.alpha=2'."
         )
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
+    try:  # OmegaConf's YAML reading (1e-3 is a float)
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]  # type: ignore[index]
+    except Exception as err:
         raise ConfigError(f"override {item!r}: the value is not valid YAML: {_line(err)}") from err
     try:
         OmegaConf.update(cfg, key.strip(), value, merge=True, force_add=True)
@@ -178,24 +178,6 @@ class _SaveConfig(SaveConfigCallback):
                 "(a new logger version or trainer.default_root_dir), delete the file, or pass "
                 "--overwrite-config."
             ) from None
-
-
-class _StartGuard(pl.Callback):
-    """Notes whether the run's log directory is new, so a failed start can remove it."""
-
-    created: str | None = None
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        log_dir = trainer.log_dir  # broadcast from rank 0, before anything writes there
-        if log_dir is None or self.created is not None or os.path.exists(log_dir):
-            return
-        while not os.path.exists(os.path.dirname(os.path.abspath(log_dir))):
-            log_dir = os.path.dirname(os.path.abspath(log_dir))  # the first folder made
-        self.created = log_dir
-
-    def remove(self, trainer: pl.Trainer) -> None:
-        if self.created and trainer.is_global_zero:
-            shutil.rmtree(self.created, ignore_errors=True)
 
 
 class _Parsed(Exception):
@@ -267,7 +249,6 @@ class AWCLI(LightningCLI):
         path = self._get(self.config, "weights_from")
         if path:
             _load_weights(self.model, str(path))
-        self.trainer.callbacks.insert(0, _StartGuard())
 
     def _run_subcommand(self, subcommand: str) -> None:
         if self._mode == "run":
@@ -617,6 +598,11 @@ class Experiment:
     def run(self, command: Command | None = None) -> Any:
         """Run ``trainer.fit``, ``validate`` or ``test`` (default: the command built for)."""
         command = command or self.command
+        # the first folder of the log directory this run creates (removed after a failed start)
+        new = log_dir = self.trainer.log_dir  # (not yet written: the loggers start at setup)
+        while log_dir and not os.path.exists(log_dir):
+            new, log_dir = log_dir, os.path.dirname(os.path.abspath(log_dir))
+        self._created = None if new == log_dir else new
         kwargs: dict[str, Any] = {"datamodule": self.datamodule, "ckpt_path": self.ckpt_path}
         if self.config.get("weights_only") is not None:
             kwargs["weights_only"] = self.config["weights_only"]
@@ -629,10 +615,9 @@ class Experiment:
         return getattr(self.trainer, command)(self.model, **kwargs)
 
     def remove_new_log_dir(self) -> None:
-        """After a failed start: remove the log directory this run created (rank 0)."""
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, _StartGuard):
-                callback.remove(self.trainer)
+        """After a failed start: remove the log directory :meth:`run` created (rank 0)."""
+        if getattr(self, "_created", None) and self.trainer.is_global_zero:
+            shutil.rmtree(self._created, ignore_errors=True)
 
 
 def build(
