@@ -9,39 +9,37 @@
     lightning-aw test -c run.yaml ckpt_path=best.ckpt
     lightning-aw methods "*grad*"                        # the registered weighting methods
 
-``fit``, ``validate`` and ``test`` read the configuration with
-:func:`lightning_aw.config.load_config` (several ``--config`` files are merged in order, then the
-``KEY=VALUE`` overrides are applied; LightningCLI's ``--trainer.max_epochs=3`` spelling works
-too), check it completely, build it with :func:`lightning_aw.config.build` and run the Trainer.
-``fit`` writes the resolved configuration as ``config.yaml`` into the log directory, as
-LightningCLI does. A configuration error exits with status 2 and one line per problem, each naming
-its path in the file; ``python -m lightning_aw.cli`` is the same command.
+``fit``, ``validate`` and ``test`` run on LightningCLI (:class:`lightning_aw.config.AWCLI`,
+jsonargparse in OmegaConf mode): several ``--config`` files are merged in order, then the
+``KEY=VALUE`` overrides (``~KEY`` deletes; LightningCLI's ``--trainer.max_epochs=3`` spelling
+works too), then ``${...}`` interpolations resolve. ``fit`` saves the resolved configuration as
+``config.yaml`` in the log directory. Every error (configuration, optimizer spec, a checkpoint
+trained with another weighting method) exits with status 2 before anything is written, one
+line per problem on stderr, naming its path in the file. ``--weights-from PATH`` starts a new
+run from a checkpoint's model weights only (e.g. to switch the weighting method), where
+``--ckpt-path`` resumes the run. ``python -m lightning_aw.cli`` is the same command.
 
-The same files run with Lightning's own :class:`~lightning.pytorch.cli.LightningCLI` (needs
-``pip install 'lightning-aw[cli]'``): :func:`lightning_cli` builds one for any
-:class:`~lightning_aw.MultiTaskModule` and LightningDataModule, with OmegaConf interpolation.
+The same files run with Lightning's own :class:`~lightning.pytorch.cli.LightningCLI`;
+:func:`lightning_cli` builds the one above for any :class:`~lightning_aw.MultiTaskModule`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import re
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import OmegaConf
-
-if TYPE_CHECKING:
-    from lightning.pytorch.cli import LightningCLI
+if TYPE_CHECKING:  # nothing heavy at import: --help and --version stay fast
+    from lightning_aw.config import AWCLI
 
 __all__ = ["lightning_cli", "main"]
 
 PROG = "lightning-aw"
 _RUN_COMMANDS = ("fit", "validate", "test")
 # our own options (everything else that starts with "--" is a LightningCLI-style override)
-_VALUE_OPTIONS = ("--config", "-c", "--ckpt-path")
+_VALUE_OPTIONS = ("--config", "-c", "--ckpt-path", "--weights-from")
 _FLAG_OPTIONS = (
     "--print-config",
     "--no-save-config",
@@ -74,8 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         equal   EqualWeighting  losses  T            stateless  -
         0
     """
-    from lightning_aw.config import ConfigError, ConfigFileExistsError
-
     args = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     if args and args[0] in _RUN_COMMANDS:
@@ -86,19 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if ns.command == "methods":
         return _methods(ns.pattern)
-    try:
-        return _run(ns)
-    except ConfigError as err:
-        for line in err.errors:
-            print(f"{PROG}: error: {' '.join(line.split())}", file=sys.stderr)
-        return 2
-    except ConfigFileExistsError as err:  # raised before training starts
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    return _run(ns)
 
 
 def _parser() -> argparse.ArgumentParser:
-    from lightning_aw import __version__
+    from lightning_aw import __version__  # the package imports its classes lazily
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -134,6 +122,13 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             metavar="PATH",
             help="checkpoint to resume from (fit) or to evaluate; same as ckpt_path=PATH",
+        )
+        cmd.add_argument(
+            "--weights-from",
+            default=None,
+            metavar="PATH",
+            help="start a new run from a checkpoint's model weights only (no optimizer, loop or "
+            "weighting state), e.g. with another weighting method; same as weights_from=PATH",
         )
         cmd.add_argument(
             "--print-config",
@@ -172,7 +167,7 @@ def _normalise(args: Sequence[str]) -> list[str]:
         if arg == "--":
             overrides.extend(args[i + 1 :])
             break
-        if name in ("--ckpt_path", "--print_config"):  # LightningCLI's spelling
+        if name in ("--ckpt_path", "--print_config", "--weights_from"):  # LightningCLI's spelling
             arg = arg.replace("_", "-", 1)
             name = arg.split("=", 1)[0]
         if name in _VALUE_OPTIONS:
@@ -202,23 +197,61 @@ def _is_value(arg: str) -> bool:
 
 
 def _run(ns: argparse.Namespace) -> int:
-    from lightning_aw.config import build, load_config, validate_config
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_aw.config import (
+        ConfigError,
+        ConfigFileExistsError,
+        build,
+        load_config,
+        validate_config,
+    )
 
     overrides = list(ns.overrides)
-    if ns.ckpt_path is not None:
-        overrides.append(f"ckpt_path={_quote(ns.ckpt_path)}")
-    cfg = load_config(ns.config, overrides)
-    if ns.print_config:
-        config = validate_config(cfg)
-        sys.stdout.write(OmegaConf.to_yaml(OmegaConf.create(config)))
-        return 0
-    experiment = build(
-        cfg,
-        save_config=ns.command == "fit" and not ns.no_save_config,
-        overwrite_config=ns.overwrite_config,
-    )
-    experiment.run(ns.command)
+    for key in ("ckpt_path", "weights_from"):
+        if getattr(ns, key) is not None:
+            overrides.append(f"{key}={_quote(getattr(ns, key))}")
+    try:
+        cfg = load_config(ns.config, overrides)
+        if ns.print_config:
+            import yaml
+
+            sys.stdout.write(yaml.safe_dump(validate_config(cfg, ns.command), sort_keys=False))
+            return 0
+        save = ns.command == "fit" and not ns.no_save_config
+        experiment = build(cfg, ns.command, save_config=save, overwrite_config=ns.overwrite_config)
+    except ConfigError as err:
+        return _error(*err.errors)
+    try:
+        experiment.run()
+    except ConfigFileExistsError as err:  # raised before training starts, nothing written
+        return _error(str(err))
+    except MisconfigurationException as err:
+        if not str(err).startswith("The checkpoint "):
+            raise
+        # the checkpoint does not fit this run (restored before any step): a failed start
+        experiment.remove_new_log_dir()
+        return _error(_checkpoint_advice(str(err), experiment.ckpt_path))
     return 0
+
+
+def _error(*lines: str) -> int:
+    for line in lines:
+        print(f"{PROG}: error: {' '.join(line.split())}", file=sys.stderr)
+    return 2
+
+
+def _checkpoint_advice(message: str, ckpt_path: str | None) -> str:
+    """One line: the checkpoint's problem, then the command-line way out."""
+    first = " ".join(message.split()).split(". ")[0].rstrip(".")
+    if "weighting" not in first and "holds the state of" not in first:
+        return f"ckpt_path: {first}"
+    path = _quote(ckpt_path or "PATH").strip("'") if ckpt_path else "PATH"
+    return (
+        f"ckpt_path: {first}; resuming needs the same weighting method and hyperparameters. To "
+        f"start a new run from these weights instead, replace --ckpt-path {path} with "
+        f"--weights-from {path}"
+    )
 
 
 def _quote(value: str) -> str:
@@ -244,7 +277,7 @@ def _methods(patterns: Sequence[str]) -> int:
             [
                 name,
                 info.cls.__name__,
-                "gradients" if info.needs_gradients else "losses",
+                "gradients" if info.needs_task_gradients else "losses",
                 "-" if info.total is None else str(info.total),
                 "stateful" if info.stateful else "stateless",
                 _short_paper(info.paper),
@@ -267,14 +300,14 @@ def _short_paper(paper: str | None) -> str:
     return f"{authors}, {venue}" if venue else authors
 
 
-def lightning_cli(args: Sequence[str] | None = None, **kwargs: Any) -> LightningCLI:
+def lightning_cli(args: Sequence[str] | None = None, **kwargs: Any) -> AWCLI:
     """A :class:`~lightning.pytorch.cli.LightningCLI` for lightning_aw models and configs.
 
-    Defaults: any :class:`~lightning_aw.MultiTaskModule` subclass as ``model.class_path``
-    (``subclass_mode_model=True``), any LightningDataModule as ``data.class_path`` (optional),
-    ``parser_mode="omegaconf"`` (``${...}`` interpolation), and short class names of
-    :mod:`lightning_aw` (``GradNorm``, ``DigitsNet``, ...) resolvable because the modules are
-    imported first. Every keyword argument is passed to LightningCLI and overrides the defaults.
+    :class:`lightning_aw.config.AWCLI`: any :class:`~lightning_aw.MultiTaskModule` subclass as
+    ``model.class_path``, any LightningDataModule as ``data.class_path`` (optional),
+    ``parser_mode="omegaconf"`` (``${...}`` interpolation), short class names of
+    :mod:`lightning_aw` (``GradNorm``, ``DigitsNet``, ...), and ``--weights_from``. Every keyword
+    argument is passed to LightningCLI and overrides the defaults.
 
     Args:
         args: the command line (e.g. ``["fit", "--config", "run.yaml"]``); default
@@ -284,9 +317,6 @@ def lightning_cli(args: Sequence[str] | None = None, **kwargs: Any) -> Lightning
     Returns:
         The LightningCLI (after running its subcommand unless ``run=False``).
 
-    Raises:
-        ImportError: when jsonargparse is not installed (``pip install 'lightning-aw[cli]'``).
-
     Example::
 
         >>> cli = lightning_cli(["--model=lightning_aw.models.DigitsNet",
@@ -294,30 +324,9 @@ def lightning_cli(args: Sequence[str] | None = None, **kwargs: Any) -> Lightning
         >>> type(cli.model).__name__
         'DigitsNet'
     """
-    try:
-        import jsonargparse  # noqa: F401
-        from lightning.pytorch.cli import LightningCLI
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "LightningCLI needs jsonargparse: pip install 'lightning-aw[cli]' (or use the "
-            "`lightning-aw` command, which does not)."
-        ) from err
-    import importlib
+    from lightning_aw.config import AWCLI
 
-    from lightning_aw import MultiTaskModule
-
-    # short class names resolve among imported subclasses
-    for module in ("lightning_aw.models", "lightning_aw.datasets", "lightning_aw.monitor"):
-        with contextlib.suppress(ImportError):
-            importlib.import_module(module)
-    # datamodule_class=None: any LightningDataModule subclass, optional (as LightningCLI does)
-    options: dict[str, Any] = {"model_class": MultiTaskModule, "subclass_mode_model": True}
-    options.update(kwargs)
-    parser_kwargs = dict(options.pop("parser_kwargs", None) or {})
-    parser_kwargs.setdefault("parser_mode", "omegaconf")
-    return LightningCLI(
-        parser_kwargs=parser_kwargs, args=None if args is None else list(args), **options
-    )
+    return AWCLI(args=None if args is None else list(args), **kwargs)
 
 
 if __name__ == "__main__":

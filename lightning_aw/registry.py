@@ -21,9 +21,7 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
-import inspect
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from types import MappingProxyType
 from typing import Any
 
 from lightning_aw import functional as _functional
+from lightning_aw._introspect import init_args, nearest, unknown_args
 from lightning_aw.aggregation import (
     DBMTL,
     IMTLG,
@@ -287,8 +286,8 @@ def get_method(name: str) -> MethodInfo:
         if key in by_class:
             return by_class[key]
     known = sorted(_REGISTRY)
-    near = difflib.get_close_matches(str(name).lower(), known, n=1, cutoff=0.5)
-    hint = f" Did you mean {near[0]!r}?" if near else ""
+    near = nearest(name, known, cutoff=0.5)
+    hint = f" Did you mean {near!r}?" if near else ""
     raise ValueError(
         f"Unknown weighting method {name!r}.{hint} Registered methods: {', '.join(known)}."
     )
@@ -321,17 +320,9 @@ def create_method(name: str, **kwargs: Any) -> Weighting:
 
 
 def _check_kwargs(name: str, cls: type[Weighting], kwargs: Mapping[str, Any]) -> None:
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = [
-        n
-        for n, p in params.items()
-        if n != "self"
-        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    ]
-    unknown = sorted(set(kwargs) - set(accepted))
+    unknown = unknown_args(cls, kwargs)
     if unknown:
+        accepted = init_args(cls).names
         takes = ", ".join(accepted) if accepted else "no arguments"
         raise ValueError(
             f"Weighting method {name!r} ({cls.__name__}) does not take argument(s) {unknown}. "

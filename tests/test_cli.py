@@ -10,6 +10,7 @@ import sys
 from importlib.metadata import entry_points
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -49,8 +50,7 @@ def scalars(log_dir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(log_dir))
     events.Reload()
     return {
-        tag: [(e.step, e.value) for e in events.Scalars(tag)]
-        for tag in events.Tags()["scalars"]
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
     }
 
 
@@ -112,7 +112,11 @@ def test_console_script_in_a_subprocess(tmp_path):
     args = [a for o in overrides for a in o.split(" ", 1)]
     proc = subprocess.run(
         [*console_command(), "fit", "-c", str(GRADNORM), *args],
-        capture_output=True, text=True, timeout=300, env=clean_env(), cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_weights_logged(run_dir(tmp_path, GRADNORM))
@@ -121,13 +125,24 @@ def test_console_script_in_a_subprocess(tmp_path):
 
 def test_config_error_exits_2_with_one_line_in_a_subprocess(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_aw.cli", "fit", "-c", str(GRADNORM),
-         "trainer.max_epochs=three"],
-        capture_output=True, text=True, timeout=300, env=clean_env(), cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "lightning_aw.cli",
+            "fit",
+            "-c",
+            str(GRADNORM),
+            "trainer.max_epochs=three",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+        cwd=tmp_path,
     )
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
-        "lightning-aw: error: trainer.max_epochs: expected int, got 'three'"
+        "lightning-aw: error: trainer.max_epochs: expected int or null, got 'three'"
     ]
     assert proc.stdout == ""
     assert not (tmp_path / "runs").exists()  # nothing started
@@ -137,9 +152,21 @@ def test_config_error_exits_2_with_one_line_in_a_subprocess(tmp_path):
 def test_console_script_under_ddp(tmp_path):
     # Lightning's DDP launcher re-executes the command line: the console script must survive it
     proc = subprocess.run(
-        [*console_command(), "fit", "-c", str(GRADNORM), *tiny(tmp_path),
-         "trainer.strategy=ddp", "trainer.devices=2", "data.init_args.train_pairs=512"],
-        capture_output=True, text=True, timeout=300, env=clean_env(), cwd=tmp_path,
+        [
+            *console_command(),
+            "fit",
+            "-c",
+            str(GRADNORM),
+            *tiny(tmp_path),
+            "trainer.strategy=ddp",
+            "trainer.devices=2",
+            "data.init_args.train_pairs=512",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     log_dir = run_dir(tmp_path, GRADNORM)
@@ -155,20 +182,64 @@ def test_console_script_under_ddp(tmp_path):
     [
         (
             ["trainer.callbacks.0.init_args.alpah=2"],
-            ["trainer.callbacks[0].init_args.alpah: GradNorm has no argument 'alpah'; did you "
-             "mean 'alpha'?"],
+            [
+                "trainer.callbacks[0].init_args.alpah: GradNorm has no argument 'alpah'; did you "
+                "mean 'alpha'?"
+            ],
         ),
         (
             ["trainer.max_epochs=three", "model.class_path=DigitNet"],
-            ["trainer.max_epochs: expected int, got 'three'",
-             "model.class_path: unknown class 'DigitNet'; did you mean 'DigitsNet'? Other "
-             "classes need their full import path (e.g. 'mypackage.module.ClassName')"],
+            [
+                "model.class_path: unknown class 'DigitNet'; did you mean 'DigitsNet'? Other "
+                "classes need their full import path (e.g. 'mypackage.module.ClassName')",
+                "trainer.max_epochs: expected int or null, got 'three'",
+            ],
         ),
-        (["trainer.max_epochs"], ["override 'trainer.max_epochs': expected KEY=VALUE with a "
-                                  "dotted key, like 'trainer.max_epochs=3' or "
-                                  "'trainer.callbacks.0.init_args.alpha=2'."]),
-        (["-c", "missing.yaml"], ["config file 'missing.yaml' does not exist; pass the path of a "
-                                  "YAML file."]),
+        (
+            ["trainer.max_epochs"],
+            [
+                "override 'trainer.max_epochs': expected KEY=VALUE with a "
+                "dotted key, like 'trainer.max_epochs=3' or "
+                "'trainer.callbacks.0.init_args.alpha=2'."
+            ],
+        ),
+        (
+            ["-c", "missing.yaml"],
+            ["config file 'missing.yaml' does not exist; pass the path of a YAML file."],
+        ),
+        (
+            ["--ckpt-path", "a.ckpt", "--weights-from", "a.ckpt"],
+            [
+                "weights_from: give ckpt_path (resume the run) or weights_from (start a new run from "
+                "the model weights), not both"
+            ],
+        ),
+        (
+            ["model.init_args.optimizer.betas=0.9"],
+            ["model.init_args.optimizer.betas: expected a pair of floats, got 0.9"],
+        ),
+        (
+            ["model.init_args.optimizer.betas=[0.9, 1.5]"],
+            [
+                "model.init_args.optimizer.betas: expected a pair of floats in [0, 1), got [0.9, 1.5]"
+            ],
+        ),
+        (
+            ["model.init_args.optimizer.lr=-0.1"],
+            ["model.init_args.optimizer.lr: expected a number >= 0, got -0.1"],
+        ),
+        (
+            ["model.init_args.optimizer.eps=-1e-8"],
+            ["model.init_args.optimizer.eps: expected a number >= 0, got -1e-08"],
+        ),
+        (
+            ["model.init_args.optimizer.weight_decay=-0.01"],
+            ["model.init_args.optimizer.weight_decay: expected a number >= 0, got -0.01"],
+        ),
+        (
+            ["model.init_args.optimizer={name: sgd, lr: 0.1, momentum: -0.9}"],
+            ["model.init_args.optimizer.momentum: expected a number >= 0, got -0.9"],
+        ),
     ],
 )
 def test_config_errors_exit_2_with_one_line_each(tmp_path, monkeypatch, capsys, args, lines):
@@ -177,7 +248,7 @@ def test_config_errors_exit_2_with_one_line_each(tmp_path, monkeypatch, capsys, 
     out, err = capsys.readouterr()
     assert err.splitlines() == [f"lightning-aw: error: {line}" for line in lines]
     assert out == ""
-    assert not (tmp_path / "runs").exists()
+    assert list(tmp_path.iterdir()) == []  # nothing written: no runs/, no version_N/
 
 
 def test_usage_errors_exit_2(capsys):
@@ -188,13 +259,35 @@ def test_usage_errors_exit_2(capsys):
     assert main([]) == 2
 
 
+def contains(full, part) -> bool:
+    """Whether ``full`` holds every key of ``part`` with its value (class paths may be spelt
+    in full in ``full``)."""
+    if isinstance(part, dict):
+        return isinstance(full, dict) and all(
+            k in full
+            and (
+                contains(full[k], v)
+                if k != "class_path"
+                else full[k].rpartition(".")[2] == v.rpartition(".")[2]
+            )
+            for k, v in part.items()
+        )
+    if isinstance(part, list):
+        return (
+            isinstance(full, list)
+            and len(full) == len(part)
+            and all(contains(f, p) for f, p in zip(full, part, strict=True))
+        )
+    return full == part
+
+
 def test_print_config_shows_the_resolved_configuration(capsys):
     config = ROOT / "examples" / "configs" / "digits_pcgrad.yaml"
     # overrides may come before the options; LightningCLI's "--key value" spelling works
     args = ["seed_everything=5", "-c", str(config), "--trainer.max_steps", "-1", "--print_config"]
     assert main(["fit", *args]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["trainer"].pop("max_steps") == -1
+    assert printed["trainer"]["max_steps"] == -1
     assert printed["seed_everything"] == 5
     # ${seed_everything} is resolved after the override
     assert printed["trainer"]["callbacks"][0]["init_args"]["seed"] == 5
@@ -203,7 +296,10 @@ def test_print_config_shows_the_resolved_configuration(capsys):
     original["seed_everything"] = 5
     original["trainer"]["callbacks"][0]["init_args"]["seed"] = 5
     original["data"]["init_args"]["seed"] = 5
-    assert printed == original
+    # LightningCLI's complete configuration: the file's values and every default
+    assert contains(printed, original)
+    assert printed["trainer"]["max_epochs"] == 8 and printed["trainer"]["min_epochs"] is None
+    assert printed["ckpt_path"] is None and printed["weights_from"] is None
 
 
 def test_methods_lists_the_registry(capsys):
@@ -303,7 +399,8 @@ def test_lightning_cli_resolves_short_names_and_passes_the_optimizer_spec(monkey
     monkeypatch.setattr(sys, "argv", ["lightning-aw"])
     cli = lightning_cli(
         [
-            "--config", str(GRADNORM),
+            "--config",
+            str(GRADNORM),
             "--trainer.logger=false",
             "--model.init_args.optimizer={name: adamw, lr: 0.01}",
         ],
@@ -312,3 +409,69 @@ def test_lightning_cli_resolves_short_names_and_passes_the_optimizer_spec(monkey
     (weighting,) = [c for c in cli.trainer.callbacks if isinstance(c, GradNorm)]
     assert (weighting.alpha, weighting.lr) == (1.5, 0.025)  # `class_path: GradNorm` in the file
     assert cli.model.optimizer_spec == {"name": "adamw", "lr": 0.01}
+
+
+def test_resuming_with_another_method_fails_in_one_line_and_leaves_nothing(tmp_path, capsys):
+    base = ["-c", str(GRADNORM), *tiny(tmp_path)]
+    assert main(["fit", *base]) == 0
+    last = run_dir(tmp_path, GRADNORM, 0) / "checkpoints" / "last.ckpt"
+    runs = tmp_path / "digits-gradnorm"
+    capsys.readouterr()
+    pcgrad = ["~trainer.callbacks.0.init_args", "trainer.callbacks.0.class_path=PCGrad"]
+
+    # another method: one line, exit 2, the command-line fix, no version_1/ left behind
+    assert main(["fit", *base, *pcgrad, "trainer.max_epochs=2", "--ckpt-path", str(last)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(
+        "lightning-aw: error: ckpt_path: The checkpoint was trained with weighting 'GradNorm', "
+        "but this run uses 'PCGrad'; resuming needs the same weighting method"
+    )
+    assert line.endswith(f"replace --ckpt-path {last} with --weights-from {last}")
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0"]
+
+    # the same method with other hyperparameters: its saved state does not fit either
+    alpha = "trainer.callbacks.0.init_args.alpha=2"
+    assert main(["fit", *base, alpha, "trainer.max_epochs=2", f"ckpt_path={last}"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("lightning-aw: error: ckpt_path: The checkpoint holds the state of ")
+    assert "--weights-from" in line
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0"]
+
+    # the fix: a new run from the weights only, with the other method
+    exp = build(load_config(GRADNORM, [*tiny(tmp_path), *pcgrad, f"weights_from={last}"]))
+    saved = torch.load(last, weights_only=True)["state_dict"]
+    for name, value in exp.model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    assert exp.ckpt_path is None
+    assert main(["fit", *base, *pcgrad, "--weights-from", str(last)]) == 0
+    started = scalars(run_dir(tmp_path, GRADNORM, 1))
+    assert [step for step, _ in started["weights/left"]] == [0, 1]  # a new run
+    assert load_config(run_dir(tmp_path, GRADNORM, 1) / "config.yaml").weights_from == str(last)
+
+
+def test_weights_from_a_checkpoint_that_does_not_fit(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"state_dict": {"nope.weight": torch.zeros(1)}}, tmp_path / "other.ckpt")
+    for path, message in [
+        ("other.ckpt", "weights_from: the checkpoint 'other.ckpt' does not fit DigitsNet"),
+        ("missing.ckpt", "weights_from: 'missing.ckpt' is not a checkpoint file"),
+    ]:
+        assert main(["fit", "-c", str(GRADNORM), "--weights-from", path]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"lightning-aw: error: {message}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.ckpt"]
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["fit", "--help"]])
+def test_version_and_help_import_neither_torch_nor_lightning(args):
+    # (the command's start-up time: see the README; measured, not timed here)
+    code = (
+        "import sys\nfrom lightning_aw.cli import main\n"
+        f"try:\n    main({args!r})\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'jsonargparse') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=clean_env()
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"

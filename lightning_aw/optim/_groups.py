@@ -103,10 +103,40 @@ def _check_args(
         )
 
 
+#: Hyperparameters torch rejects when negative (checked when a spec is validated).
+_NON_NEGATIVE = ("lr", "eps", "weight_decay", "momentum")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_values(kwargs: Mapping[str, Any], where: str) -> None:
+    """Types and ranges torch would reject later: ``lr``, ``eps``, ``weight_decay`` and
+    ``momentum`` >= 0, ``betas`` a pair in [0, 1). Messages start with the key's path."""
+    for key in _NON_NEGATIVE:
+        value = kwargs.get(key)
+        if value is None or isinstance(value, (Tensor, tuple, list)):
+            continue  # a tensor lr; Adafactor-style eps pairs: left to the optimizer
+        if not _is_number(value):
+            raise TypeError(f"{where}.{key}: expected a number >= 0, got {value!r}")
+        if not value >= 0:  # also NaN
+            raise ValueError(f"{where}.{key}: expected a number >= 0, got {value!r}")
+    betas = kwargs.get("betas")
+    if betas is None:
+        return
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(map(_is_number, betas))):
+        raise TypeError(f"{where}.betas: expected a pair of floats, got {betas!r}")
+    if not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"{where}.betas: expected a pair of floats in [0, 1), got {betas!r}")
+
+
 def validate_optimizer_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     """Check an optimizer spec without building anything; return it as a plain deep copy.
 
-    Checks the optimizer name, its arguments, the per-group overrides' arguments, that the
+    Checks the optimizer name, its arguments and the values torch would reject (``lr``,
+    ``eps``, ``weight_decay``, ``momentum`` >= 0, ``betas`` a pair in [0, 1); also in the
+    groups), the per-group overrides' arguments, that the
     ``weighting`` group gets no weight decay, and the scheduler (name, arguments, ``interval``,
     ``monitor``). Group names are checked against the model's groups when the optimizer is built.
     An optional package that is not installed is reported then too, so a module built from such a
@@ -119,8 +149,10 @@ def validate_optimizer_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
         The spec as plain dicts and lists (OmegaConf containers converted).
 
     Raises:
-        TypeError: if the spec or a part of it is not a mapping.
-        ValueError: for an unknown optimizer, argument, scheduler, or a decayed weighting group.
+        TypeError: if the spec or a part of it is not a mapping, or a value has the wrong type
+            (``optimizer.betas: expected a pair of floats, got 0.9``).
+        ValueError: for an unknown optimizer, argument, scheduler, a value out of range
+            (``optimizer.lr: expected a number >= 0, got -1``), or a decayed weighting group.
 
     Example::
 
@@ -149,6 +181,7 @@ def validate_optimizer_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     label = f"{name!r}" + (f" ({cls.__name__})" if cls is not None else "")
     accepted = accepted_args(cls) if cls is not None else None
     _check_args(label, accepted, kwargs, "optimizer")
+    _check_values(kwargs, "optimizer")
     if not isinstance(groups, Mapping):
         raise TypeError(
             "`optimizer.groups` should map group names to overrides, e.g. "
@@ -167,6 +200,7 @@ def validate_optimizer_spec(spec: Mapping[str, Any] | None) -> dict[str, Any]:
                 f"`{where}` sets {reserved}; a group's parameters and name come from the model."
             )
         _check_args(label, accepted, override, where)
+        _check_values(override, where)
         if _matches(group, WEIGHTING_GROUP) and override.get("weight_decay", 0):
             raise ValueError(
                 f"`{where}` sets weight_decay={override['weight_decay']!r}, but the weighting "

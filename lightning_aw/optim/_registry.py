@@ -12,12 +12,9 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import functools
-import importlib
 import importlib.util
-import inspect
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +22,8 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
+
+from lightning_aw._introspect import import_class, init_args, nearest
 
 __all__ = [
     "STEP_RULES",
@@ -173,43 +172,14 @@ class OptimizerInfo:
         return accepted_args(self.load())
 
 
-def import_class(path: str, package: str | None = None, *, what: str = "class") -> type:
-    """Import ``"package.module.Class"``; a missing package names what to ``pip install``."""
-    module_name, _, attr = path.rpartition(".")
-    if not module_name:
-        raise ValueError(f"{what}: {path!r} is not a dotted import path like 'package.Class'.")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        top = module_name.split(".", 1)[0]
-        install = package or top
-        raise ModuleNotFoundError(
-            f"The {what} needs the package {install!r}, which is not installed "
-            f"(importing {module_name!r} failed: {err}). Install it with `pip install {install}`.",
-            name=err.name,
-        ) from err
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ImportError(
-            f"The {what}: module {module_name!r} has no attribute {attr!r} (from {path!r}). "
-            "Check the spelling of the class path."
-        ) from None
-
-
 @functools.cache
 def accepted_args(cls: type) -> tuple[str, ...] | None:
-    """The keyword arguments of ``cls.__init__`` other than ``self`` and ``params`` (``None``
-    when it takes ``**kwargs``)."""
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    """The keyword arguments of ``cls.__init__`` other than ``self``, ``params`` and
+    ``optimizer`` (``None`` when it takes ``**kwargs`` it forwards out of sight)."""
+    sig = init_args(cls)
+    if sig.open:
         return None
-    return tuple(
-        n
-        for n, p in params.items()
-        if n not in ("self", "params", "optimizer")
-        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    )
+    return tuple(n for n in sig.names if n not in ("params", "optimizer"))
 
 
 _REGISTRY: dict[str, OptimizerInfo] = {}
@@ -365,9 +335,8 @@ def info_for_class(cls: type) -> OptimizerInfo | None:
 
 def _nearest(key: str, names: Any) -> str:
     """" Did you mean 'x'?" for the closest of ``names`` (ignoring case), or ""."""
-    lowered = {str(n).lower(): n for n in names}
-    near = difflib.get_close_matches(str(key).lower(), list(lowered), n=1, cutoff=0.5)
-    return f" Did you mean {lowered[near[0]]!r}?" if near else ""
+    near = nearest(key, names, cutoff=0.5)
+    return f" Did you mean {near!r}?" if near else ""
 
 
 # ---------------------------------------------------------------------------------- built-ins

@@ -12,7 +12,6 @@ Example::
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightning_aw._introspect import init_args as signature_args
 from lightning_aw.optim._registry import _nearest, accepted_args, import_class
 
 if TYPE_CHECKING:
@@ -171,11 +171,10 @@ def parse_scheduler_spec(spec: Mapping[str, Any], where: str = "scheduler") -> _
                 f" It accepts: {', '.join(accepted)}; and Lightning's "
                 f"{', '.join(_LIGHTNING_KEYS)}."
             )
-        params = inspect.signature(cls.__init__).parameters
         required = [
             n
-            for n in accepted
-            if params[n].default is inspect.Parameter.empty
+            for n in signature_args(cls).required
+            if n in accepted
             and n not in spec
             and not (info is not None and n == info.length_arg)
         ]
