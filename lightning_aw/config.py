@@ -57,7 +57,14 @@ class ConfigError(ValueError):
 
 
 class ConfigFileExistsError(FileExistsError):
-    """The ``config.yaml`` to save exists already: it records an earlier run."""
+    """The ``config.yaml`` to save exists already: it records an earlier run.
+
+    Example::
+
+        >>> from lightning_aw.config import ConfigFileExistsError
+        >>> issubclass(ConfigFileExistsError, FileExistsError)  # `except FileExistsError` works
+        True
+    """
 
 
 # ------------------------------------------------------------------------------ loading
@@ -196,6 +203,18 @@ class AWCLI(LightningCLI):
         mode: ``"run"`` (LightningCLI's behaviour), ``"build"`` (build, run nothing) or
             ``"parse"`` (check, build nothing).
         **kwargs: LightningCLI's keyword arguments.
+
+    Example::
+
+        >>> from lightning_aw.config import AWCLI
+        >>> config = {
+        ...     "model": {"class_path": "lightning_aw.models.DigitsNet"},
+        ...     "trainer": {"max_epochs": 1, "logger": False, "callbacks": [{"class_path": "DWA"}]},
+        ... }
+        >>> cli = AWCLI(args={"subcommand": "fit", "fit": config}, mode="build")  # doctest: +ELLIPSIS
+        ...
+        >>> type(cli.model).__name__, cli.trainer.max_epochs, type(cli.trainer.callbacks[0]).__name__
+        ('DigitsNet', 1, 'DWA')
     """
 
     def __init__(self, *args: Any, mode: str = "run", **kwargs: Any) -> None:
@@ -585,6 +604,14 @@ class Experiment:
     Attributes:
         cli: the LightningCLI (``cli.config``, ``cli.parser``, ...).
         command: the subcommand it was parsed for.
+
+    Example::
+
+        >>> from lightning_aw.config import build
+        >>> exp = build({"trainer": {"max_epochs": 1, "logger": False},
+        ...     "model": {"class_path": "lightning_aw.models.DigitsNet"}}, "validate")
+        >>> exp.command, type(exp.model).__name__, exp.ckpt_path
+        ('validate', 'DigitsNet', None)
     """
 
     def __init__(self, cli: AWCLI, command: Command) -> None:

@@ -32,6 +32,9 @@ from lightning_aw.step import StepRecord
 
 __all__ = ["TaskGradients", "inject", "present_mean"]
 
+#: per-task scalar losses (``None`` for an absent task), each with its own graph
+TaskLosses = Sequence[Tensor | None]
+
 
 class TaskGradients:
     """Per-task gradients of one training step's task losses.
@@ -55,7 +58,8 @@ class TaskGradients:
         >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
         >>> losses = torch.stack([w[0] ** 2, 3 * w.sum()])  # d/dw: [2, 0] and [3, 3]
         >>> step = StepRecord(
-        ...     tasks=("a", "b"), losses=losses, present=torch.tensor([True, True]),
+        ...     tasks=("a", "b"), losses=losses, task_losses=tuple(losses),
+        ...     present=torch.tensor([True, True]),
         ...     present_list=(True, True), batch=None, batch_idx=0, representation=None,
         ...     representation_graph=None, trainer=None,
         ... )
@@ -101,16 +105,18 @@ class TaskGradients:
             )
         return rep
 
-    def on_representation_scaled(self, losses: Tensor | None = None) -> list[Tensor | None]:
-        """Gradients of the (scaled) present ``losses`` (default: the step's) with respect to the
-        marked representation, in its dtype; ``None`` for absent tasks.
+    def on_representation_scaled(self, losses: TaskLosses | None = None) -> list[Tensor | None]:
+        """Gradients of the (scaled) present ``losses`` (default: the step's
+        :attr:`~lightning_aw.step.StepRecord.task_losses`, one scalar per task: differentiating
+        each on its own never traverses the other tasks' heads) with respect to the marked
+        representation, in its dtype; ``None`` for absent tasks.
 
         Raises:
             MisconfigurationException: a present task's loss does not depend on the marked
                 representation (its head reads another tensor).
         """
         leaf = self.representation()
-        losses = self.step.losses if losses is None else losses
+        losses = self.step.task_losses if losses is None else losses
         rows: list[Tensor | None] = []
         for i, here in enumerate(self.step.present_list):
             g = None
@@ -134,7 +140,7 @@ class TaskGradients:
         zero = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
         return self.unscale(torch.stack([zero if r is None else r.float() for r in rows]))
 
-    def on_representation(self, losses: Tensor | None = None) -> Tensor:
+    def on_representation(self, losses: TaskLosses | None = None) -> Tensor:
         """``[T, *z.shape]`` float32 unscaled gradients on the marked representation ``z``."""
         return self.stack(self.on_representation_scaled(losses), self.representation())
 
@@ -142,7 +148,7 @@ class TaskGradients:
     def on_parameters_scaled(
         self,
         params: Sequence[Tensor],
-        losses: Tensor | None = None,
+        losses: TaskLosses | None = None,
         names: Sequence[str] | None = None,
     ) -> list[list[Tensor] | None]:
         """Per present task, the gradients of its (scaled) loss on ``params`` (zeros where a
@@ -154,7 +160,7 @@ class TaskGradients:
         (:meth:`check_reached`).
         """
         step = self.step
-        losses = step.losses if losses is None else losses
+        losses = step.task_losses if losses is None else losses
         leaf, graph = step.representation, step.representation_graph
         raw: list[Sequence[Tensor | None] | None] = []
         for i, here in enumerate(step.present_list):
@@ -209,22 +215,28 @@ class TaskGradients:
     def check_reached(
         self, per_task: Sequence[Sequence[Tensor | None] | None], names: Sequence[str]
     ) -> None:
-        """Raise when a parameter in ``names`` gets a gradient from no present task.
+        """Raise when a parameter in ``names`` is not reached by every present task's loss.
 
         Called on raw ``autograd.grad`` results (``None`` = not reached) at the first step a
-        method computes, so a parameter listed as shared that no task loss uses (an unused
-        layer, a head) is an error instead of a silent zero row in every Gram matrix.
+        method computes, so a parameter listed as shared that a task loss does not go through (an
+        unused layer, a task's head) is an error instead of silently zero entries in the task
+        gradients, which skew every coefficient.
         """
-        rows = [r for r in per_task if r is not None]
-        if not rows:
-            return
-        unused = [n for j, n in enumerate(names) if all(r[j] is None for r in rows)]
-        if unused:
+        missing: dict[str, list[str]] = {}
+        for i, row in enumerate(per_task):
+            if row is None:
+                continue
+            for j, g in enumerate(row):
+                if g is None:
+                    missing.setdefault(names[j], []).append(self.step.tasks[i])
+        if missing:
+            shown = dict(list(missing.items())[:4])
+            more = f" (and {len(missing) - 4} more)" if len(missing) > 4 else ""
             raise MisconfigurationException(
-                f"{self.owner!r}: no task loss reaches the shared parameter(s) {unused[:5]}"
-                f"{' ...' if len(unused) > 5 else ''}, so their per-task gradients are missing. "
-                "Return from `shared_parameters()` only the parameters every task's loss goes "
-                "through (the trunk), not unused layers or task heads."
+                f"{self.owner!r}: the shared parameter(s) {shown}{more} get no gradient from "
+                "the task(s) listed, so their per-task gradients there are missing. Return from "
+                "`shared_parameters()` only the parameters every task's loss goes through (the "
+                "trunk), not unused layers or task heads."
             )
 
     def upstream_parameters(self, shared: Sequence[Tensor], module: Any) -> list[Tensor]:
@@ -257,9 +269,13 @@ class TaskGradients:
     # ------------------------------------------------------------------ one layer
     def layer_norms(self, param: Tensor) -> Tensor:
         """``[T]`` float32 norms of the per-task gradients on ``param``, unscaled (0 for absent
-        tasks and for tasks that do not reach it): GradNorm's :math:`G_i`."""
-        losses = self.step.losses
-        zero = losses.new_zeros(())
+        tasks): GradNorm's :math:`G_i`.
+
+        Raises:
+            MisconfigurationException: a present task's loss does not reach ``param``.
+        """
+        losses = self.step.task_losses
+        zero = self.step.losses.new_zeros(())
         norms = []
         for i, here in enumerate(self.step.present_list):
             if not here:
@@ -268,7 +284,14 @@ class TaskGradients:
             (grad,) = torch.autograd.grad(
                 self.scaled(losses[i]), param, retain_graph=True, allow_unused=True
             )
-            norms.append(zero if grad is None else torch.linalg.vector_norm(grad.float()))
+            if grad is None:
+                raise MisconfigurationException(
+                    f"{self.owner!r}: the loss of task '{self.step.tasks[i]}' does not reach the "
+                    f"layer it measures (shape {tuple(param.shape)}), so its gradient norm there "
+                    "is missing. Choose a shared layer every task goes through: override "
+                    "`gradnorm_parameter()` or pass GradNorm(layer='name.of.weight')."
+                )
+            norms.append(torch.linalg.vector_norm(grad.float()))
         return self.unscale(torch.stack(norms))
 
 

@@ -87,6 +87,15 @@ class Weighting(StepMethod, Callback):
     partial_labels: ClassVar[bool] = True
     #: whether the weights are fixed by design (the update may still adapt, as GradDrop's mask)
     constant_weights: ClassVar[bool] = False
+    #: whether every present task loss must be above 0 (logarithms, ratios): checked by the
+    #: module at the step a loss reaches 0 (see :meth:`loss_floor`)
+    requires_positive_losses: ClassVar[bool] = False
+    #: what the method needs of the task losses, and the cure, for the error message
+    loss_requirement: ClassVar[str] = "positive task losses (it takes their logarithm)"
+    loss_remedy: ClassVar[str] = (
+        "Make the loss positive (e.g. add a constant to it), or use a weighting that accepts any "
+        "sign (EqualWeighting, RLW, UncertaintyWeighting, MGDA, ...)."
+    )
     #: Names of the attributes saved by :meth:`state_dict`.
     _state_attrs: ClassVar[tuple[str, ...]] = ()
     #: State attributes that are diagnostics (counters of fallbacks, of bad losses): kept, not
@@ -121,6 +130,7 @@ class Weighting(StepMethod, Callback):
         self._scale_before: float | None = None
         #: number of optimizer steps the fp16 GradScaler skipped (weighting state rolled back)
         self.scaler_skipped_steps = 0
+        self._zero_floor: Tensor | None = None
 
     # ------------------------------------------------------------------ template methods
     def init_state(self, num_tasks: int) -> None:
@@ -139,6 +149,20 @@ class Weighting(StepMethod, Callback):
     def on_interval(self, trainer: pl.Trainer) -> None:
         """Called when ``interval``/``frequency`` elapses (after the optimizer step or at the end
         of the epoch). Override to recompute the weights."""
+
+    @override
+    def loss_floor(self, like: Tensor) -> Tensor | None:
+        """Zeros (losses must be positive) when :attr:`requires_positive_losses`, else ``None``."""
+        if not self.requires_positive_losses:
+            return None
+        floor = self._zero_floor
+        if floor is None or floor.device != like.device or floor.shape != like.shape:
+            floor = self._zero_floor = torch.zeros_like(like)
+        return floor
+
+    @override
+    def loss_floor_message(self) -> tuple[str, str]:
+        return f"{type(self).__name__} needs {self.loss_requirement}", self.loss_remedy
 
     # ------------------------------------------------------------------ transforms
     def transformed(self, *transforms: WeightTransform) -> Weighting:

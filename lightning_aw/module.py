@@ -300,7 +300,9 @@ class MultiTaskModule(pl.LightningModule):
             mask ``[T]`` of the tasks present. Methods that re-evaluate a batch (FAMO) use it,
             under ``torch.no_grad()``.
         """
-        losses, present_list = self._stack(self._call_task_losses(batch, batch_idx), batch_idx)
+        losses, present_list, _ = self._stack(
+            self._call_task_losses(batch, batch_idx), batch_idx
+        )
         return losses, self._mask(present_list, losses.device)
 
     # ------------------------------------------------------------------ steps
@@ -309,7 +311,7 @@ class MultiTaskModule(pl.LightningModule):
         self._step_skipped = False
         self._step_record = self._marked = self._marked_graph = None
         outputs = self._call_task_losses(batch, batch_idx)
-        losses, present_list = self._stack(outputs, batch_idx)
+        losses, present_list, values = self._stack(outputs, batch_idx)
         present = self._mask(present_list, losses.device)
         if not all(present_list):
             self._check_partial_labels_allowed(present_list, batch_idx)
@@ -319,6 +321,7 @@ class MultiTaskModule(pl.LightningModule):
         step = StepRecord(
             tasks=self.tasks,
             losses=losses,
+            task_losses=values,
             present=present,
             present_list=tuple(present_list),
             batch=batch,
@@ -354,7 +357,7 @@ class MultiTaskModule(pl.LightningModule):
 
     def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
         outputs = self._call_task_losses(batch, batch_idx)
-        losses, present_list = self._stack(outputs, batch_idx)
+        losses, present_list, _ = self._stack(outputs, batch_idx)
         weighting = self.weighting
         weights = (
             torch.ones_like(losses) if weighting is None else weighting.current_weights().to(losses)
@@ -402,7 +405,11 @@ class MultiTaskModule(pl.LightningModule):
             )
         return outputs
 
-    def _stack(self, outputs: Mapping[str, Any], batch_idx: int) -> tuple[Tensor, list[bool]]:
+    def _stack(
+        self, outputs: Mapping[str, Any], batch_idx: int
+    ) -> tuple[Tensor, list[bool], tuple[Tensor | None, ...]]:
+        """``[T]`` float32 losses (0 where absent), the presence list, and the float32 scalar
+        of each task (``None`` where absent)."""
         values: list[Tensor | None] = []
         for task in self.tasks:
             out = outputs[task]
@@ -436,7 +443,8 @@ class MultiTaskModule(pl.LightningModule):
                 f"{batch_idx}; at least one task needs a loss (skip such batches in the data)."
             )
         zero = next(v for v in values if v is not None).new_zeros(())
-        return torch.stack([zero if v is None else v for v in values]), present_list
+        stacked = torch.stack([zero if v is None else v for v in values])
+        return stacked, present_list, tuple(values)
 
     def _check_partial_labels_allowed(self, present_list: list[bool], batch_idx: int) -> None:
         trainer = self._trainer
@@ -462,19 +470,42 @@ class MultiTaskModule(pl.LightningModule):
     def _finite_or_skip(
         self, losses: Tensor, present: Tensor, present_list: list[bool], batch_idx: int
     ) -> bool:
+        """The step's one host synchronisation: non-finite losses (``on_nonfinite``) and losses
+        at or below the weighting's floor (:meth:`StepMethod.loss_floor`: an error, whatever the
+        policy), in one read."""
         bad = (~torch.isfinite(losses)) & present
-        any_bad = bad.any()
-        if self.on_nonfinite == "skip" and self.trainer.world_size > 1:
-            # every rank must take the same decision, or DDP would hang
-            any_bad = reduce_sum(self.trainer, any_bad.float()) > 0
-        if not bool(any_bad):  # the one host synchronisation per step
+        weighting = self.weighting
+        floor = None if weighting is None else weighting.loss_floor(losses)
+        low = None if floor is None else (losses.detach() <= floor) & present & ~bad
+        flags = bad.any() if low is None else torch.stack([bad.any(), low.any()])
+        if self.trainer.world_size > 1 and (self.on_nonfinite == "skip" or low is not None):
+            # every rank must take the same decision (skip or raise), or DDP would hang
+            flags = reduce_sum(self.trainer, flags.float()) > 0
+        if not bool(flags.any()):  # the one host synchronisation per step
             return True
+        where = (
+            f"at epoch {self.current_epoch}, batch {batch_idx} (global step {self.global_step})"
+        )
+        if low is not None and bool(flags[1]):
+            assert weighting is not None and floor is not None
+            names = [t for t, b in zip(self.tasks, low.tolist(), strict=True) if b]
+            need, cure = weighting.loss_floor_message()
+            if names:
+                values = [float(losses[self.tasks.index(t)].detach()) for t in names]
+                bounds = [float(floor[self.tasks.index(t)]) for t in names]
+                which = f"task '{names[0]}'" if len(names) == 1 else f"tasks {names}"
+                shown = values[0] if len(values) == 1 else values
+                above = "" if not any(bounds) else f" (it must be above {bounds})"
+                detail = f"got loss {shown:.6g}" if len(values) == 1 else f"got losses {shown}"
+                detail = f"{detail} for {which}{above} {where}"
+            else:
+                detail = f"a task on another rank is at or below its floor {where}"
+            raise ValueError(f"{need}, but {detail}. {cure}")
         names = [t for t, b in zip(self.tasks, bad.tolist(), strict=True) if b]
         if self.on_nonfinite == "raise":
             values = {t: float(losses[self.tasks.index(t)].detach()) for t in names}
             raise FloatingPointError(
-                f"Non-finite loss for task(s) {values} at epoch {self.current_epoch}, batch "
-                f"{batch_idx} (global step {self.global_step}). Check the data and learning rate "
+                f"Non-finite loss for task(s) {values} {where}. Check the data and learning rate "
                 "of those tasks, or pass `on_nonfinite='skip'` to MultiTaskModule to skip such "
                 "steps."
             )

@@ -29,6 +29,10 @@ class StepRecord:
     Attributes:
         tasks: the task names, in the module's order.
         losses: float32 task losses ``[T]`` with their graph (0 where a task is absent).
+        task_losses: the same losses one scalar per task (``None`` where absent), each with its
+            own graph: per-task gradients are taken of these, so a task's backward never
+            traverses another task's head, and a task whose loss does not reach what is
+            differentiated is seen (``autograd.grad`` returns ``None``).
         present: boolean mask ``[T]`` on the losses' device.
         present_list: the same mask on the host (known without a device synchronisation).
         batch: the batch, as ``training_step`` received it.
@@ -48,6 +52,7 @@ class StepRecord:
         >>> losses = torch.tensor([0.5, 0.0, 2.0], requires_grad=True)
         >>> step = StepRecord(
         ...     tasks=("seg", "depth", "normal"), losses=losses,
+        ...     task_losses=(losses[0], None, losses[2]),
         ...     present=torch.tensor([True, False, True]), present_list=(True, False, True),
         ...     batch=None, batch_idx=0, representation=None, representation_graph=None,
         ...     trainer=None,
@@ -58,6 +63,7 @@ class StepRecord:
 
     tasks: tuple[str, ...]
     losses: Tensor
+    task_losses: tuple[Tensor | None, ...]
     present: Tensor
     present_list: tuple[bool, ...]
     batch: Any
@@ -117,3 +123,14 @@ class StepMethod(ABC):
     def log_items(self) -> dict[str, Tensor]:
         """Extra diagnostics logged with the weights (tensors, no host synchronisation)."""
         return {}
+
+    def loss_floor(self, like: Tensor) -> Tensor | None:
+        """The bound ``[T]`` every present task loss must exceed (``like``'s device and dtype),
+        or ``None`` for a method that takes losses of any sign. The module checks it at every
+        step, within its finiteness check (no extra host synchronisation)."""
+        return None
+
+    def loss_floor_message(self) -> tuple[str, str]:
+        """``(need, cure)`` for the floor's error: what the method needs of the losses (e.g.
+        ``"GLS needs positive task losses"``) and how to fix them."""
+        return f"{type(self).__name__} needs task losses above their floor", ""

@@ -163,7 +163,8 @@ def test_nonfinite_gradients_fall_back_to_plain_sum():
     mgda.init_state(2)
     both = torch.ones(2, dtype=torch.bool)
     step = StepRecord(
-        tasks=("a", "b"), losses=torch.ones(2), present=both, present_list=(True, True),
+        tasks=("a", "b"), losses=torch.ones(2), task_losses=(None, None), present=both,
+        present_list=(True, True),
         batch=None, batch_idx=0, representation=None, representation_graph=None, trainer=None,
     )
     grads = torch.tensor([[float("nan"), 1.0], [0.0, 1.0]])

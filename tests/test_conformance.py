@@ -96,7 +96,7 @@ VARIANTS: dict[str, tuple[str, Callable[[], Weighting]]] = {
     ),
     "famo-min_losses": (
         "famo",
-        lambda: create_method("famo", min_losses=[-1.0, -1.0, -1.0], gamma=0.0, check_every=3),
+        lambda: create_method("famo", min_losses=[-1.0, -1.0, -1.0], gamma=0.0),
     ),
     "softadapt-normalized-step": (
         "softadapt",

@@ -19,7 +19,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_aw import DWA, GradNorm, MultiTaskModule, UncertaintyWeighting
+from lightning_aw import DBMTL, DWA, GradNorm, MultiTaskModule, UncertaintyWeighting
 from lightning_aw.functional import dwa as dwa_fn
 from lightning_aw.weighting._famo import FAMO
 from lightning_aw.weighting._gls import GLS, ScaleInvariant
@@ -204,7 +204,7 @@ METHODS = [
     ScaleInvariant(),
     IMTLL(lr=0.05),
     FAMO(),
-    FAMO(min_losses=[-1.0, -1.0, -1.0], gamma=0.0, check_every=3),
+    FAMO(min_losses=[-1.0, -1.0, -1.0], gamma=0.0),
     SoftAdapt(beta=5.0),
     SoftAdapt(beta=5.0, normalize=True, loss_weighted=True, interval="step", frequency=3),
     STCH(warmup_epochs=1),
@@ -267,8 +267,6 @@ BAD_HPARAMS = [
     (lambda: RLW(distribution="gamma"), "Parameter `distribution`"),
     (lambda: RLW(interval="batch"), "Parameter `interval`"),
     (lambda: RLW(frequency=0), "Parameter `frequency`"),
-    (lambda: GLS(check_every=0), "Parameter `check_every`"),
-    (lambda: ScaleInvariant(check_every=True), "Parameter `check_every`"),
     (lambda: IMTLL(lr=0.0), "Parameter `lr`"),
     (lambda: IMTLL(init=float("nan")), "Parameter `init`"),
     (lambda: FAMO(lr=-0.1), "Parameter `lr`"),
@@ -312,27 +310,38 @@ def _negative_b(batch_idx, task, loss):
     return loss - 100.0 if task == "b" and batch_idx >= 2 else loss
 
 
-LOG_METHODS = [GLS(), ScaleInvariant(), IMTLL(), FAMO(), STCH(warmup_epochs=1)]
+#: every method that takes logarithms or ratios of the step's losses declares a floor of 0
+LOG_METHODS = [
+    GLS(), ScaleInvariant(), IMTLL(), FAMO(), STCH(warmup_epochs=1), GradNorm(), DBMTL(),
+    DBMTL(source="representation"),
+]
 
 
 @pytest.mark.parametrize("method", LOG_METHODS, ids=repr)
-def test_nonpositive_loss_is_a_clear_error_and_never_nan(tmp_path, method):
+def test_negative_loss_is_a_clear_error_at_the_step_it_appears(tmp_path, method):
     rec = WeightRecorder()
     net = TinyNet(loss_hook=_negative_b)
     t = trainer(tmp_path, [copy.deepcopy(method), rec], max_epochs=2)
-    with pytest.raises(ValueError, match=r"task 'b' in 6 step\(s\) \(lowest -\d+\.?\d*\), up to global step 8 \(epoch 0\)"):
+    name = type(method).__name__
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name} needs .*, but got loss -\d+\.?\d* for task 'b' at epoch 0, batch 2 "
+        r"\(global step 2\)\. .*",
+    ):
         t.fit(net, loader())
+    assert t.global_step == 2 and len(rec.weights) == 3  # the third step raised before it ran
     assert torch.isfinite(torch.tensor(rec.weights)).all()
     assert all(torch.isfinite(v).all() for v in params(net).values())
 
 
-@pytest.mark.parametrize("method", LOG_METHODS, ids=repr)
-def test_nonpositive_loss_check_every(tmp_path, method):
-    method = copy.deepcopy(method)
-    method.check_every = 2
-    t = trainer(tmp_path, [method], max_epochs=1)
-    with pytest.raises(ValueError, match=r"task 'b' in 2 step\(s\).*up to global step 4 "):
-        t.fit(TinyNet(loss_hook=_negative_b), loader())
+def test_famo_loss_at_its_minimum_is_an_error(tmp_path):
+    # a loss of exactly min_losses would take every weight (its gap is eps)
+    def at_minimum(batch_idx, task, loss):
+        return loss * 0.0 + 0.5 if task == "c" else loss
+
+    t = trainer(tmp_path, [FAMO(min_losses={"c": 0.5})], max_epochs=1)
+    with pytest.raises(ValueError, match=r"got loss 0\.5 for task 'c' \(it must be above \[0\.5\]\) at epoch 0, batch 0"):
+        t.fit(TinyNet(loss_hook=at_minimum), loader())
 
 
 @pytest.mark.parametrize(

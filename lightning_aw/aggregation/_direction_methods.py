@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from lightning_aw._utils import GeneratorState, reduce_sum
+from lightning_aw._utils import GeneratorState
 from lightning_aw.aggregation._base import GradientWeighting, Source
 from lightning_aw.engine import TaskGradients, flatten, inject, present_mean
 from lightning_aw.functional import _direction as G
@@ -242,7 +242,8 @@ class DBMTL(GradientWeighting):
       parameter gradients), so the weights may differ between ranks. The EMA over the
       representation assumes a fixed batch shape: a batch of another shape (e.g. a smaller last
       batch) restarts it.
-    - Every present task loss must be positive (:math:`\log L_i`): a clear error names the task.
+    - Every present task loss must be positive (:math:`\log L_i`): the module checks it at every
+      step, within its finiteness check, and a clear error names the task.
     - A step whose per-task gradients are not finite (an fp16 overflow) leaves the EMA untouched
       and sends the trunk :math:`\sum_i g_i / L_i`, so the GradScaler skips the step; it is
       counted in ``aggregation/fallbacks``.
@@ -271,6 +272,8 @@ class DBMTL(GradientWeighting):
     stateful: ClassVar[bool] = True
 
     _state_attrs: ClassVar[tuple[str, ...]] = (*GradientWeighting._state_attrs, "_ema", "_seen")
+    requires_positive_losses: ClassVar[bool] = True
+    loss_requirement: ClassVar[str] = "positive task losses (it takes log L_i)"
 
     def __init__(self, beta: float = 0.9, *, source: Source = "parameters") -> None:
         super().__init__(source=source)
@@ -305,11 +308,12 @@ class DBMTL(GradientWeighting):
         losses, present = step.losses, step.present
         if not torch.is_grad_enabled() or not losses.requires_grad:
             return (self._coefs.to(losses) * losses).sum()
-        self._check_positive(step)
         # per-task gradients are taken of (the scaled) log L_i: the magnitude Lightning's
         # backward of sum_i log L_i has, so they overflow in fp16 exactly when it does
         logs = torch.log(torch.where(present, losses, torch.ones_like(losses)))
         log_loss = logs.sum()
+        # per task, each with its own graph (the engine differentiates them one by one)
+        task_logs = [None if loss is None else torch.log(loss) for loss in step.task_losses]
         detached = losses.detach()
         engine = TaskGradients(step, self)
         rep = step.representation_graph
@@ -317,12 +321,12 @@ class DBMTL(GradientWeighting):
             engine.representation()  # a clear error when the module marked none
             if rep is None:
                 return log_loss
-            log_grads = engine.on_representation(logs).reshape(step.num_tasks, -1)
+            log_grads = engine.on_representation(task_logs).reshape(step.num_tasks, -1)
             d = self._direction(step, log_grads, detached, reduce=False)
             return log_loss + inject([rep], [d])
         if rep is not None:  # marked representation: through the heads only, then the trunk
             targets = self._upstream_params(engine, step)
-            rows = engine.on_representation_scaled(logs)
+            rows = engine.on_representation_scaled(task_logs)
             per_task = _unscaled(engine, engine.through_representation_scaled(rows, targets))
             n_shared = self._num_shared
             d = self._direction(step, flatten(per_task, targets[:n_shared]), detached, reduce=True)
@@ -334,7 +338,7 @@ class DBMTL(GradientWeighting):
         # sum_i log L_i already brings them sum_i g_i / L_i, so inject only the difference
         params = self._params
         per_task = _unscaled(
-            engine, engine.on_parameters_scaled(params, logs, names=self._shared_names())
+            engine, engine.on_parameters_scaled(params, task_logs, names=self._shared_names())
         )
         log_grads = flatten(per_task, params)
         local = log_grads.sum(0)
@@ -343,21 +347,6 @@ class DBMTL(GradientWeighting):
         return log_loss + inject(params, _split(delta, params))
 
     # ------------------------------------------------------------------ internals
-    def _check_positive(self, step: StepRecord) -> None:
-        losses, trainer = step.losses, step.trainer
-        bad = (losses.detach() <= 0) & step.present
-        flags = reduce_sum(trainer, bad.float())
-        if bool(flags.any()):  # one host synchronisation (all ranks raise together under DDP)
-            names = [t for t, b in zip(self.tasks, (flags > 0).tolist(), strict=True) if b]
-            values = {t: float(losses[self.tasks.index(t)].detach()) for t in names}
-            step_no = trainer.global_step if trainer is not None else "?"
-            raise ValueError(
-                f"{self!r} takes log L_i, so every task loss must be positive, but task(s) "
-                f"{names} have loss {values} (on some rank) at global step {step_no}. Use a loss "
-                "that stays above 0 (e.g. add a small constant to it), or another weighting "
-                "method for this task set."
-            )
-
     def _direction(
         self, step: StepRecord, log_grads: Tensor, losses: Tensor, reduce: bool
     ) -> Tensor:

@@ -65,10 +65,11 @@ class FAMO(PositiveLossWeighting):
       applies the same weights to its own losses.
     - A step skipped by ``MultiTaskModule(on_nonfinite="skip")`` leaves the logits unchanged; a
       non-finite :math:`\delta` (e.g. a loss that overflowed) skips the Adam step.
-    - :math:`D_i` must be positive, i.e. every loss must stay above its ``min_losses`` bound
-      (default 0): a task whose loss does not is left out of that step, and a ``ValueError``
-      naming it is raised at the next check (every ``check_every`` optimizer steps and at every
-      epoch end; one host synchronisation each). Losses that can be negative need ``min_losses``.
+    - Every loss must stay above its ``min_losses`` bound (default 0): a loss at its bound would
+      take all the weight (:math:`D_i = \epsilon`), so :class:`~lightning_aw.MultiTaskModule`
+      raises a ``ValueError`` naming the task at the step it happens. Losses that can be 0 or
+      negative need a lower ``min_losses``. A loss re-evaluated after the step at or below its
+      bound leaves that task out of that logit update.
 
     The weights reported (``weights/<task>``) are the effective weights of the last training step
     (``1/T`` before the first); ``famo/z/<task>`` logs :math:`z`. :attr:`logits` gives
@@ -81,7 +82,6 @@ class FAMO(PositiveLossWeighting):
             module's task order) or a mapping of task name to bound (missing tasks: 0).
             Default: 0 for every task.
         eps: :math:`\epsilon` added to the gaps (default ``1e-8``, the paper's).
-        check_every: optimizer steps between two checks that the gaps were positive (default 100).
         frequency: update the logits every ``frequency`` optimizer steps (default 1, the paper)
             or epochs; each update costs one extra no-grad forward of the step's last batch, so
             ``frequency=N`` divides that overhead by N.
@@ -111,8 +111,8 @@ class FAMO(PositiveLossWeighting):
     total: ClassVar[str | float | None] = 1
     _state_attrs = ("_logits", "_adam", "_weights", "_update_epoch")
     uses_window_means = False  # it updates from the step's own before/after losses
-    _needs = "task losses above their `min_losses` (it takes the logarithm of the gap)"
-    _cure = (
+    loss_requirement = "task losses above their `min_losses` (it takes the logarithm of the gap)"
+    loss_remedy = (
         "Pass FAMO(min_losses=...) with a lower bound below every value the loss can take "
         "(e.g. its known minimum, or a negative number for losses that can be negative)."
     )
@@ -123,13 +123,12 @@ class FAMO(PositiveLossWeighting):
         gamma: float = 1e-3,
         min_losses: Sequence[float] | Mapping[str, float] | None = None,
         eps: float = 1e-8,
-        check_every: int = 100,
         frequency: int = 1,
         interval: Interval = "step",
     ) -> None:
         if interval is None:
             raise ValueError("Parameter `interval` should be 'step' or 'epoch'. Found None.")
-        super().__init__(check_every=check_every, interval=interval, frequency=frequency)
+        super().__init__(interval=interval, frequency=frequency)
         self._update_epoch = -1
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
             raise ValueError(f"Parameter `lr` should be a finite number > 0. Found {lr!r}.")
@@ -158,7 +157,6 @@ class FAMO(PositiveLossWeighting):
             "gamma": self.gamma,
             "min_losses": self.min_losses,
             "eps": self.eps,
-            "check_every": self.check_every,
             "frequency": self.frequency,
             "interval": self.interval,
         }
@@ -172,6 +170,11 @@ class FAMO(PositiveLossWeighting):
     def _move_state(self, device: torch.device) -> None:
         super()._move_state(device)
         self._min = self._min.to(device)
+
+    def loss_floor(self, like: Tensor) -> Tensor | None:
+        """``min_losses``: a loss at (or below) its minimum would get all the weight (the gap
+        ``L - L_min + eps`` is then ``eps``), so it is an error at the step it happens."""
+        return self._min.to(like)
 
     @property
     def logits(self) -> Tensor:
@@ -187,8 +190,7 @@ class FAMO(PositiveLossWeighting):
 
     def combine(self, losses: Tensor, present: Tensor) -> Tensor:
         current = losses.detach()
-        gaps = current - self._min + self.eps
-        usable = self._nonpositive.record(gaps, present, reported=current)
+        usable = present  # the module checked that every present loss is above its bound
         local = famo_weights(current, self._logits, self._min, usable, eps=self.eps)
         loss, self._weights = self._shared_weights(
             famo_loss(losses, self._logits, self._min, usable, eps=self.eps),
@@ -255,8 +257,5 @@ class FAMO(PositiveLossWeighting):
             present = count > 0
             before = before_sum / count.clamp_min(1.0)
             after = after_sum / count.clamp_min(1.0)
-        # count a loss that fell below its bound during the step (once per step and task)
-        fresh = present & torch.isfinite(after) & (before - self._min + self.eps > 0)
-        self._nonpositive.record(after - self._min + self.eps, fresh, reported=after)
         grad = famo_logit_grad(self._logits, before, after, self._min, present, eps=self.eps)
         self._logits = self._adam.update(self._logits, grad)

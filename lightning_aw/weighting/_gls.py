@@ -35,12 +35,8 @@ class GLS(PositiveLossWeighting):
     Under DDP the effective weights come from the task losses averaged over the ranks (one small
     all-reduce per step): every rank applies the same weights to its own losses.
 
-    Needs positive losses: a task with a non-positive loss is left out of the step, and a
-    ``ValueError`` naming it is raised at the next check (every ``check_every`` optimizer steps
-    and at every epoch end; each check costs one host synchronisation).
-
-    Args:
-        check_every: optimizer steps between two positivity checks (default 100).
+    Needs positive losses: :class:`~lightning_aw.MultiTaskModule` raises a ``ValueError`` naming
+    the task at the step a loss reaches 0 (within its per-step finiteness check).
 
     Example::
 
@@ -67,12 +63,12 @@ class GLS(PositiveLossWeighting):
     total: ClassVar[str | float | None] = None
     _state_attrs = ("_weights",)
 
-    def __init__(self, check_every: int = 100) -> None:
-        super().__init__(check_every=check_every)
+    def __init__(self) -> None:
+        super().__init__()
         self._weights = torch.ones(0)
 
     def hparams_repr(self) -> dict[str, Any]:
-        return {"check_every": self.check_every}
+        return {}
 
     def init_state(self, num_tasks: int) -> None:
         super().init_state(num_tasks)
@@ -82,7 +78,7 @@ class GLS(PositiveLossWeighting):
         return self._weights
 
     def combine(self, losses: Tensor, present: Tensor) -> Tensor:
-        usable = self._nonpositive.record(losses.detach(), present)
+        usable = present
         local = gls_weights(losses.detach(), usable)
         loss, self._weights = self._shared_weights(
             gls_loss(losses, usable), losses, usable, local, gls_weights
@@ -108,12 +104,8 @@ class ScaleInvariant(PositiveLossWeighting):
     are not normalised (``total = None``). Under DDP they come from the task losses averaged over
     the ranks, so every rank applies the same weights.
 
-    Needs positive losses: a task with a non-positive loss is left out of the step, and a
-    ``ValueError`` naming it is raised at the next check (every ``check_every`` optimizer steps
-    and at every epoch end; each check costs one host synchronisation).
-
-    Args:
-        check_every: optimizer steps between two positivity checks (default 100).
+    Needs positive losses: :class:`~lightning_aw.MultiTaskModule` raises a ``ValueError`` naming
+    the task at the step a loss reaches 0 (within its per-step finiteness check).
 
     Example::
 
@@ -138,12 +130,12 @@ class ScaleInvariant(PositiveLossWeighting):
     total: ClassVar[str | float | None] = None
     _state_attrs = ("_weights",)
 
-    def __init__(self, check_every: int = 100) -> None:
-        super().__init__(check_every=check_every)
+    def __init__(self) -> None:
+        super().__init__()
         self._weights = torch.ones(0)
 
     def hparams_repr(self) -> dict[str, Any]:
-        return {"check_every": self.check_every}
+        return {}
 
     def init_state(self, num_tasks: int) -> None:
         super().init_state(num_tasks)
@@ -153,7 +145,7 @@ class ScaleInvariant(PositiveLossWeighting):
         return self._weights
 
     def combine(self, losses: Tensor, present: Tensor) -> Tensor:
-        usable = self._nonpositive.record(losses.detach(), present)
+        usable = present
         local = scale_invariant_weights(losses.detach(), usable)
         loss, self._weights = self._shared_weights(
             scale_invariant_loss(losses, usable), losses, usable, local, scale_invariant_weights

@@ -82,6 +82,8 @@ class GradNorm(LossWeighting):
 
     total: ClassVar[str | float | None] = "T"
     _state_attrs = ("_weights", "_initial", "_has_initial", "_grad_sum", "_grad_count", "_adam")
+    requires_positive_losses: ClassVar[bool] = True
+    loss_requirement: ClassVar[str] = "positive task losses (it compares ratios L_i(t) / L_i(0))"
 
     def __init__(
         self,

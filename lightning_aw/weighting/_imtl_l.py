@@ -33,15 +33,13 @@ class IMTLL(PositiveLossWeighting):
     ``weight_decay=0`` and learning rate ``lr``. They are updated every optimizer step, by the
     same optimizer as the network.
 
-    Needs positive losses (otherwise :math:`s_i` has no minimum and diverges): a task with a
-    non-positive loss is left out of the step, and a ``ValueError`` naming it is raised at the next
-    check (every ``check_every`` optimizer steps and at every epoch end; one host synchronisation
-    each).
+    Needs positive losses (otherwise :math:`s_i` has no minimum and diverges):
+    :class:`~lightning_aw.MultiTaskModule` raises a ``ValueError`` naming the task at the step a
+    loss reaches 0.
 
     Args:
         init: initial :math:`s_i` (default 0: weights 1, the plain sum).
         lr: learning rate of the :math:`s_i` group (default: the model's).
-        check_every: optimizer steps between two positivity checks (default 100).
 
     Example::
 
@@ -64,8 +62,8 @@ class IMTLL(PositiveLossWeighting):
 
     total: ClassVar[str | float | None] = None
 
-    def __init__(self, init: float = 0.0, lr: float | None = None, check_every: int = 100) -> None:
-        super().__init__(check_every=check_every)
+    def __init__(self, init: float = 0.0, lr: float | None = None) -> None:
+        super().__init__()
         if isinstance(init, bool) or not isinstance(init, (int, float)) or not abs(init) < 1e30:
             raise ValueError(f"Parameter `init` should be a finite number. Found {init!r}.")
         number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
@@ -75,7 +73,7 @@ class IMTLL(PositiveLossWeighting):
         self.lr = lr
 
     def hparams_repr(self) -> dict[str, Any]:
-        return {"init": self.init, "lr": self.lr, "check_every": self.check_every}
+        return {"init": self.init, "lr": self.lr}
 
     def init_state(self, num_tasks: int) -> None:
         super().init_state(num_tasks)
@@ -92,7 +90,7 @@ class IMTLL(PositiveLossWeighting):
         return torch.exp(self.log_scales.detach())
 
     def combine(self, losses: Tensor, present: Tensor) -> Tensor:
-        usable = self._nonpositive.record(losses.detach(), present)
+        usable = present
         return imtl_l_loss(losses, self.log_scales.float(), usable)
 
     def log_items(self) -> dict[str, Tensor]:

@@ -3,65 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from typing_extensions import override
 
-from lightning_aw._utils import Stateful, reduce_sum
-from lightning_aw.weighting._base import Interval, LossWeighting
-
-
-class _NonPositiveCounter(Stateful):
-    """Counts, per task, the training steps whose checked value was not positive.
-
-    Pure tensor arithmetic, so recording costs no host synchronisation; the owner reads the counts
-    once per check window. The state is plain tensors (``weights_only`` checkpoints).
-    """
-
-    def __init__(self) -> None:
-        self.count = torch.zeros(0)
-        self.lowest = torch.zeros(0)
-
-    def reset(self, num_tasks: int) -> None:
-        self.count = torch.zeros(num_tasks)
-        self.lowest = torch.full((num_tasks,), float("inf"))
-
-    def record(self, values: Tensor, present: Tensor, reported: Tensor | None = None) -> Tensor:
-        """Count the present tasks whose ``values`` are not positive (NaN included).
-
-        Returns:
-            The mask of the present tasks whose value is positive (the usable ones).
-        """
-        ok = values > 0
-        bad = present & ~ok
-        shown = values if reported is None else reported
-        self.count = self.count + bad.to(self.count.dtype)
-        self.lowest = torch.where(bad, torch.minimum(self.lowest, shown.detach()), self.lowest)
-        return present & ok
-
-    def to(self, device: torch.device) -> None:
-        self.count = self.count.to(device)
-        self.lowest = self.lowest.to(device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "lowest": self.lowest}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.count = state["count"]
-        self.lowest = state["lowest"]
+from lightning_aw._utils import reduce_sum
+from lightning_aw.weighting._base import LossWeighting
 
 
 class PositiveLossWeighting(LossWeighting):
     """Base of the weightings whose maths needs positive task losses (logarithms).
 
-    A task whose loss is not positive in a step is left out of that step (it contributes nothing
-    and gets weight 0, so no NaN reaches the weights or the model), and counted without a host
-    synchronisation. Every ``check_every`` optimizer steps and at every epoch end the counts are
-    summed over the DDP ranks and read once: if any task had a non-positive loss, a ``ValueError``
-    names it, with the number of steps, the lowest value and the cure.
+    They declare a loss floor of 0 (:meth:`~lightning_aw.Weighting.loss_floor`):
+    :class:`~lightning_aw.MultiTaskModule` raises a ``ValueError`` naming the task, its loss and
+    the cure at the step a present loss reaches 0, within the finiteness check it runs anyway
+    (no extra host synchronisation), so no NaN ever reaches the weights or the model.
 
     Example::
 
@@ -70,53 +27,12 @@ class PositiveLossWeighting(LossWeighting):
         >>> methods = (FAMO, GLS, IMTLL, STCH, ScaleInvariant)
         >>> all(issubclass(m, PositiveLossWeighting) for m in methods)
         True
-        >>> GLS(check_every=50)  # checks for non-positive losses every 50 optimizer steps
-        GLS(check_every=50)
+        >>> import torch
+        >>> GLS().loss_floor(torch.ones(3))  # every present loss must be above 0
+        tensor([0., 0., 0.])
     """
 
-    #: what the method needs, for the error message
-    _needs: ClassVar[str] = "positive task losses (it takes their logarithm)"
-    #: how to fix it, for the error message
-    _cure: ClassVar[str] = (
-        "Make the loss positive (e.g. add a constant to it), or use a weighting that accepts any "
-        "sign (EqualWeighting, RLW, DWA with positive means, ...)."
-    )
-
-    def __init__(
-        self, *, check_every: int = 100, interval: Interval | None = None, frequency: int = 1
-    ) -> None:
-        super().__init__(interval=interval, frequency=frequency)
-        if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1:
-            raise ValueError(
-                f"Parameter `check_every` should be an int >= 1. Found {check_every!r}."
-            )
-        self.check_every = check_every
-        self._nonpositive = _NonPositiveCounter()
-
-    @property
-    def _requires_positive(self) -> bool:
-        return True
-
-    def init_state(self, num_tasks: int) -> None:
-        self._nonpositive.reset(num_tasks)
-
-    #: the count of non-positive losses is kept when a skipped step is rolled back: the loss was
-    #: still bad, and the check must still report it
-    _diagnostic_attrs: ClassVar[tuple[str, ...]] = ("_nonpositive",)
-
-    def _state_names(self) -> tuple[str, ...]:
-        return (*super()._state_names(), "_nonpositive")
-
-    def after_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self._optimizer_steps % self.check_every == 0:
-            self.check_losses(trainer)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.check_losses(trainer)
-        super().on_train_epoch_end(trainer, pl_module)
+    requires_positive_losses: ClassVar[bool] = True
 
     def _shared_weights(
         self,
@@ -147,31 +63,6 @@ class PositiveLossWeighting(LossWeighting):
         shared = weights_fn(mean, anywhere).to(current.dtype)
         correction = ((shared - local).detach() * torch.where(usable, losses, 0.0)).sum()
         return loss + correction - correction.detach(), shared
-
-    def check_losses(self, trainer: pl.Trainer) -> None:
-        """Raise if a task had a non-positive loss since the start (one host synchronisation).
-
-        Raises:
-            ValueError: naming the tasks, the number of steps and the lowest value seen.
-        """
-        if not self._requires_positive or not self.tasks:
-            return
-        count = reduce_sum(trainer, self._nonpositive.count)
-        if not bool((count > 0).any()):  # the one host synchronisation per check
-            return
-        counts = count.tolist()
-        lowest = self._nonpositive.lowest.tolist()
-        found = ", ".join(
-            f"'{t}' in {int(c)} step(s) (lowest {low:.4g})"
-            for t, c, low in zip(self.tasks, counts, lowest, strict=True)
-            if c > 0
-        )
-        raise ValueError(
-            f"{type(self).__name__} needs {self._needs}, but got non-positive values for task "
-            f"{found}, up to global step {trainer.global_step} (epoch {trainer.current_epoch}). "
-            f"Those steps left the task out; no NaN reached the weights or the model. "
-            f"{self._cure}"
-        )
 
 
 def _validate_per_task(

@@ -55,9 +55,8 @@ class STCH(PositiveLossWeighting):
       not jump when STCH starts. Equal preferences (:math:`\lambda_i = 1`) as in that code.
     - ``T`` counts the tasks present in the batch; absent tasks are left out.
 
-    With ``logarithmic=True`` the losses must be positive: a task with a non-positive loss is left
-    out of the step, and a ``ValueError`` naming it is raised at the next check (every
-    ``check_every`` optimizer steps and at every epoch end; one host synchronisation each).
+    With ``logarithmic=True`` the losses must be positive: :class:`~lightning_aw.MultiTaskModule`
+    raises a ``ValueError`` naming the task at the step a loss reaches 0.
     Stateful: :math:`z` and whether STCH has started are saved in checkpoints. The weights
     reported are those of the last training step (1 before the first); under DDP they come from
     the rank-averaged losses, identical on every rank.
@@ -72,7 +71,6 @@ class STCH(PositiveLossWeighting):
             ``logarithmic=True``, else 0).
         logarithmic: compare log losses :math:`f_i = \log(L_i/z_i)` (default) or raw losses
             :math:`f_i = L_i - z_i`.
-        check_every: optimizer steps between two positivity checks (default 100).
 
     Example::
 
@@ -104,9 +102,8 @@ class STCH(PositiveLossWeighting):
         warmup_epochs: int | None = None,
         reference: Sequence[float] | Mapping[str, float] | None = None,
         logarithmic: bool = True,
-        check_every: int = 100,
     ) -> None:
-        super().__init__(check_every=check_every, interval="epoch", frequency=1)
+        super().__init__(interval="epoch", frequency=1)
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 < mu < float("inf"):
             raise ValueError(f"Parameter `mu` should be a finite number > 0. Found {mu!r}.")
         if warmup_epochs is None:
@@ -141,9 +138,9 @@ class STCH(PositiveLossWeighting):
         self._reference = torch.ones(0)
         self._active = False
 
-    @property
-    def _requires_positive(self) -> bool:
-        return self.logarithmic
+    def loss_floor(self, like: Tensor) -> Tensor | None:
+        # raw losses (logarithmic=False) may have any sign
+        return super().loss_floor(like) if self.logarithmic else None
 
     def hparams_repr(self) -> dict[str, Any]:
         return {
@@ -151,7 +148,6 @@ class STCH(PositiveLossWeighting):
             "warmup_epochs": self.warmup_epochs,
             "reference": self.reference,
             "logarithmic": self.logarithmic,
-            "check_every": self.check_every,
         }
 
     def init_state(self, num_tasks: int) -> None:
@@ -176,7 +172,7 @@ class STCH(PositiveLossWeighting):
 
     def combine(self, losses: Tensor, present: Tensor) -> Tensor:
         current = losses.detach()
-        usable = self._nonpositive.record(current, present) if self.logarithmic else present
+        usable = present
         if self._active:
 
             def weights_fn(values: Tensor, mask: Tensor) -> Tensor:
