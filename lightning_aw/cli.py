@@ -260,7 +260,7 @@ def _quote(value: str) -> str:
 
 
 def _methods(patterns: Sequence[str]) -> int:
-    from lightning_aw.registry import get_method, list_methods
+    from lightning_aw.registry import list_methods, methods_table
 
     names = list_methods(list(patterns) if patterns else None)
     if not names:
@@ -270,34 +270,8 @@ def _methods(patterns: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    rows = [["method", "class", "uses", "weights sum", "state", "paper"]]
-    for name in names:
-        info = get_method(name)
-        rows.append(
-            [
-                name,
-                info.cls.__name__,
-                "gradients" if info.needs_task_gradients else "losses",
-                "-" if info.total is None else str(info.total),
-                "stateful" if info.stateful else "stateless",
-                _short_paper(info.paper),
-            ]
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
-        print("  ".join([*cells, row[-1]]).rstrip())
+    print(methods_table(names))
     return 0
-
-
-def _short_paper(paper: str | None) -> str:
-    """``'Authors, "Title", Venue, link'`` → ``'Authors, Venue'``."""
-    if not paper:
-        return "-"
-    authors, _, rest = paper.partition(', "')
-    _, _, after = rest.partition('", ')
-    venue = after.split(", http")[0].strip() if after else ""
-    return f"{authors}, {venue}" if venue else authors
 
 
 def lightning_cli(args: Sequence[str] | None = None, **kwargs: Any) -> AWCLI:

@@ -207,14 +207,13 @@ class AWCLI(LightningCLI):
     Example::
 
         >>> from lightning_aw.config import AWCLI
-        >>> config = {
-        ...     "model": {"class_path": "lightning_aw.models.DigitsNet"},
-        ...     "trainer": {"max_epochs": 1, "logger": False, "callbacks": [{"class_path": "DWA"}]},
-        ... }
-        >>> cli = AWCLI(args={"subcommand": "fit", "fit": config}, mode="build")  # doctest: +ELLIPSIS
-        ...
-        >>> type(cli.model).__name__, cli.trainer.max_epochs, type(cli.trainer.callbacks[0]).__name__
-        ('DigitsNet', 1, 'DWA')
+        >>> trainer = {"max_epochs": 1, "logger": False, "callbacks": [{"class_path": "DWA"}]}
+        >>> config = {"model": {"class_path": "lightning_aw.models.DigitsNet"}, "trainer": trainer}
+        >>> cli = AWCLI(args={"subcommand": "fit", "fit": config}, mode="build")
+        >>> type(cli.model).__name__, cli.trainer.max_epochs
+        ('DigitsNet', 1)
+        >>> type(cli.trainer.callbacks[0]).__name__
+        'DWA'
     """
 
     def __init__(self, *args: Any, mode: str = "run", **kwargs: Any) -> None:

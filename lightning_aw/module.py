@@ -65,8 +65,14 @@ class MultiTaskModule(pl.LightningModule):
        in ``skipped_steps``). The check costs one host synchronisation per step,
     3. returns the weighted loss, which Lightning backpropagates (so precision, gradient
        accumulation, clipping and DDP stay Lightning's),
-    4. logs ``loss/<task>``, ``loss/total`` and ``weights/<task>`` on Lightning's logging steps
-       (``log_every_n_steps``), in one ``log_dict`` call.
+    4. logs ``loss/<task>``, ``loss/total``, ``loss/objective`` and ``weights/<task>`` on
+       Lightning's logging steps (``log_every_n_steps``), in one ``log_dict`` call.
+
+    ``loss/total`` and ``val/loss/total`` mean the same: the weighted sum
+    :math:`\sum_i w_i L_i` of the task losses with the weights applied at that step, so the two
+    curves compare. ``loss/objective`` is what the method backpropagates, which can differ
+    (uncertainty weighting adds its regulariser, FAMO and GLS take logarithms, gradient methods
+    add a zero-valued surrogate); without a weighting it is not logged (it equals the sum).
 
     Validation and test log ``val/loss/<task>``, ``val/loss/total`` (weighted with the current
     weights) and the task metrics as ``val/<task>/<metric>`` (``test/...`` likewise).
@@ -128,6 +134,10 @@ class MultiTaskModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.tasks: tuple[str, ...] = _validate_tasks(tasks)
+        # the constructor arguments of the whole subclass chain (the optimizer spec included) go
+        # to hparams.yaml and the checkpoint, so `load_from_checkpoint(path)` rebuilds the module
+        # (metrics are modules: saved with the weights, not as hyperparameters)
+        self.save_hyperparameters(ignore=["metrics"], logger=True)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(
                 f"Parameter `on_nonfinite` should be 'raise' or 'skip'. Found {on_nonfinite!r}."
@@ -478,9 +488,14 @@ class MultiTaskModule(pl.LightningModule):
         floor = None if weighting is None else weighting.loss_floor(losses)
         low = None if floor is None else (losses.detach() <= floor) & present & ~bad
         flags = bad.any() if low is None else torch.stack([bad.any(), low.any()])
-        if self.trainer.world_size > 1 and (self.on_nonfinite == "skip" or low is not None):
+        trainer = self._trainer
+        if (
+            trainer is not None
+            and trainer.world_size > 1
+            and (self.on_nonfinite == "skip" or low is not None)
+        ):
             # every rank must take the same decision (skip or raise), or DDP would hang
-            flags = reduce_sum(self.trainer, flags.float()) > 0
+            flags = reduce_sum(trainer, flags.float()) > 0
         if not bool(flags.any()):  # the one host synchronisation per step
             return True
         where = (
@@ -524,10 +539,15 @@ class MultiTaskModule(pl.LightningModule):
         items: dict[str, Tensor] = {
             f"loss/{t}": losses[i] for i, t in enumerate(self.tasks) if present_list[i]
         }
-        items["loss/total"] = total
         weighting = self.weighting
-        if weighting is not None:
+        if weighting is None:
+            items["loss/total"] = total
+        else:
+            # loss/total means what val/loss/total means: the weighted sum of the task losses;
+            # what the method backpropagates (its own objective) is loss/objective
             weights = weighting.current_weights()
+            items["loss/total"] = (weights.to(losses) * losses).sum()
+            items["loss/objective"] = total
             items.update({f"weights/{t}": weights[i] for i, t in enumerate(self.tasks)})
             items.update(weighting.log_items())
         self.log_dict(items, on_step=True, on_epoch=False)

@@ -58,7 +58,14 @@ from lightning_aw.weighting import (
 )
 from lightning_aw.weighting._base import Interval
 
-__all__ = ["MethodInfo", "create_method", "get_method", "list_methods", "register_method"]
+__all__ = [
+    "MethodInfo",
+    "create_method",
+    "get_method",
+    "list_methods",
+    "methods_table",
+    "register_method",
+]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -328,6 +335,62 @@ def _check_kwargs(name: str, cls: type[Weighting], kwargs: Mapping[str, Any]) ->
             f"Weighting method {name!r} ({cls.__name__}) does not take argument(s) {unknown}. "
             f"It takes: {takes}."
         )
+
+
+def methods_table(
+    pattern: str | Sequence[str] | None = None, *, markdown: bool = False
+) -> str:
+    """The registered methods as a table: what ``lightning-aw methods`` prints and the README's
+    methods table (``markdown=True``), from the one source, the registry.
+
+    Columns: registry name, class, what the method uses (``losses``, or per-task ``gradients``),
+    what the weights sum to (``-``: not normalised), the default update interval, whether it is
+    stateful, and the paper (authors, venue).
+
+    Example::
+
+        >>> print(methods_table(["dwa", "mgda"]))
+        method  class  uses       weights sum  interval  state      paper
+        dwa     DWA    losses     T            epoch     stateful   Liu, Johns & Davison, CVPR 2019
+        mgda    MGDA   gradients  -            step      stateless  Sener & Koltun, NeurIPS 2018
+        >>> print(methods_table("dwa", markdown=True).splitlines()[2])
+        | `dwa` | `DWA` | losses | T | epoch | stateful | Liu, Johns & Davison, CVPR 2019 |
+    """
+    rows = [["method", "class", "uses", "weights sum", "interval", "state", "paper"]]
+    for name in list_methods(pattern):
+        info = get_method(name)
+        rows.append(
+            [
+                name,
+                info.cls.__name__,
+                "gradients" if info.needs_task_gradients else "losses",
+                "-" if info.total is None else str(info.total),
+                info.default_interval or "-",
+                "stateful" if info.stateful else "stateless",
+                _short_paper(info.paper),
+            ]
+        )
+    if markdown:
+        lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        for r in rows[1:]:
+            cells = [f"`{r[0]}`", f"`{r[1]}`", *r[2:]]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join([*(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)), r[-1]]).rstrip()
+        for r in rows
+    )
+
+
+def _short_paper(paper: str | None) -> str:
+    """``'Authors, "Title", Venue, link'`` → ``'Authors, Venue'``."""
+    if not paper:
+        return "-"
+    authors, _, rest = paper.partition(', "')
+    _, _, after = rest.partition('", ')
+    venue = after.split(", http")[0].strip() if after else ""
+    return f"{authors}, {venue}" if venue else authors
 
 
 # ---------------------------------------------------------------------------------- built-ins

@@ -28,3 +28,23 @@ def test_quick_start_module_trains(tmp_path):
     assert trainer.global_step == 3
     assert abs(sum(gn.weights.values()) - 3.0) < 1e-4
     assert gn.weights != {"left": 1.0, "right": 1.0, "sum": 1.0}
+
+
+def test_methods_table_is_the_registry_s():
+    """The README's methods table is what the registry (and `lightning-aw methods`) says."""
+    from lightning_aw.registry import methods_table
+
+    text = README.read_text()
+    marker = text.index("<!-- methods-table:")
+    start = text.index("\n", marker) + 1
+    end = text.index("\n\n", start)
+    assert text[start:end] == methods_table(markdown=True)
+
+
+def test_quick_start_module_saves_its_hyperparameters(tmp_path):
+    block = re.search(r"## Quick start\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block.split("\ntrainer = ")[0], str(README), "exec"), namespace)
+    net = namespace["Net"]()
+    assert net.hparams["optimizer"] == {"name": "adam", "lr": 1e-3}
+    assert list(net.hparams["tasks"]) == ["left", "right", "sum"]

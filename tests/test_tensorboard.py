@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from lightning_aw import DWA, GradNorm, UncertaintyWeighting
+from lightning_aw import DWA, FAMO, GLS, MGDA, GradNorm, UncertaintyWeighting
 
 
 def _events(log_dir: str) -> EventAccumulator:
@@ -78,6 +78,34 @@ def test_total_is_the_weighted_sum(tmp_path):
         total = acc.Scalars("loss/total")[i].value
         assert total == pytest.approx(sum(w * l for w, l in zip(weights, losses, strict=True)), rel=1e-5)
     assert acc.Scalars("weights/a")[16].value != 1.0
+
+
+@pytest.mark.parametrize(
+    ("method", "objective_differs"),
+    [(FAMO(), True), (UncertaintyWeighting(init=0.5), True), (GLS(), False), (MGDA(), False)],
+    ids=lambda m: type(m).__name__,
+)
+def test_total_means_the_same_in_training_and_validation(tmp_path, method, objective_differs):
+    """loss/total is the weighted sum as val/loss/total is; the method's own objective (which
+    differs for FAMO's logarithms and the uncertainty regulariser) is loss/objective."""
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    t = trainer(tmp_path, [method], logger=logger, log_every_n_steps=1, max_epochs=2)
+    net = TinyNet()
+    t.fit(net, loader(), loader())
+    acc = _events(logger.log_dir)
+    gaps = []
+    for i in range(16):
+        losses = [acc.Scalars(f"loss/{t}")[i].value for t in "abc"]
+        weights = [acc.Scalars(f"weights/{t}")[i].value for t in "abc"]
+        weighted = sum(w * l for w, l in zip(weights, losses, strict=True))
+        assert acc.Scalars("loss/total")[i].value == pytest.approx(weighted, rel=1e-5)
+        gaps.append(abs(acc.Scalars("loss/objective")[i].value - weighted))
+    assert (max(gaps) > 1e-3) == objective_differs
+    # validation (after the last optimizer step): the same weighted sum, with the weights then
+    val = acc.Scalars("val/loss/total")[-1].value
+    weights = [net.task_weights[t] for t in "abc"]
+    val_losses = [acc.Scalars(f"val/loss/{t}")[-1].value for t in "abc"]
+    assert val == pytest.approx(sum(w * l for w, l in zip(weights, val_losses, strict=True)), rel=1e-4)
 
 
 def test_any_logger_gets_the_scalars(tmp_path):
