@@ -66,10 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Example::
 
-        >>> main(["methods", "dwa", "equal"])
-        method  class           uses    weights sum  state      paper
-        dwa     DWA             losses  T            stateful   Liu, Johns & Davison, CVPR 2019
-        equal   EqualWeighting  losses  T            stateless  -
+        >>> main(["methods", "equal", "upgrad"])
+        method  class           uses       weights sum  interval  state      paper
+        equal   EqualWeighting  losses     T            -         stateless  -
+        upgrad  UPGrad          gradients  -            step      stateless  Quinton & Rey, 2024
         0
     """
     args = list(sys.argv[1:] if argv is None else argv)

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_aw._papers import PAPERS
 from lightning_aw._utils import Stateful, grad_scaler, scaler_found_inf
 from lightning_aw.module import MultiTaskModule
 from lightning_aw.step import StepMethod
@@ -68,7 +69,9 @@ class Weighting(StepMethod, Callback):
 
     #: What the weights sum to: ``"T"`` (number of tasks), ``1`` or ``None`` (not normalised).
     total: ClassVar[str | float | None] = "T"
-    # what the class declares for the registry (:class:`lightning_aw.registry.MethodInfo`)
+    # what the class declares for the registry (:class:`lightning_aw.registry.MethodInfo`), as
+    # class keywords: ``class DWA(LossWeighting, name="dwa", stateful=True)`` (see
+    # ``__init_subclass__``)
     #: the registry name
     name: ClassVar[str | None] = None
     #: the reference (authors, title, venue, link); ``None`` for a plain baseline
@@ -101,6 +104,39 @@ class Weighting(StepMethod, Callback):
     #: State attributes that are diagnostics (counters of fallbacks, of bad losses): kept, not
     #: rolled back, when an optimizer step turns out to have been skipped.
     _diagnostic_attrs: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(
+        cls,
+        *,
+        name: str | None = None,
+        functional: str | None = None,
+        **flags: Any,
+    ) -> None:
+        """Declare a method's registry metadata as class keywords, once.
+
+        ``name`` is the registry name (the paper comes from :data:`lightning_aw._papers.PAPERS`
+        by that name, and the functional twin defaults to it); ``functional``, ``stateful``,
+        ``stochastic``, ``needs_task_gradients``, ``needs_representation`` and
+        ``constant_weights`` set the class attributes of the same names.
+        """
+        known = {
+            "stateful",
+            "stochastic",
+            "needs_task_gradients",
+            "needs_representation",
+            "constant_weights",
+        }
+        unknown = sorted(set(flags) - known)
+        if unknown:
+            raise TypeError(f"{cls.__name__}: unknown class keyword(s) {unknown}")
+        super().__init_subclass__()
+        if name is not None:
+            cls.name, cls.paper = name, PAPERS.get(name)
+            cls.functional = name if functional is None else functional
+        elif functional is not None:
+            cls.functional = functional
+        for key, value in flags.items():
+            setattr(cls, key, bool(value))
 
     def __init__(self, *, interval: Interval | None = None, frequency: int = 1) -> None:
         super().__init__()

@@ -134,16 +134,22 @@ class MultiTaskModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.tasks: tuple[str, ...] = _validate_tasks(tasks)
-        # the constructor arguments of the whole subclass chain (the optimizer spec included) go
-        # to hparams.yaml and the checkpoint, so `load_from_checkpoint(path)` rebuilds the module
-        # (metrics are modules: saved with the weights, not as hyperparameters)
-        self.save_hyperparameters(ignore=["metrics"], logger=True)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(
                 f"Parameter `on_nonfinite` should be 'raise' or 'skip'. Found {on_nonfinite!r}."
             )
         self.on_nonfinite = on_nonfinite
         self.optimizer_spec: dict[str, Any] = validate_optimizer_spec(optimizer)
+        # this class's own arguments (plain values) go to hparams.yaml and the checkpoint; a
+        # subclass whose own arguments should be saved too calls `self.save_hyperparameters()`
+        # (only its plain values: a function or module there would not load with weights_only)
+        self.save_hyperparameters(
+            {
+                "tasks": list(self.tasks),
+                "optimizer": self.optimizer_spec,
+                "on_nonfinite": on_nonfinite,
+            }
+        )
         self._metric_tasks: tuple[str, ...] = ()
         self.val_metrics = nn.ModuleDict()
         self.test_metrics = nn.ModuleDict()
@@ -310,9 +316,7 @@ class MultiTaskModule(pl.LightningModule):
             mask ``[T]`` of the tasks present. Methods that re-evaluate a batch (FAMO) use it,
             under ``torch.no_grad()``.
         """
-        losses, present_list, _ = self._stack(
-            self._call_task_losses(batch, batch_idx), batch_idx
-        )
+        losses, present_list, _ = self._stack(self._call_task_losses(batch, batch_idx), batch_idx)
         return losses, self._mask(present_list, losses.device)
 
     # ------------------------------------------------------------------ steps
@@ -498,9 +502,7 @@ class MultiTaskModule(pl.LightningModule):
             flags = reduce_sum(trainer, flags.float()) > 0
         if not bool(flags.any()):  # the one host synchronisation per step
             return True
-        where = (
-            f"at epoch {self.current_epoch}, batch {batch_idx} (global step {self.global_step})"
-        )
+        where = f"at epoch {self.current_epoch}, batch {batch_idx} (global step {self.global_step})"
         if low is not None and bool(flags[1]):
             assert weighting is not None and floor is not None
             names = [t for t, b in zip(self.tasks, low.tolist(), strict=True) if b]

@@ -22,7 +22,14 @@ from lightning_aw.step import StepRecord
 __all__ = ["DBMTL", "GradDrop"]
 
 
-class GradDrop(GradientWeighting):
+class GradDrop(
+    GradientWeighting,
+    name="graddrop",
+    stateful=True,
+    stochastic=True,
+    needs_representation=True,
+    constant_weights=True,
+):
     r"""Gradient sign dropout on the shared representation.
 
     Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, "Just Pick a Sign: Optimizing Deep
@@ -108,18 +115,6 @@ class GradDrop(GradientWeighting):
         4
     """
 
-    name: ClassVar[str] = "graddrop"
-    paper: ClassVar[str | None] = (
-        'Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov, "Just Pick a Sign: '
-        'Optimizing Deep Multitask Models with Gradient Sign Dropout", NeurIPS 2020, '
-        'https://arxiv.org/abs/2010.06808'
-    )
-    functional: ClassVar[str | None] = "graddrop"
-    stateful: ClassVar[bool] = True
-    stochastic: ClassVar[bool] = True
-    needs_representation: ClassVar[bool] = True
-    constant_weights: ClassVar[bool] = True
-
     total: ClassVar[str | float | None] = "T"
     _state_attrs: ClassVar[tuple[str, ...]] = (*GradientWeighting._state_attrs, "_generator")
 
@@ -189,7 +184,7 @@ class GradDrop(GradientWeighting):
         return plain + inject([rep], [g_z])
 
 
-class DBMTL(GradientWeighting):
+class DBMTL(GradientWeighting, name="db_mtl", stateful=True):
     r"""Dual-balancing multi-task learning: log losses, and gradients scaled to the largest norm.
 
     Lin, Ye, Xu, Shi & Zhang, "Dual-Balancing for Multi-Task Learning", 2023,
@@ -262,14 +257,6 @@ class DBMTL(GradientWeighting):
         DBMTL(beta=0.9, source='parameters')
         >>> trainer = pl.Trainer(callbacks=[method], logger=False)
     """
-
-    name: ClassVar[str] = "db_mtl"
-    paper: ClassVar[str | None] = (
-        'Lin, Ye, Xu, Shi & Zhang, "Dual-Balancing for Multi-Task Learning", 2023, '
-        'https://arxiv.org/abs/2308.12029'
-    )
-    functional: ClassVar[str | None] = "db_mtl"
-    stateful: ClassVar[bool] = True
 
     _state_attrs: ClassVar[tuple[str, ...]] = (*GradientWeighting._state_attrs, "_ema", "_seen")
     requires_positive_losses: ClassVar[bool] = True

@@ -20,7 +20,7 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> None:
         raise ValueError(f"Parameter `{name}` should be an int >= {minimum}. Found {value!r}.")
 
 
-class MGDA(GradientWeighting):
+class MGDA(GradientWeighting, name="mgda"):
     r"""Multiple-gradient descent: the min-norm point of the convex hull of the task gradients.
 
     Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018,
@@ -61,13 +61,6 @@ class MGDA(GradientWeighting):
         tensor([0.3077, 0.4615])
     """
 
-    name: ClassVar[str] = "mgda"
-    paper: ClassVar[str | None] = (
-        'Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS '
-        '2018, https://arxiv.org/abs/1810.04650'
-    )
-    functional: ClassVar[str | None] = "mgda"
-
     def __init__(
         self,
         normalization: Literal["none", "l2", "loss", "loss+"] = "none",
@@ -93,7 +86,7 @@ class MGDA(GradientWeighting):
         return G.mgda_from_gram(gram, self.normalization, losses if needs_loss else None)
 
 
-class PCGrad(GradientWeighting):
+class PCGrad(GradientWeighting, name="pcgrad", stateful=True, stochastic=True):
     r"""Projecting conflicting gradients.
 
     Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020,
@@ -131,15 +124,6 @@ class PCGrad(GradientWeighting):
         tensor([0.5000, 1.5000])
     """
 
-    name: ClassVar[str] = "pcgrad"
-    paper: ClassVar[str | None] = (
-        'Yu, Kumar, Gupta, Levine, Hausman & Finn, "Gradient Surgery for Multi-Task '
-        'Learning", NeurIPS 2020, https://arxiv.org/abs/2001.06782'
-    )
-    functional: ClassVar[str | None] = "pcgrad"
-    stateful: ClassVar[bool] = True
-    stochastic: ClassVar[bool] = True
-
     _state_attrs: ClassVar[tuple[str, ...]] = (*GradientWeighting._state_attrs, "_generator")
 
     def __init__(
@@ -169,7 +153,7 @@ class PCGrad(GradientWeighting):
         return G.pcgrad_from_gram(gram, self.reduction, self._generator.generator)
 
 
-class CAGrad(GradientWeighting):
+class CAGrad(GradientWeighting, name="cagrad"):
     r"""Conflict-averse gradient descent.
 
     Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for Multi-task Learning",
@@ -207,13 +191,6 @@ class CAGrad(GradientWeighting):
         tensor([0.6421, 0.5504])
     """
 
-    name: ClassVar[str] = "cagrad"
-    paper: ClassVar[str | None] = (
-        'Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for Multi-task '
-        'Learning", NeurIPS 2021, https://arxiv.org/abs/2110.14048'
-    )
-    functional: ClassVar[str | None] = "cagrad"
-
     def __init__(
         self,
         c: float = 0.4,
@@ -239,7 +216,7 @@ class CAGrad(GradientWeighting):
         return G.cagrad_from_gram(gram, self.c, self.rescale)
 
 
-class IMTLG(GradientWeighting):
+class IMTLG(GradientWeighting, name="imtl_g"):
     r"""Impartial multi-task learning, gradient part: equal projections on every unit gradient.
 
     Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021,
@@ -274,20 +251,13 @@ class IMTLG(GradientWeighting):
         tensor([0.6667, 0.6667])
     """
 
-    name: ClassVar[str] = "imtl_g"
-    paper: ClassVar[str | None] = (
-        'Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task '
-        'Learning", ICLR 2021, https://openreview.net/forum?id=IMPnRXEWpvr'
-    )
-    functional: ClassVar[str | None] = "imtl_g"
-
     total: ClassVar[str | float | None] = 1
 
     def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
         return G.imtl_g_from_gram(gram)
 
 
-class NashMTL(GradientWeighting):
+class NashMTL(GradientWeighting, name="nash_mtl"):
     r"""Multi-task learning as a bargaining game: the Nash bargaining solution.
 
     Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022,
@@ -322,13 +292,6 @@ class NashMTL(GradientWeighting):
         tensor([1.0153, 2.0305])
     """
 
-    name: ClassVar[str] = "nash_mtl"
-    paper: ClassVar[str | None] = (
-        'Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, "Multi-Task '
-        'Learning as a Bargaining Game", ICML 2022, https://arxiv.org/abs/2202.01017'
-    )
-    functional: ClassVar[str | None] = "nash_mtl"
-
     def __init__(
         self,
         max_iter: int = 20,
@@ -349,7 +312,7 @@ class NashMTL(GradientWeighting):
         return G.nash_mtl_from_gram(gram, max_iter=self.max_iter)
 
 
-class AlignedMTL(GradientWeighting):
+class AlignedMTL(GradientWeighting, name="aligned_mtl"):
     r"""Aligned-MTL: make the task gradients orthogonal and of equal norm (condition number 1).
 
     Senushkin, Patakin, Kuznetsov & Konushin, "Independent Component Alignment for Multi-Task
@@ -382,13 +345,6 @@ class AlignedMTL(GradientWeighting):
         tensor([0.3333, 1.0000])
     """
 
-    name: ClassVar[str] = "aligned_mtl"
-    paper: ClassVar[str | None] = (
-        'Senushkin, Patakin, Kuznetsov & Konushin, "Independent Component Alignment for '
-        'Multi-Task Learning", CVPR 2023, https://arxiv.org/abs/2305.19000'
-    )
-    functional: ClassVar[str | None] = "aligned_mtl"
-
     def __init__(
         self,
         scale_mode: Literal["min", "median", "rmse"] = "min",
@@ -412,7 +368,7 @@ class AlignedMTL(GradientWeighting):
         return G.aligned_mtl_from_gram(gram, self.scale_mode)
 
 
-class UPGrad(GradientWeighting):
+class UPGrad(GradientWeighting, name="upgrad"):
     r"""Unconflicting projection of gradients.
 
     Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024,
@@ -446,18 +402,11 @@ class UPGrad(GradientWeighting):
         True
     """
 
-    name: ClassVar[str] = "upgrad"
-    paper: ClassVar[str | None] = (
-        'Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024, '
-        'https://arxiv.org/abs/2406.16232'
-    )
-    functional: ClassVar[str | None] = "upgrad"
-
     def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
         return G.upgrad_from_gram(gram)
 
 
-class GradVac(GradientWeighting):
+class GradVac(GradientWeighting, name="gradvac", stateful=True, stochastic=True):
     r"""Gradient Vaccine: raise pairwise gradient cosines towards running targets.
 
     Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine", ICLR 2021, https://arxiv.org/abs/2010.05874.
@@ -491,16 +440,6 @@ class GradVac(GradientWeighting):
         >>> coefs
         tensor([1., 1.])
     """
-
-    name: ClassVar[str] = "gradvac"
-    paper: ClassVar[str | None] = (
-        'Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and Improving '
-        'Multi-task Optimization in Massively Multilingual Models", ICLR 2021, '
-        'https://arxiv.org/abs/2010.05874'
-    )
-    functional: ClassVar[str | None] = "gradvac"
-    stateful: ClassVar[bool] = True
-    stochastic: ClassVar[bool] = True
 
     _state_attrs: ClassVar[tuple[str, ...]] = (
         *GradientWeighting._state_attrs,

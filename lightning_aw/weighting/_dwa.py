@@ -12,7 +12,7 @@ from lightning_aw.functional import dwa
 from lightning_aw.weighting._base import Interval, LossWeighting
 
 
-class DWA(LossWeighting):
+class DWA(LossWeighting, name="dwa", stateful=True):
     r"""Dynamic Weight Average: tasks whose loss falls slowly get more weight.
 
     Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019,
@@ -51,14 +51,6 @@ class DWA(LossWeighting):
         >>> dwa(torch.tensor([0.5, 1.0]), torch.tensor([1.0, 1.0]))
         tensor([0.8756, 1.1244])
     """
-
-    name: ClassVar[str] = "dwa"
-    paper: ClassVar[str | None] = (
-        'Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR '
-        '2019, https://arxiv.org/abs/1803.10704'
-    )
-    functional: ClassVar[str | None] = "dwa"
-    stateful: ClassVar[bool] = True
 
     total: ClassVar[str | float | None] = "T"
     _state_attrs = ("_weights", "_previous", "_before_previous", "_known")

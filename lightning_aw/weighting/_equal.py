@@ -10,7 +10,7 @@ from torch import Tensor
 from lightning_aw.weighting._base import LossWeighting
 
 
-class EqualWeighting(LossWeighting):
+class EqualWeighting(LossWeighting, name="equal", constant_weights=True):
     r"""Equal weights :math:`w_i = 1`: the loss is :math:`\sum_i L_i` (weights sum to ``T``).
 
     The baseline every adaptive method is compared with, and what
@@ -25,10 +25,6 @@ class EqualWeighting(LossWeighting):
         >>> equal(3)
         tensor([1., 1., 1.])
     """
-
-    name: ClassVar[str] = "equal"
-    constant_weights: ClassVar[bool] = True
-    functional: ClassVar[str | None] = "equal"
 
     total: ClassVar[str | float | None] = "T"
 

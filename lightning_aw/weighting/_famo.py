@@ -21,7 +21,7 @@ from lightning_aw.weighting._positive import (
 )
 
 
-class FAMO(PositiveLossWeighting):
+class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", stateful=True):
     r"""FAMO: balance the tasks' rates of improvement with one extra forward pass per step.
 
     Liu, Feng, Stone, Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023,
@@ -99,14 +99,6 @@ class FAMO(PositiveLossWeighting):
         >>> famo_weights(torch.tensor([1.0, 4.0]), logits=torch.zeros(2))  # w_i ∝ 1 / L_i
         tensor([0.8000, 0.2000])
     """
-
-    name: ClassVar[str] = "famo"
-    paper: ClassVar[str | None] = (
-        'Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS '
-        '2023, https://arxiv.org/abs/2306.03792'
-    )
-    functional: ClassVar[str | None] = "famo_weights"
-    stateful: ClassVar[bool] = True
 
     total: ClassVar[str | float | None] = 1
     _state_attrs = ("_logits", "_adam", "_weights", "_update_epoch")

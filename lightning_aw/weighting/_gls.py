@@ -16,7 +16,7 @@ from lightning_aw.functional import (
 from lightning_aw.weighting._positive import PositiveLossWeighting
 
 
-class GLS(PositiveLossWeighting):
+class GLS(PositiveLossWeighting, name="gls", functional="gls_weights"):
     r"""Geometric loss strategy: minimise the geometric mean of the task losses.
 
     Chennupati, Sistu, Yogamani, Rawashdeh, "MultiNet++: Multi-Stream Feature Aggregation and
@@ -52,14 +52,6 @@ class GLS(PositiveLossWeighting):
         tensor([1.0000, 0.2500])
     """
 
-    name: ClassVar[str] = "gls"
-    paper: ClassVar[str | None] = (
-        'Chennupati, Sistu, Yogamani & Rawashdeh, "MultiNet++: Multi-Stream Feature '
-        'Aggregation and Geometric Loss Strategy for Multi-Task Learning", CVPR Workshops '
-        '2019, https://arxiv.org/abs/1904.08492'
-    )
-    functional: ClassVar[str | None] = "gls_weights"
-
     total: ClassVar[str | float | None] = None
     _state_attrs = ("_weights",)
 
@@ -86,7 +78,9 @@ class GLS(PositiveLossWeighting):
         return loss
 
 
-class ScaleInvariant(PositiveLossWeighting):
+class ScaleInvariant(
+    PositiveLossWeighting, name="scale_invariant", functional="scale_invariant_weights"
+):
     r"""The scale-invariant (logarithmic) loss :math:`\sum_i \log L_i`.
 
     Multiplying a task's loss by a constant only adds a constant to the total, so the update does
@@ -119,13 +113,6 @@ class ScaleInvariant(PositiveLossWeighting):
         >>> scale_invariant_weights(torch.tensor([1.0, 100.0]))  # w_i = 1 / L_i
         tensor([1.0000, 0.0100])
     """
-
-    name: ClassVar[str] = "scale_invariant"
-    paper: ClassVar[str | None] = (
-        'baseline in Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022, '
-        'https://arxiv.org/abs/2202.01017'
-    )
-    functional: ClassVar[str | None] = "scale_invariant_weights"
 
     total: ClassVar[str | float | None] = None
     _state_attrs = ("_weights",)

@@ -17,7 +17,13 @@ from lightning_aw.module import MultiTaskModule
 from lightning_aw.weighting._base import Interval, LossWeighting
 
 
-class GradNorm(LossWeighting):
+class GradNorm(
+    LossWeighting,
+    name="gradnorm",
+    functional="gradnorm_weight_grad",
+    stateful=True,
+    needs_task_gradients=True,
+):
     r"""GradNorm: balance the tasks' gradient norms on one shared layer.
 
     Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for Adaptive Loss
@@ -69,16 +75,6 @@ class GradNorm(LossWeighting):
         >>> method
         GradNorm(alpha=1.5, lr=0.025, layer=None, interval='step', frequency=1)
     """
-
-    name: ClassVar[str] = "gradnorm"
-    paper: ClassVar[str | None] = (
-        'Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for '
-        'Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018, '
-        'https://arxiv.org/abs/1711.02257'
-    )
-    functional: ClassVar[str | None] = "gradnorm_weight_grad"
-    stateful: ClassVar[bool] = True
-    needs_task_gradients: ClassVar[bool] = True
 
     total: ClassVar[str | float | None] = "T"
     _state_attrs = ("_weights", "_initial", "_has_initial", "_grad_sum", "_grad_count", "_adam")

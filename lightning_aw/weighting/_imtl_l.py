@@ -11,7 +11,7 @@ from lightning_aw.functional import imtl_l_loss
 from lightning_aw.weighting._positive import PositiveLossWeighting
 
 
-class IMTLL(PositiveLossWeighting):
+class IMTLL(PositiveLossWeighting, name="imtl_l", functional="imtl_l_loss", stateful=True):
     r"""IMTL-L: learn one scale per task so that every scaled loss stays near 1.
 
     Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang, "Towards Impartial Multi-task Learning",
@@ -51,14 +51,6 @@ class IMTLL(PositiveLossWeighting):
         >>> imtl_l_loss(torch.tensor([2.0, 0.5]), log_scales=torch.zeros(2))  # s = 0: the plain sum
         tensor(2.5000)
     """
-
-    name: ClassVar[str] = "imtl_l"
-    paper: ClassVar[str | None] = (
-        'Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task '
-        'Learning", ICLR 2021, https://openreview.net/forum?id=IMPnRXEWpvr'
-    )
-    functional: ClassVar[str | None] = "imtl_l_loss"
-    stateful: ClassVar[bool] = True
 
     total: ClassVar[str | float | None] = None
 

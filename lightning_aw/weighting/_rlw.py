@@ -14,7 +14,7 @@ from lightning_aw.functional._baseline import _DISTRIBUTIONS, Distribution, rlw
 from lightning_aw.weighting._base import Interval, LossWeighting
 
 
-class RLW(LossWeighting):
+class RLW(LossWeighting, name="rlw", stateful=True, stochastic=True):
     r"""Random loss weighting: fresh random weights at every step.
 
     Lin, Ye, Zhang, Tsang, "Reasonable Effectiveness of Random Weighting: A Litmus Test for
@@ -57,15 +57,6 @@ class RLW(LossWeighting):
         >>> float(w.sum())
         1.0
     """
-
-    name: ClassVar[str] = "rlw"
-    paper: ClassVar[str | None] = (
-        'Lin, Ye, Zhang & Tsang, "Reasonable Effectiveness of Random Weighting: A Litmus '
-        'Test for Multi-Task Learning", TMLR 2022, https://arxiv.org/abs/2111.10603'
-    )
-    functional: ClassVar[str | None] = "rlw"
-    stateful: ClassVar[bool] = True
-    stochastic: ClassVar[bool] = True
 
     total: ClassVar[str | float | None] = 1
     _state_attrs = ("_weights", "_generator")

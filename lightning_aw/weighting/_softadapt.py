@@ -12,7 +12,7 @@ from lightning_aw.functional import softadapt
 from lightning_aw.weighting._base import Interval, LossWeighting
 
 
-class SoftAdapt(LossWeighting):
+class SoftAdapt(LossWeighting, name="softadapt", stateful=True):
     r"""SoftAdapt: weights from a softmax of the recent slopes of the task losses.
 
     Heydari, Thompson, Mehmood, "SoftAdapt: Techniques for Adaptive Loss Weighting of Neural
@@ -61,15 +61,6 @@ class SoftAdapt(LossWeighting):
         >>> softadapt(torch.tensor([-1.0, 2.0]), beta=1.0)  # the rising loss gets the weight
         tensor([0.0474, 0.9526])
     """
-
-    name: ClassVar[str] = "softadapt"
-    paper: ClassVar[str | None] = (
-        'Heydari, Thompson & Mehmood, "SoftAdapt: Techniques for Adaptive Loss Weighting '
-        'of Neural Networks with Multi-Part Loss Functions", 2019, '
-        'https://arxiv.org/abs/1912.12355'
-    )
-    functional: ClassVar[str | None] = "softadapt"
-    stateful: ClassVar[bool] = True
 
     total: ClassVar[str | float | None] = 1
     _state_attrs = ("_weights", "_previous", "_known")

@@ -23,7 +23,7 @@ from lightning_aw.weighting._positive import (
 )
 
 
-class STCH(PositiveLossWeighting):
+class STCH(PositiveLossWeighting, name="stch", functional="stch_weights", stateful=True):
     r"""Smooth Tchebycheff scalarisation: a smooth minimisation of the worst relative task loss.
 
     Lin, Zhang, Yang, Liu, Wang, Zhang, "Smooth Tchebycheff Scalarization for Multi-Objective
@@ -84,14 +84,6 @@ class STCH(PositiveLossWeighting):
         >>> w  # the task furthest from its reference dominates
         tensor([0.0020, 0.9990])
     """
-
-    name: ClassVar[str] = "stch"
-    paper: ClassVar[str | None] = (
-        'Lin, Zhang, Yang, Liu, Wang & Zhang, "Smooth Tchebycheff Scalarization for '
-        'Multi-Objective Optimization", ICML 2024, https://arxiv.org/abs/2402.19078'
-    )
-    functional: ClassVar[str | None] = "stch_weights"
-    stateful: ClassVar[bool] = True
 
     total: ClassVar[str | float | None] = None
     _state_attrs = ("_weights", "_reference", "_active")

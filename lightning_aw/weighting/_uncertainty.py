@@ -11,7 +11,9 @@ from torch import Tensor, nn
 from lightning_aw.weighting._base import LossWeighting
 
 
-class UncertaintyWeighting(LossWeighting):
+class UncertaintyWeighting(
+    LossWeighting, name="uncertainty", functional="uncertainty_weights", stateful=True
+):
     r"""Learned task uncertainties weigh the losses.
 
     Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses for Scene
@@ -50,14 +52,6 @@ class UncertaintyWeighting(LossWeighting):
         >>> uncertainty_weights(log_vars)  # regression: w = 1 / (2 sigma^2)
         tensor([0.5000, 0.1250])
     """
-
-    name: ClassVar[str] = "uncertainty"
-    paper: ClassVar[str | None] = (
-        'Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses '
-        'for Scene Geometry and Semantics", CVPR 2018, https://arxiv.org/abs/1705.07115'
-    )
-    functional: ClassVar[str | None] = "uncertainty_weights"
-    stateful: ClassVar[bool] = True
 
     total: ClassVar[str | float | None] = None
 
