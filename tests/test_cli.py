@@ -248,6 +248,7 @@ def test_config_errors_exit_2_with_one_line_each(tmp_path, monkeypatch, capsys, 
     out, err = capsys.readouterr()
     assert err.splitlines() == [f"lightning-aw: error: {line}" for line in lines]
     assert out == ""
+    assert list(tmp_path.iterdir()) == []  # nothing created on disk: no runs/ folder, no config
     assert list(tmp_path.iterdir()) == []  # nothing written: no runs/, no version_N/
 
 
