@@ -168,7 +168,7 @@ class GradDrop(GradientWeighting):
         plain = losses.sum()  # absent tasks are constant zeros
         if not torch.is_grad_enabled() or not losses.requires_grad:
             return plain
-        engine = TaskGradients(step, self)
+        engine = self.engine(step)
         engine.representation()  # a clear error when the module marked none
         rep = step.representation_graph
         if rep is None:  # nothing trainable produces the representation
@@ -311,7 +311,7 @@ class DBMTL(GradientWeighting):
         logs = torch.log(torch.where(present, losses, torch.ones_like(losses)))
         log_loss = logs.sum()
         detached = losses.detach()
-        engine = TaskGradients(step, self)
+        engine = self.engine(step)
         rep = step.representation_graph
         if self.source == "representation":
             engine.representation()  # a clear error when the module marked none
@@ -329,7 +329,7 @@ class DBMTL(GradientWeighting):
             out = _split(d, targets[:n_shared])
             for j in range(n_shared, len(targets)):  # upstream but not declared shared
                 out.append(sum((g[j] for g in per_task if g is not None), torch.zeros(())))
-            return log_loss + inject(targets, out)
+            return log_loss + engine.deliver(targets, out)
         # no marked representation: gradients on the shared parameters; the backward of
         # sum_i log L_i already brings them sum_i g_i / L_i, so inject only the difference
         params = self._params
@@ -340,7 +340,7 @@ class DBMTL(GradientWeighting):
         local = log_grads.sum(0)
         d = self._direction(step, log_grads, detached, reduce=True)
         delta = torch.where(self._last_ok, d - local, torch.zeros_like(d))
-        return log_loss + inject(params, _split(delta, params))
+        return log_loss + engine.deliver(params, _split(delta, params))
 
     # ------------------------------------------------------------------ internals
     def _check_positive(self, step: StepRecord) -> None:
