@@ -46,9 +46,16 @@ class ShardedNet(TinyNet):
     """TinyNet whose ``configure_model`` applies FSDP2 to the trunk, each head and the module
     (under DDP there is no device mesh and it does nothing)."""
 
-    def __init__(self, *args: Any, reshard_after_forward: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        reshard_after_forward: bool = True,
+        shard_root: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.reshard_after_forward = reshard_after_forward
+        self.shard_root = shard_root
 
     def configure_model(self) -> None:
         if self.device_mesh is None:
@@ -59,7 +66,8 @@ class ShardedNet(TinyNet):
         fully_shard(self.trunk, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
         for head in self.heads.values():
             fully_shard(head, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(self, mesh=mesh)
+        if self.shard_root:
+            fully_shard(self, mesh=mesh)
 
 
 @dataclass(frozen=True)
@@ -69,13 +77,22 @@ class Case:
     marked: bool = True  #: whether the model marks its shared representation
     reshard_after_forward: bool = True
     tensor_parallel: bool = False  #: a 1 x 2 mesh (tensor parallelism) instead of 2 x 1
+    shard_root: bool = True  #: whether ``configure_model`` applies ``fully_shard`` to the module
 
 
 #: cases that must be refused before the first step: (exception type name, words in the message)
 REFUSED: dict[str, tuple[str, tuple[str, ...]]] = {
     "refuse/mgda-parameters-tp": (
         "MisconfigurationException",
-        ("ModelParallelStrategy", "MGDA", "tensor", "source='representation'"),
+        ("ModelParallelStrategy", "MGDA", "tensor_parallel_size=2", "source='representation'"),
+    ),
+    "refuse/gradnorm-tp": (
+        "MisconfigurationException",
+        ("ModelParallelStrategy", "GradNorm", "tensor_parallel_size=2", "loss-based method"),
+    ),
+    "refuse/uncertainty-unsharded-root": (
+        "MisconfigurationException",
+        ("ModelParallelStrategy", "UncertaintyWeighting", "log_vars", "fully_shard(self"),
     ),
 }
 
@@ -85,9 +102,8 @@ def cases() -> dict[str, Case]:
     for name in list_methods():
         info = get_method(name)
         kwargs = dict(info.example_kwargs)
-        if info.needs_task_gradients and info.cls.__name__ != "GradNorm" and (
-            not info.needs_representation
-        ):
+        two_sources = info.needs_task_gradients and not info.needs_representation
+        if two_sources and name != "gradnorm":
             for source in ("parameters", "representation"):
                 out[f"{name}-{source}"] = Case(name, {**kwargs, "source": source})
         else:
@@ -98,13 +114,17 @@ def cases() -> dict[str, Case]:
         "upgrad", {"source": "parameters", "ddp_sync": "gradients"}, marked=False
     )
     out["db_mtl-parameters-unmarked"] = Case("db_mtl", {"beta": 0.5}, marked=False)
-    out["gradnorm-unmarked"] = Case("gradnorm", dict(get_method("gradnorm").example_kwargs),
-                                    marked=False)
+    out["gradnorm-unmarked"] = Case(
+        "gradnorm", dict(get_method("gradnorm").example_kwargs), marked=False
+    )
     # parameters kept unsharded between forward and backward
     out["pcgrad-parameters-keep"] = Case(
         "pcgrad", {"source": "parameters", "seed": 3}, reshard_after_forward=False
     )
+    # refused before the first step (:data:`REFUSED`)
     out["refuse/mgda-parameters-tp"] = Case("mgda", {"source": "parameters"}, tensor_parallel=True)
+    out["refuse/gradnorm-tp"] = Case("gradnorm", {}, tensor_parallel=True)
+    out["refuse/uncertainty-unsharded-root"] = Case("uncertainty", {}, shard_root=False)
     return out
 
 
@@ -143,6 +163,7 @@ def fit(out: Path, case: Case, sharded: bool) -> dict[str, Any]:
     net = ShardedNet(
         mark_representation=case.marked,
         reshard_after_forward=case.reshard_after_forward,
+        shard_root=case.shard_root,
         optimizer={"name": "adam", "lr": 0.01},
     )
     if sharded:
