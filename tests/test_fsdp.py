@@ -54,7 +54,7 @@ def test_fsdp_equals_ddp(fsdp_results, case: str):
     for k, v in sharded[0]["params"].items():
         torch.testing.assert_close(sharded[1]["params"][k], v, rtol=0, atol=0, msg=k)
     if cases()[case].method not in CONSTANT:  # the weights moved: the equality means something
-        trajectory = sharded[0]["applied"]
+        trajectory = torch.cat([sharded[0]["applied"], sharded[0]["final"][None]])
         assert not torch.allclose(trajectory, trajectory[0]), trajectory
 
 
