@@ -78,6 +78,7 @@ class Case:
     reshard_after_forward: bool = True
     tensor_parallel: bool = False  #: a 1 x 2 mesh (tensor parallelism) instead of 2 x 1
     shard_root: bool = True  #: whether ``configure_model`` applies ``fully_shard`` to the module
+    optimizer: str = "adam"  #: SGD is not invariant to the scale of the gradients (Adam is)
 
 
 #: cases that must be refused before the first step: (exception type name, words in the message)
@@ -117,6 +118,10 @@ def cases() -> dict[str, Case]:
     out["gradnorm-unmarked"] = Case(
         "gradnorm", dict(get_method("gradnorm").example_kwargs), marked=False
     )
+    # learnable weighting parameters under SGD: their gradient's averaging over the ranks shows
+    out["uncertainty-sgd"] = Case("uncertainty", {"init": 0.1}, optimizer="sgd")
+    out["imtl_l-sgd"] = Case("imtl_l", {"init": 0.1}, optimizer="sgd")
+    out["mgda-parameters-sgd"] = Case("mgda", {"source": "parameters"}, optimizer="sgd")
     # parameters kept unsharded between forward and backward
     out["pcgrad-parameters-keep"] = Case(
         "pcgrad", {"source": "parameters", "seed": 3}, reshard_after_forward=False
@@ -164,7 +169,7 @@ def fit(out: Path, case: Case, sharded: bool) -> dict[str, Any]:
         mark_representation=case.marked,
         reshard_after_forward=case.reshard_after_forward,
         shard_root=case.shard_root,
-        optimizer={"name": "adam", "lr": 0.01},
+        optimizer={"name": case.optimizer, "lr": 0.01 if case.optimizer == "adam" else 0.05},
     )
     if sharded:
         dp, tp = (1, 2) if case.tensor_parallel else (2, 1)
