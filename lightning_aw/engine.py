@@ -15,7 +15,15 @@ gradient accumulation (:attr:`TaskGradients.accumulate`), tasks absent from the 
 rows), the checks that a present task's loss really reaches what is differentiated (a clear
 error instead of silently uniform coefficients), the rank reduction of per-task statistics
 (:func:`present_mean`: the mean over the ranks where each task is present, one all-reduce) and
-the delivery of a method's own gradient inside Lightning's one backward (:func:`inject`).
+the delivery of a method's own gradient inside Lightning's one backward (:func:`inject`,
+:meth:`TaskGradients.deliver`).
+
+Sharded parameters (FSDP2 ``fully_shard`` under Lightning's ``ModelParallelStrategy``): with an
+:class:`~lightning_aw._sharding.Unsharder`, every gradient on parameters is taken with respect to
+the unsharded tensors the step's forward used (the full parameter, this rank's micro-batch: what
+a DDP rank computes), so the Gram matrix, its one ``T×T`` all-reduce and the coefficients are
+DDP's; a method's own gradient is delivered into the same tensors and FSDP2's reduce-scatter
+averages it with the rest of the gradient (:meth:`TaskGradients.deliver`).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_aw._sharding import Unsharder
 from lightning_aw._utils import all_reduce_sum, grad_scaler
 from lightning_aw.step import StepRecord
 
@@ -42,6 +51,8 @@ class TaskGradients:
     Args:
         step: the step record (losses with their graph, presence, marked representation).
         owner: who asks (its ``repr`` names it in error messages).
+        unsharder: maps FSDP2-sharded parameters to the unsharded tensors of this step's forward
+            (``None``: one device or DDP, parameters are used as they are).
 
     Gradients come back per task, ``None`` for a task absent from the batch. Methods named
     ``*_scaled`` return what autograd gives for the GradScaler-scaled losses (the caller
@@ -70,9 +81,12 @@ class TaskGradients:
         tensor([2.0000, 4.2426])
     """
 
-    def __init__(self, step: StepRecord, owner: object) -> None:
+    def __init__(
+        self, step: StepRecord, owner: object, unsharder: Unsharder | None = None
+    ) -> None:
         self.step = step
         self.owner = owner
+        self.unsharder = unsharder
         trainer = step.trainer
         self.scaler = None if trainer is None else grad_scaler(trainer)
         device = step.losses.device
@@ -83,6 +97,42 @@ class TaskGradients:
         self.accumulate = step.accumulate
 
     # ------------------------------------------------------------------ helpers
+    def forward_tensors(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """The tensors this step's forward used for ``params``: the parameters themselves, or
+        (FSDP2) their unsharded copies. Gradients are taken with respect to these."""
+        if self.unsharder is None:
+            return list(params)
+        return self.unsharder.resolve(params)  # type: ignore[return-value]
+
+    def deliver(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+        """:func:`inject` of a method's own gradients ``grads`` on the shared ``params``.
+
+        Under FSDP2 they go into the unsharded tensors of this step's forward, and when the
+        heads ran on a cut representation a zero gradient also flows back through it, so
+        Lightning's backward enters the trunk's sharded modules and their reduce-scatter
+        carries the delivered gradient to the shards (averaged over the ranks, as DDP does).
+        """
+        if self.unsharder is None:
+            return inject(params, grads)
+        total = inject(self.forward_tensors(params), grads)
+        graph = self.step.representation_graph
+        if graph is not None:
+            total = total + inject([graph], [torch.zeros_like(graph)])
+        return total
+
+    def _missing(self, i: int, what: str) -> MisconfigurationException:
+        """The error for a present task whose loss reaches none of ``what`` (the guard against
+        silently empty per-task gradients, e.g. on sharded parameters)."""
+        strategy = type(getattr(self.step.trainer, "strategy", None)).__name__
+        return MisconfigurationException(
+            f"{self.owner!r}: the per-task gradient of task '{self.step.tasks[i]}' on {what} is "
+            f"missing: autograd finds no path from its loss to them (strategy: {strategy}). "
+            "Return from `shared_parameters()` the parameters every task's forward goes "
+            "through; with sharded parameters the library needs FSDP2's `fully_shard` "
+            "(ModelParallelStrategy with tensor_parallel_size=1), or use "
+            "source='representation'."
+        )
+
     def scaled(self, loss: Tensor) -> Tensor:
         return loss if self.scaler is None else self.scaler.scale(loss)
 
@@ -161,6 +211,7 @@ class TaskGradients:
         """
         step = self.step
         losses = step.task_losses if losses is None else losses
+        params = self.forward_tensors(params)
         leaf, graph = step.representation, step.representation_graph
         raw: list[Sequence[Tensor | None] | None] = []
         for i, here in enumerate(step.present_list):
@@ -181,6 +232,8 @@ class TaskGradients:
                 grads = torch.autograd.grad(
                     loss, list(params), retain_graph=True, allow_unused=True
                 )
+            if all(g is None for g in grads):  # host-side: no path from the loss at all
+                raise self._missing(i, "the shared parameters")
             raw.append(grads)
         if names is not None:
             self.check_reached(raw, names)
@@ -194,14 +247,17 @@ class TaskGradients:
         graph = self.step.representation_graph
         if graph is None:
             raise ValueError("through_representation_scaled needs a cut representation")
+        targets = self.forward_tensors(targets)
         out: list[list[Tensor] | None] = []
-        for r in rows:
+        for i, r in enumerate(rows):
             if r is None:
                 out.append(None)
                 continue
             grads = torch.autograd.grad(
                 graph, list(targets), grad_outputs=r, retain_graph=True, allow_unused=True
             )
+            if all(g is None for g in grads):  # host-side: no path from the loss at all
+                raise self._missing(i, "the parameters that produce the representation")
             out.append(_filled(grads, targets))
         return out
 
@@ -251,9 +307,14 @@ class TaskGradients:
             raise ValueError("upstream_parameters needs a cut representation")
         shared_ids = {id(p) for p in shared}
         others = [p for p in module.parameters() if p.requires_grad and id(p) not in shared_ids]
-        probe = torch.autograd.grad(
-            graph.sum(), [*shared, *others], retain_graph=True, allow_unused=True
-        )
+        inputs = self.forward_tensors(shared)
+        if self.unsharder is None:
+            inputs += others
+        else:  # sharded parameters that this forward did not all-gather do not produce it
+            found = self.unsharder.resolve(others, strict=False)
+            others = [p for p, u in zip(others, found, strict=True) if u is not None]
+            inputs += [u for u in found if u is not None]
+        probe = torch.autograd.grad(graph.sum(), inputs, retain_graph=True, allow_unused=True)
         missing = [i for i, g in enumerate(probe[: len(shared)]) if g is None]
         if missing:
             names = {id(p): n for n, p in module.named_parameters()}
@@ -276,6 +337,7 @@ class TaskGradients:
         """
         losses = self.step.task_losses
         zero = self.step.losses.new_zeros(())
+        (param,) = self.forward_tensors([param])
         norms = []
         for i, here in enumerate(self.step.present_list):
             if not here:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_aw._papers import PAPERS
+from lightning_aw._sharding import full_value, gathered, is_sharded, strategy_name
 from lightning_aw._utils import Stateful, grad_scaler, scaler_found_inf
 from lightning_aw.module import MultiTaskModule
 from lightning_aw.step import StepMethod
@@ -167,6 +168,10 @@ class Weighting(StepMethod, Callback):
         #: number of optimizer steps the fp16 GradScaler skipped (weighting state rolled back)
         self.scaler_skipped_steps = 0
         self._zero_floor: Tensor | None = None
+        # FSDP2: full values of the learnable parameters that `fully_shard` sharded (by name),
+        # refreshed on every rank after each optimizer step, so reading the weights never
+        # communicates
+        self._learned_full: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ template methods
     def init_state(self, num_tasks: int) -> None:
@@ -313,6 +318,52 @@ class Weighting(StepMethod, Callback):
         self._device = pl_module.device
         self._move_state(pl_module.device)
         self.check_optimizers(trainer)
+        self._check_learned_sharding(trainer)
+        self._refresh_learned()
+
+    # ------------------------------------------------------------------ learnable parameters
+    def _learned(self, name: str) -> Tensor:
+        """The learnable parameter ``name`` of :attr:`module`, for the step's loss: itself, or
+        under FSDP2 (a ``DTensor`` that ``fully_shard`` of the module sharded) its full value,
+        whose gradient is averaged over the ranks and sharded back (DDP's semantics)."""
+        param = getattr(self.module, name)
+        if not is_sharded(param):
+            return param
+        full = gathered(param)
+        self._learned_full[name] = full.detach()
+        return full
+
+    def _learned_value(self, name: str) -> Tensor:
+        """The detached full value of the learnable parameter ``name`` (no communication: under
+        FSDP2, the value gathered after the last optimizer step)."""
+        param = getattr(self.module, name)
+        if not is_sharded(param):
+            return param.detach()
+        cached = self._learned_full.get(name)
+        return full_value(param) if cached is None else cached
+
+    def _refresh_learned(self) -> None:
+        """Gather the sharded learnable parameters' full values (every rank calls it)."""
+        if self.module is None:
+            return
+        for name, param in self.module.named_parameters():
+            if is_sharded(param):
+                self._learned_full[name] = full_value(param)
+
+    def _check_learned_sharding(self, trainer: pl.Trainer) -> None:
+        """Under ModelParallelStrategy, the learnable parameters must be in a ``fully_shard``-ed
+        module (else nothing reduces their gradients over the ranks and the ranks diverge)."""
+        if self.module is None or strategy_name(trainer) != "ModelParallelStrategy":
+            return
+        plain = [n for n, p in self.module.named_parameters() if not is_sharded(p)]
+        if plain:
+            raise MisconfigurationException(
+                f"{self!r} learns {plain} (attached to the module as `loss_weighting`), but "
+                "under ModelParallelStrategy they are not sharded, so nothing would average "
+                "their gradients over the ranks and the ranks would diverge. Apply "
+                "`fully_shard(self, mesh=...)` to the LightningModule itself last in "
+                "`configure_model` (after the trunk and the heads)."
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -320,6 +371,7 @@ class Weighting(StepMethod, Callback):
         # the weights read after training live where the model's (learnable) parameters do
         self._device = pl_module.device
         self._move_state(pl_module.device)
+        self._learned_full = {k: v.to(pl_module.device) for k, v in self._learned_full.items()}
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -431,6 +483,8 @@ class Weighting(StepMethod, Callback):
         if trainer.global_step == self._last_global_step:
             return  # inside an accumulation window
         self._last_global_step = trainer.global_step
+        if self._learned_full:  # FSDP2 only: the learnable parameters after the optimizer step
+            self._refresh_learned()
         snapshot, self._window_snapshot = self._window_snapshot, None
         if self._skipped_by_scaler(trainer):
             # the parameters did not move: neither does the weighting

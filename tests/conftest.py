@@ -36,3 +36,14 @@ def ddp_results(tmp_path_factory) -> DDPResults:
     except AssertionError as err:  # reported by each test, with its case's error if it raised
         return DDPResults(out, str(err))
     return DDPResults(out)
+
+
+@pytest.fixture(scope="session")
+def fsdp_results(tmp_path_factory) -> DDPResults:
+    """Every 2-process FSDP2-against-DDP case of ``fsdp_script.py``, run in one launch."""
+    out = tmp_path_factory.mktemp("fsdp")
+    try:
+        run_ddp_script(Path(__file__).with_name("fsdp_script.py"), out, timeout=600)
+    except AssertionError as err:
+        return DDPResults(out, str(err))
+    return DDPResults(out)

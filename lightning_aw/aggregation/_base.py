@@ -10,6 +10,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_aw._sharding import Unsharder, check_parameter_gradients
 from lightning_aw._utils import all_reduce_sum
 from lightning_aw.engine import TaskGradients, flatten, gram_by_layer, inject, present_mean
 from lightning_aw.method import Interval, Weighting
@@ -119,6 +120,8 @@ class GradientWeighting(Weighting):
         self._upstream: list[Tensor] | None = None
         self._num_shared = 0
         self._present_idx: list[int] = []  # the tasks the last coefficients were computed for
+        #: FSDP2: maps the sharded shared parameters to this step's unsharded ones (else None)
+        self._unsharder: Unsharder | None = None
 
     # ------------------------------------------------------------------ template methods
     def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
@@ -155,14 +158,23 @@ class GradientWeighting(Weighting):
         state = super().__getstate__()
         state["_params"] = []
         state["_upstream"] = None
+        state["_unsharder"] = None
         return state
+
+    def engine(self, step: StepRecord) -> TaskGradients:
+        """The per-task-gradient engine for ``step`` (with this fit's FSDP2 unsharder)."""
+        return TaskGradients(step, self, self._unsharder)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._upstream = None
         self._checked = False
+        self._unsharder = None
         if self.source == "parameters":
+            check_parameter_gradients(
+                self, trainer, "shared_parameters()", "source='representation'"
+            )
             names = {id(p): n for n, p in pl_module.named_parameters()}
             shared = pl_module.shared_parameters()  # type: ignore[operator]
             self._params = [p for p in shared if p.requires_grad]
@@ -173,6 +185,7 @@ class GradientWeighting(Weighting):
                     f"{type(pl_module).__name__}.shared_parameters(); return the shared trunk's "
                     "parameters there."
                 )
+            self._unsharder = Unsharder.of(pl_module, self._params, self)
 
     # ------------------------------------------------------------------ the step
     @override
@@ -221,7 +234,7 @@ class GradientWeighting(Weighting):
         """
         losses, rep = step.losses, step.representation_graph
         assert rep is not None
-        engine = TaskGradients(step, self)
+        engine = self.engine(step)
         num = step.num_tasks
         if not self._should_recompute(step.trainer):
             # reuse the coefficients: the trunk gets c^T dL/dz through z, once
@@ -264,7 +277,7 @@ class GradientWeighting(Weighting):
                 )
                 for j in range(len(targets))
             ]
-            surrogate = inject(targets, agg)
+            surrogate = engine.deliver(targets, agg)
         self._coefs = coefs.detach()
         return (self._coefs.to(losses) * losses).sum() + surrogate
 
@@ -281,7 +294,7 @@ class GradientWeighting(Weighting):
     def _task_gradients(self, step: StepRecord) -> Tensor:
         """``[T, P]`` float32 gradients of the losses Lightning backpropagates (zero rows for
         absent tasks)."""
-        engine = TaskGradients(step, self)
+        engine = self.engine(step)
         if self.source == "representation":
             rows = engine.on_representation_scaled()
             G = flatten([None if r is None else [r] for r in rows], [engine.representation()])

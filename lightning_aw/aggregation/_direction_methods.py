@@ -163,7 +163,7 @@ class GradDrop(
         plain = losses.sum()  # absent tasks are constant zeros
         if not torch.is_grad_enabled() or not losses.requires_grad:
             return plain
-        engine = TaskGradients(step, self)
+        engine = self.engine(step)
         engine.representation()  # a clear error when the module marked none
         rep = step.representation_graph
         if rep is None:  # nothing trainable produces the representation
@@ -302,7 +302,7 @@ class DBMTL(GradientWeighting, name="db_mtl", stateful=True):
         # per task, each with its own graph (the engine differentiates them one by one)
         task_logs = [None if loss is None else torch.log(loss) for loss in step.task_losses]
         detached = losses.detach()
-        engine = TaskGradients(step, self)
+        engine = self.engine(step)
         rep = step.representation_graph
         if self.source == "representation":
             engine.representation()  # a clear error when the module marked none
@@ -320,7 +320,7 @@ class DBMTL(GradientWeighting, name="db_mtl", stateful=True):
             out = _split(d, targets[:n_shared])
             for j in range(n_shared, len(targets)):  # upstream but not declared shared
                 out.append(sum((g[j] for g in per_task if g is not None), torch.zeros(())))
-            return log_loss + inject(targets, out)
+            return log_loss + engine.deliver(targets, out)
         # no marked representation: gradients on the shared parameters; the backward of
         # sum_i log L_i already brings them sum_i g_i / L_i, so inject only the difference
         params = self._params
@@ -331,7 +331,7 @@ class DBMTL(GradientWeighting, name="db_mtl", stateful=True):
         local = log_grads.sum(0)
         d = self._direction(step, log_grads, detached, reduce=True)
         delta = torch.where(self._last_ok, d - local, torch.zeros_like(d))
-        return log_loss + inject(params, _split(delta, params))
+        return log_loss + engine.deliver(params, _split(delta, params))
 
     # ------------------------------------------------------------------ internals
     def _direction(

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_aw._sharding import Unsharder, check_parameter_gradients
 from lightning_aw._utils import all_reduce_sum
 from lightning_aw.engine import TaskGradients, flatten, gram_by_layer, present_mean
 from lightning_aw.module import MultiTaskModule
@@ -161,6 +162,7 @@ class GradientConflictMonitor(Callback):
         self.num_skipped = 0
         self._tasks: list[str] = []
         self._params: list[Tensor] = []
+        self._unsharder: Unsharder | None = None  # FSDP2: sharded -> unsharded parameters
         self._draw = False
         self._warned_matplotlib = False
         # the sum and count of the cosines measured since the last heatmap (CPU float64)
@@ -183,6 +185,7 @@ class GradientConflictMonitor(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_params"] = []  # references into the model: re-collected at fit start
+        state["_unsharder"] = None
         return state
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -218,6 +221,7 @@ class GradientConflictMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._params = []
+        self._unsharder = None
         self._cos_sum = self._cos_count = None
         if self.source == "parameters":
             self._params = [p for p in pl_module.shared_parameters() if p.requires_grad]  # type: ignore[operator]
@@ -227,6 +231,10 @@ class GradientConflictMonitor(Callback):
                     f"{type(pl_module).__name__}.shared_parameters(); return the shared trunk's "
                     "parameters there, or use source='representation'."
                 )
+            check_parameter_gradients(
+                self, trainer, "shared_parameters()", "source='representation'"
+            )
+            self._unsharder = Unsharder.of(pl_module, self._params, self)
 
     @override
     def on_before_backward(
@@ -249,7 +257,7 @@ class GradientConflictMonitor(Callback):
     def _gram(self, trainer: pl.Trainer, step: StepRecord) -> tuple[Tensor, Tensor]:
         """The ``[T, T]`` float64 CPU Gram matrix of the unscaled task gradients and the ``[T]``
         presence mask (reduced over the ranks with ``ddp_sync="global"``)."""
-        engine = TaskGradients(step, self)
+        engine = TaskGradients(step, self, self._unsharder)
         if self.source == "representation":
             rows = engine.on_representation_scaled()
             leaf = engine.representation()

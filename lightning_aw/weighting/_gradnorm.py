@@ -10,6 +10,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_aw._sharding import Unsharder, check_parameter_gradients
 from lightning_aw._utils import AdamState, reduce_sum
 from lightning_aw.engine import TaskGradients
 from lightning_aw.functional import gradnorm_weight_grad, renormalize
@@ -105,6 +106,7 @@ class GradNorm(
         self._grad_count = torch.zeros(())
         self._last_loss = torch.zeros(())
         self._param: Tensor | None = None
+        self._unsharder: Unsharder | None = None
 
     def hparams_repr(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "lr": self.lr, "layer": self.layer, **super().hparams_repr()}
@@ -121,11 +123,24 @@ class GradNorm(
     def log_items(self) -> dict[str, Tensor]:
         return {"gradnorm/loss": self._last_loss}
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_unsharder"] = None  # holds the module (rebuilt in on_fit_start)
+        return state
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        check_parameter_gradients(
+            self,
+            trainer,
+            "one shared layer",
+            "a loss-based method, or a gradient method with source='representation'",
+        )
+        self._unsharder = None
         if self.layer is None:
             self._param = pl_module.gradnorm_parameter()  # type: ignore[attr-defined]
+            self._unsharder = Unsharder.of(pl_module, [self._param], self)
             return
         named = dict(pl_module.named_parameters())
         if self.layer not in named:
@@ -135,6 +150,7 @@ class GradNorm(
                 f"{type(pl_module).__name__}. Parameter names look like: {some}, ..."
             )
         self._param = named[self.layer]
+        self._unsharder = Unsharder.of(pl_module, [self._param], self)
 
     @override
     def on_before_backward(
@@ -144,7 +160,7 @@ class GradNorm(
         if step is None or self._param is None:
             return
         losses, present = step.losses, step.present
-        grad_norms = TaskGradients(step, self).layer_norms(self._param)
+        grad_norms = TaskGradients(step, self, self._unsharder).layer_norms(self._param)
         current = losses.detach()
         initial = torch.where(self._has_initial, self._initial, current)
         ok = (initial > 0) & (current > 0)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from lightning_aw._sharding import is_sharded
 from lightning_aw.weighting._base import LossWeighting
 
 
@@ -91,6 +92,8 @@ class UncertaintyWeighting(
     @property
     def log_vars(self) -> Tensor:
         """The learned :math:`s_i = \\log\\sigma_i^2`, shape ``[T]``."""
+        if self.module is not None and is_sharded(self.module.log_vars):
+            return self._learned_value("log_vars")  # FSDP2: the full value (detached)
         return self.module.log_vars  # type: ignore[union-attr,return-value]
 
     @property
@@ -104,7 +107,7 @@ class UncertaintyWeighting(
 
     def combine(self, losses: Tensor, present: Tensor) -> Tensor:
         # inline form of `functional.uncertainty_loss` (same formula, no per-step validation)
-        s = self.log_vars.float()
+        s = self._learned("log_vars").float()
         terms = self.module.coef * torch.exp(-s) * losses + 0.5 * s
         return (terms * present).sum()
 

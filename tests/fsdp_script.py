@@ -1,0 +1,234 @@
+"""2-process CPU FSDP2 (Lightning's ``ModelParallelStrategy``, gloo) against DDP, in ONE launch.
+
+    python tests/fsdp_script.py OUT [CASE ...]    # no CASE: every case, in the order below
+
+Every case trains the same :class:`ShardedNet` (``fully_shard`` on the trunk, each head and the
+module in ``configure_model``) twice with the same seeds and the same global batch: under
+``strategy="ddp"`` and under ``ModelParallelStrategy(data_parallel_size=2,
+tensor_parallel_size=1)``. Each rank writes ``OUT/<case>-rank<r>.pt`` with, per strategy, the
+weights after every training batch (as applied), the weights before the first batch, the final
+weights and the full (gathered) parameters; ``test_fsdp.py`` compares them. A case expected to
+be refused (:data:`REFUSED`) records the error's type and message instead of the FSDP2 run. A case
+that raises unexpectedly writes ``OUT/<case>-rank<r>.err``.
+
+Cases: every registered method (built from its registry ``example_kwargs``); gradient methods
+in both sources (``<name>-parameters``, ``<name>-representation``); a few unmarked-representation
+variants (the parameter path without the cut representation); GradNorm; the refusals.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _helpers import TinyNet, ddp_result_file, loader
+
+from lightning_aw.registry import create_method, get_method, list_methods
+
+EPOCHS = 2
+SAMPLES = 128  # both ranks together, batch 16 per rank: 4 steps per epoch
+
+
+class ShardedNet(TinyNet):
+    """TinyNet whose ``configure_model`` applies FSDP2 to the trunk, each head and the module
+    (under DDP there is no device mesh and it does nothing)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        reshard_after_forward: bool = True,
+        shard_root: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.reshard_after_forward = reshard_after_forward
+        self.shard_root = shard_root
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.trunk, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        for head in self.heads.values():
+            fully_shard(head, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        if self.shard_root:
+            fully_shard(self, mesh=mesh)
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    marked: bool = True  #: whether the model marks its shared representation
+    reshard_after_forward: bool = True
+    tensor_parallel: bool = False  #: a 1 x 2 mesh (tensor parallelism) instead of 2 x 1
+    shard_root: bool = True  #: whether ``configure_model`` applies ``fully_shard`` to the module
+    optimizer: str = "adam"  #: SGD is not invariant to the scale of the gradients (Adam is)
+
+
+#: cases that must be refused before the first step: (exception type name, words in the message)
+REFUSED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "refuse/mgda-parameters-tp": (
+        "MisconfigurationException",
+        ("ModelParallelStrategy", "MGDA", "tensor_parallel_size=2", "source='representation'"),
+    ),
+    "refuse/gradnorm-tp": (
+        "MisconfigurationException",
+        ("ModelParallelStrategy", "GradNorm", "tensor_parallel_size=2", "loss-based method"),
+    ),
+    "refuse/uncertainty-unsharded-root": (
+        "MisconfigurationException",
+        ("ModelParallelStrategy", "UncertaintyWeighting", "log_vars", "fully_shard(self"),
+    ),
+}
+
+
+def cases() -> dict[str, Case]:
+    out: dict[str, Case] = {}
+    for name in list_methods():
+        info = get_method(name)
+        kwargs = dict(info.example_kwargs)
+        two_sources = info.needs_task_gradients and not info.needs_representation
+        if two_sources and name != "gradnorm":
+            for source in ("parameters", "representation"):
+                out[f"{name}-{source}"] = Case(name, {**kwargs, "source": source})
+        else:
+            out[name] = Case(name, kwargs)
+    # the parameter source without the cut representation (autograd.grad on the parameters)
+    out["mgda-parameters-unmarked"] = Case("mgda", {"source": "parameters"}, marked=False)
+    out["upgrad-gradients-unmarked"] = Case(
+        "upgrad", {"source": "parameters", "ddp_sync": "gradients"}, marked=False
+    )
+    out["db_mtl-parameters-unmarked"] = Case("db_mtl", {"beta": 0.5}, marked=False)
+    out["gradnorm-unmarked"] = Case(
+        "gradnorm", dict(get_method("gradnorm").example_kwargs), marked=False
+    )
+    # learnable weighting parameters under SGD: their gradient's averaging over the ranks shows
+    out["uncertainty-sgd"] = Case("uncertainty", {"init": 0.1}, optimizer="sgd")
+    out["imtl_l-sgd"] = Case("imtl_l", {"init": 0.1}, optimizer="sgd")
+    out["mgda-parameters-sgd"] = Case("mgda", {"source": "parameters"}, optimizer="sgd")
+    # parameters kept unsharded between forward and backward
+    out["pcgrad-parameters-keep"] = Case(
+        "pcgrad", {"source": "parameters", "seed": 3}, reshard_after_forward=False
+    )
+    # refused before the first step (:data:`REFUSED`)
+    out["refuse/mgda-parameters-tp"] = Case("mgda", {"source": "parameters"}, tensor_parallel=True)
+    out["refuse/gradnorm-tp"] = Case("gradnorm", {}, tensor_parallel=True)
+    out["refuse/uncertainty-unsharded-root"] = Case("uncertainty", {}, shard_root=False)
+    return out
+
+
+def _rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+class _RankSeed(pl.Callback):
+    """Each rank's global generator differs, so only shared seeds give equal draws."""
+
+    def setup(self, trainer, pl_module, stage):
+        torch.manual_seed(1000 + trainer.global_rank)
+
+
+class _Trajectory(pl.Callback):
+    def __init__(self) -> None:
+        self.applied: list[torch.Tensor] = []
+        self.initial: torch.Tensor | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.initial is None:
+            self.initial = pl_module.weighting.current_weights().detach().float().cpu().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.applied.append(pl_module.weighting.current_weights().detach().float().cpu().clone())
+
+
+def _full(v: torch.Tensor) -> torch.Tensor:
+    return (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+
+
+def fit(out: Path, case: Case, sharded: bool) -> dict[str, Any]:
+    pl.seed_everything(0, verbose=False)
+    method = create_method(case.method, **copy.deepcopy(dict(case.kwargs)))
+    trajectory = _Trajectory()
+    net = ShardedNet(
+        mark_representation=case.marked,
+        reshard_after_forward=case.reshard_after_forward,
+        shard_root=case.shard_root,
+        optimizer={"name": case.optimizer, "lr": 0.01 if case.optimizer == "adam" else 0.05},
+    )
+    if sharded:
+        dp, tp = (1, 2) if case.tensor_parallel else (2, 1)
+        strategy: Any = ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp)
+    else:
+        strategy = "ddp"
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=EPOCHS,
+        callbacks=[_RankSeed(), method, trajectory],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
+    trainer.fit(net, loader(n=SAMPLES, batch_size=16))
+    return {
+        "applied": torch.stack(trajectory.applied),
+        "initial": trajectory.initial,
+        "final": method.current_weights().detach().float().cpu().clone(),
+        "params": {k: _full(v) for k, v in net.state_dict().items()},
+        "global_step": trainer.global_step,
+    }
+
+
+def run_case(out: Path, name: str, case: Case) -> None:
+    start = time.perf_counter()
+    if name in REFUSED:
+        try:
+            fit(out, case, sharded=True)
+        except Exception as err:  # the refusal, recorded for the test
+            result: dict[str, Any] = {"error_type": type(err).__name__, "error": str(err)}
+        else:
+            result = {"error_type": "", "error": "no error"}
+    else:
+        result = {"ddp": fit(out, case, sharded=False), "fsdp": fit(out, case, sharded=True)}
+    result["seconds"] = time.perf_counter() - start
+    torch.save(result, ddp_result_file(out, name, _rank()))
+
+
+def main(argv: list[str]) -> None:
+    torch.set_num_threads(1)
+    everything = cases()
+    if argv[1:] == ["--list"]:
+        print("\n".join(everything))
+        return
+    out = Path(argv[1])
+    for name in argv[2:] or list(everything):
+        try:
+            run_case(out, name, everything[name])
+        except Exception:
+            ddp_result_file(out, name, _rank(), "err").write_text(traceback.format_exc())
+            raise
+
+
+if __name__ == "__main__":
+    main(sys.argv)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
