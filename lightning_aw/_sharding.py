@@ -107,7 +107,11 @@ class Unsharder:
             if get_state is None:
                 continue
             state = get_state()
-            for group in getattr(state, "_fsdp_param_groups", None) or []:
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:  # torch before 2.12: one parameter group per state
+                group = getattr(state, "_fsdp_param_group", None)
+                groups = [] if group is None else [group]
+            for group in groups:
                 for fsdp_param in group.fsdp_params:
                     self._by_id[id(fsdp_param.sharded_param)] = fsdp_param
         self._names = {id(p): n for n, p in module.named_parameters()}

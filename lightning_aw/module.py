@@ -140,16 +140,6 @@ class MultiTaskModule(pl.LightningModule):
             )
         self.on_nonfinite = on_nonfinite
         self.optimizer_spec: dict[str, Any] = validate_optimizer_spec(optimizer)
-        # this class's own arguments (plain values) go to hparams.yaml and the checkpoint; a
-        # subclass whose own arguments should be saved too calls `self.save_hyperparameters()`
-        # (only its plain values: a function or module there would not load with weights_only)
-        self.save_hyperparameters(
-            {
-                "tasks": list(self.tasks),
-                "optimizer": self.optimizer_spec,
-                "on_nonfinite": on_nonfinite,
-            }
-        )
         self._metric_tasks: tuple[str, ...] = ()
         self.val_metrics = nn.ModuleDict()
         self.test_metrics = nn.ModuleDict()

@@ -76,6 +76,7 @@ def _step(losses: torch.Tensor) -> StepRecord:
     return StepRecord(
         tasks=tuple("abc"[:n]),
         losses=losses,
+        task_losses=tuple(losses),
         present=torch.ones(n, dtype=torch.bool),
         present_list=(True,) * n,
         batch=None,
@@ -97,7 +98,7 @@ def test_guard_missing_task_gradient():
     with pytest.raises(MisconfigurationException, match="task 'a' on the shared parameters"):
         engine.on_parameters_scaled([w])
     engine = TaskGradients(_step(other.sum().reshape(1)), GradNorm())
-    with pytest.raises(MisconfigurationException, match="task 'a' on the layer is missing"):
+    with pytest.raises(MisconfigurationException, match="task 'a' does not reach the layer"):
         engine.layer_norms(w)
 
 

@@ -45,6 +45,6 @@ def test_quick_start_module_saves_its_hyperparameters(tmp_path):
     block = re.search(r"## Quick start\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
     namespace: dict = {}
     exec(compile(block.split("\ntrainer = ")[0], str(README), "exec"), namespace)
-    net = namespace["Net"]()
-    assert net.hparams["optimizer"] == {"name": "adam", "lr": 1e-3}
-    assert list(net.hparams["tasks"]) == ["left", "right", "sum"]
+    net = namespace["Net"](lr=0.01)
+    assert dict(net.hparams) == {"lr": 0.01}
+    assert net.optimizer_spec == {"name": "adam", "lr": 0.01}
