@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # nothing heavy at import: --help and --version stay fast
-    from lightning_aw.config import AWCLI
+    from lightning_aw._lightning_cli import AWCLI
 
 __all__ = ["lightning_cli", "main"]
 
@@ -298,7 +298,7 @@ def lightning_cli(args: Sequence[str] | None = None, **kwargs: Any) -> AWCLI:
         >>> type(cli.model).__name__
         'DigitsNet'
     """
-    from lightning_aw.config import AWCLI
+    from lightning_aw._lightning_cli import AWCLI
 
     return AWCLI(args=None if args is None else list(args), **kwargs)
 
