@@ -101,8 +101,6 @@ def _load_file(path: str) -> DictConfig:
         loaded = OmegaConf.load(path)
     except Exception as err:  # yaml and OmegaConf errors name the line
         raise ConfigError(f"config file '{path}' is not valid YAML: {_line(err)}") from err
-    if isinstance(loaded, DictConfig) and loaded._is_none():
-        return OmegaConf.create({})
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file '{path}' should hold a mapping of keys (trainer, ...).")
     return loaded
@@ -112,22 +110,19 @@ def _override(cfg: DictConfig, item: str) -> None:
     text = item.strip().removeprefix("--")
     if text.startswith("~"):
         key = text[1:]
-        if "=" in key or not _KEY.match(key):
+        if not _KEY.match(key):
             raise ConfigError(
                 f"override {item!r}: expected ~KEY to delete a key, like '~trainer.logger'."
             )
-        parent: Any = cfg
-        *parents, last = re.sub(r"\[(\d+)\]", r".\1", key).split(".")
-        for i, part in enumerate(parents):
-            parent = _child(parent, part)
-            if parent is None:
-                missing = ".".join(parents[: i + 1])
+        node, parts = cfg, re.sub(r"\[(\d+)\]", r".\1", key).split(".")
+        for i, part in enumerate(parts):
+            parent, node = node, _child(node, part)
+            if node is None:  # the first missing key (its own spelling when it is the last)
+                missing = key if i == len(parts) - 1 else ".".join(parts[: i + 1])
                 raise ConfigError(
                     f"override {item!r}: '{missing}' does not exist, nothing to delete."
                 )
-        if _child(parent, last) is None and not (isinstance(parent, DictConfig) and last in parent):
-            raise ConfigError(f"override {item!r}: '{key}' does not exist, nothing to delete.")
-        del parent[int(last) if isinstance(parent, ListConfig) else last]
+        del parent[int(parts[-1]) if isinstance(parent, ListConfig) else parts[-1]]
         return
     key, sep, raw = text.partition("=")
     if not sep or not _KEY.match(key.strip()):
