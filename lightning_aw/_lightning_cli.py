@@ -3,7 +3,7 @@
 :mod:`lightning_aw.config` is the Python API over this module. A configuration is checked in
 two passes, and every problem of both is reported (:class:`~lightning_aw.config.ConfigError`):
 
-1. :func:`_check` names what jsonargparse would report without a path or a suggestion:
+1. :func:`_check` names what jsonargparse reports without a path or a suggestion (or not at all):
    unknown top-level keys, Trainer arguments, class paths and the arguments of class specs
    (through :mod:`lightning_aw._introspect`, "did you mean"), and the optimizer spec.
 2. jsonargparse parses (types, literals, interpolation); :func:`_condense` turns each of its
@@ -193,7 +193,7 @@ def _find(node: Any, name: str, path: str) -> str | None:
 
 # ------------------------------------------------------------------------------ pre-check
 def _check(config: dict[str, Any], parser: Any) -> list[str]:
-    """What jsonargparse would report without its path or a suggestion: top-level keys,
+    """What jsonargparse reports without its path or a suggestion, or not at all: top-level keys,
     Trainer arguments, class paths and arguments of class specs, the optimizer spec."""
     errors: list[str] = []
     known = sorted({a.dest.split(".")[0] for a in parser._actions} - {"help", "config"})

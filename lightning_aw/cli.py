@@ -40,13 +40,7 @@ PROG = "lightning-aw"
 _RUN_COMMANDS = ("fit", "validate", "test")
 # our own options (everything else that starts with "--" is a LightningCLI-style override)
 _VALUE_OPTIONS = ("--config", "-c", "--ckpt-path", "--weights-from")
-_FLAG_OPTIONS = (
-    "--print-config",
-    "--no-save-config",
-    "--overwrite-config",
-    "--help",
-    "-h",
-)
+_FLAG_OPTIONS = ("--print-config", "--no-save-config", "--overwrite-config", "--help", "-h")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
