@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # nothing heavy at import: --help and --version stay fast
-    from lightning_aw.config import AWCLI
+    from lightning_aw._lightning_cli import AWCLI
 
 __all__ = ["lightning_cli", "main"]
 
@@ -40,13 +40,7 @@ PROG = "lightning-aw"
 _RUN_COMMANDS = ("fit", "validate", "test")
 # our own options (everything else that starts with "--" is a LightningCLI-style override)
 _VALUE_OPTIONS = ("--config", "-c", "--ckpt-path", "--weights-from")
-_FLAG_OPTIONS = (
-    "--print-config",
-    "--no-save-config",
-    "--overwrite-config",
-    "--help",
-    "-h",
-)
+_FLAG_OPTIONS = ("--print-config", "--no-save-config", "--overwrite-config", "--help", "-h")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -298,7 +292,7 @@ def lightning_cli(args: Sequence[str] | None = None, **kwargs: Any) -> AWCLI:
         >>> type(cli.model).__name__
         'DigitsNet'
     """
-    from lightning_aw.config import AWCLI
+    from lightning_aw._lightning_cli import AWCLI
 
     return AWCLI(args=None if args is None else list(args), **kwargs)
 
