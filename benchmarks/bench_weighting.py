@@ -89,7 +89,10 @@ BENCH_KWARGS: dict[str, dict[str, Any]] = {
 
 
 def _method(name: str, **kwargs: Any) -> Callable[[], tuple[pl.LightningModule, list[pl.Callback]]]:
-    return lambda: (_Metricless(), [create_method(name, **{**BENCH_KWARGS.get(name, {}), **kwargs})])
+    return lambda: (
+        _Metricless(),
+        [create_method(name, **{**BENCH_KWARGS.get(name, {}), **kwargs})],
+    )
 
 
 for _name in list_methods():
@@ -109,10 +112,17 @@ def measure(
     model, callbacks = CONFIGS[name]()
     timer = _Timer()
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=1, max_steps=steps, callbacks=[*callbacks, timer],
-        logger=TensorBoardLogger(logdir, name="bench"), log_every_n_steps=50,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator=accelerator,
+        devices=1,
+        max_steps=steps,
+        callbacks=[*callbacks, timer],
+        logger=TensorBoardLogger(logdir, name="bench"),
+        log_every_n_steps=50,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True)
     trainer.fit(model, loader)

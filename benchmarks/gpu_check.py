@@ -40,7 +40,10 @@ class Net(MultiTaskModule):
     def task_losses(self, batch, batch_idx):
         x, y = batch
         h = self.shared_representation(self.trunk(x))
-        return {t: F.mse_loss(self.heads[t](h).squeeze(-1).float(), y[:, i]) for i, t in enumerate(self.tasks)}
+        return {
+            t: F.mse_loss(self.heads[t](h).squeeze(-1).float(), y[:, i])
+            for i, t in enumerate(self.tasks)
+        }
 
 
 def methods() -> dict[str, type[Weighting]]:
@@ -65,8 +68,14 @@ def check(cls: type[Weighting], precision: str, accelerator: str) -> str | None:
     if precision == "16-mixed" and accelerator == "cpu":
         kw = {"plugins": [MixedPrecision("16-mixed", "cpu")]}
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=1, max_epochs=1, callbacks=[weighting], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator=accelerator,
+        devices=1,
+        max_epochs=1,
+        callbacks=[weighting],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         **kw,
     )
     trainer.fit(net, DataLoader(TensorDataset(x, y), batch_size=32))

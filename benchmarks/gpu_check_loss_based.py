@@ -88,9 +88,15 @@ def run(make: object, precision: str, accelerator: str) -> tuple[str | None, int
         kw = {"plugins": [MixedPrecision("16-mixed", "cpu")]}
     clock = _Clock()
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=1, max_epochs=1, callbacks=[weighting, clock],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, **kw,
+        accelerator=accelerator,
+        devices=1,
+        max_epochs=1,
+        callbacks=[weighting, clock],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
     )
     loader = DataLoader(TensorDataset(x, y), batch_size=32)
     syncs = 0

@@ -94,7 +94,9 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     precision, tol = ("bf16-mixed", 2e-2) if args.bf16 else ("32-true", 1e-5)
     everything = {
-        n: c for n, c in cases().items() if n not in REFUSED and c.shard_root and not c.tensor_parallel
+        n: c
+        for n, c in cases().items()
+        if n not in REFUSED and c.shard_root and not c.tensor_parallel
     }
     names = args.cases or list(everything)
     known: dict[str, Any] = {

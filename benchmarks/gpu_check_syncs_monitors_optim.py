@@ -41,9 +41,7 @@ PACKAGE = str(Path(__file__).resolve().parents[1] / "lightning_aw")
 
 class Net(MultiTaskModule):
     def __init__(self, optimizer: dict | None = None) -> None:
-        super().__init__(
-            tasks=["a", "b", "c"], optimizer=optimizer or {"name": "adam", "lr": 1e-3}
-        )
+        super().__init__(tasks=["a", "b", "c"], optimizer=optimizer or {"name": "adam", "lr": 1e-3})
         self.trunk = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
         self.heads = nn.ModuleDict({t: nn.Linear(256, 1) for t in self.tasks})
 
@@ -72,8 +70,14 @@ def data(n: int = 1280) -> DataLoader:
 def trainer(accelerator: str, callbacks, **kw) -> pl.Trainer:
     kw.setdefault("max_epochs", 1)
     return pl.Trainer(
-        accelerator=accelerator, devices=1, callbacks=callbacks, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw,
+        accelerator=accelerator,
+        devices=1,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kw,
     )
 
 
@@ -112,8 +116,9 @@ class SyncAudit(pl.Callback):
 # check (``on_nonfinite``); gradient methods copy their T x T problem to the host once; GradDrop
 # draws from its seeded CPU generator; DB-MTL checks its losses are positive (it takes log L).
 SYNC_BUDGET = {"none": 1, "loss": 1, "gradient": 2, "graddrop": 2, "db_mtl": 2}
-GRADIENT = {n for n in list_methods() if get_method(n).cls.__module__.startswith(
-    "lightning_aw.aggregation")}
+GRADIENT = {
+    n for n in list_methods() if get_method(n).cls.__module__.startswith("lightning_aw.aggregation")
+}
 
 
 def sync_cells(results: list[tuple[str, bool, str]]) -> None:
@@ -125,12 +130,17 @@ def sync_cells(results: list[tuple[str, bool, str]]) -> None:
         trainer("cuda", cbs, logger=False, log_every_n_steps=1000).fit(Net(), data())
         per_step = audit.ours / max(audit.steps, 1)
         where = ", ".join(f"{k}x{v}" for k, v in sorted(audit.where.items()))
-        budget = SYNC_BUDGET.get(name, SYNC_BUDGET["gradient"] if name in GRADIENT
-                                 else SYNC_BUDGET["loss"])
+        budget = SYNC_BUDGET.get(
+            name, SYNC_BUDGET["gradient"] if name in GRADIENT else SYNC_BUDGET["loss"]
+        )
         ok = per_step <= budget
         results.append(
-            (f"sync {name}", ok, f"{per_step:.2f} syncs/step (budget {budget}) "
-             f"{time.perf_counter() - t0:.1f}s {where}")
+            (
+                f"sync {name}",
+                ok,
+                f"{per_step:.2f} syncs/step (budget {budget}) "
+                f"{time.perf_counter() - t0:.1f}s {where}",
+            )
         )
 
 
@@ -162,20 +172,35 @@ def monitor_cells(results, accelerator: str, root: Path) -> None:
             before = [p.detach().clone() for p in net.parameters()]
             try:
                 trainer(
-                    accelerator, [create_method(method), conflict, figures, steps],
-                    logger=logger, log_every_n_steps=5, max_epochs=2, **kw,
+                    accelerator,
+                    [create_method(method), conflict, figures, steps],
+                    logger=logger,
+                    log_every_n_steps=5,
+                    max_epochs=2,
+                    **kw,
                 ).fit(net, data(640))
                 cos = conflict.last_cosines
                 cos_ok = cos is not None and bool(torch.isfinite(cos).all())
-                moved = any(not torch.equal(a, b.cpu()) for a, b in zip(before, net.parameters(), strict=True))
+                moved = any(
+                    not torch.equal(a, b.cpu())
+                    for a, b in zip(before, net.parameters(), strict=True)
+                )
                 tags = logged_scalars(Path(logger.log_dir))
                 step_tags = [t for t in tags if t.startswith("step_size/")]
                 steps_ok = bool(step_tags) and all(math.isfinite(tags[t]) for t in step_tags)
-                ok = (conflict.num_measured > 0 and cos_ok and moved and steps_ok
-                      and len(figures.steps) > 0 and "weights/trajectories" in tags["_images"])
-                msg = (f"measured={conflict.num_measured} skipped={conflict.num_skipped} "
-                       f"cos finite={cos_ok} step_size tags={len(step_tags)} finite={steps_ok} "
-                       f"figure points={len(figures.steps)} moved={moved}")
+                ok = (
+                    conflict.num_measured > 0
+                    and cos_ok
+                    and moved
+                    and steps_ok
+                    and len(figures.steps) > 0
+                    and "weights/trajectories" in tags["_images"]
+                )
+                msg = (
+                    f"measured={conflict.num_measured} skipped={conflict.num_skipped} "
+                    f"cos finite={cos_ok} step_size tags={len(step_tags)} finite={steps_ok} "
+                    f"figure points={len(figures.steps)} moved={moved}"
+                )
             except Exception as err:  # a failing cell is reported, the others still run
                 ok, msg = False, f"{type(err).__name__}: {err}"
             results.append((f"monitors {method} {precision}", ok, msg))
@@ -191,11 +216,20 @@ def optimizer_cells(results, accelerator: str) -> None:
         net = Net(optimizer=spec)
         before = [p.detach().clone() for p in net.parameters()]
         try:
-            trainer(accelerator, [create_method("dwa")], logger=False, max_epochs=1,
-                    limit_train_batches=5).fit(net, data())
-            moved = any(not torch.equal(a, b.cpu()) for a, b in zip(before, net.parameters(), strict=True))
+            trainer(
+                accelerator,
+                [create_method("dwa")],
+                logger=False,
+                max_epochs=1,
+                limit_train_batches=5,
+            ).fit(net, data())
+            moved = any(
+                not torch.equal(a, b.cpu()) for a, b in zip(before, net.parameters(), strict=True)
+            )
             finite = all(bool(torch.isfinite(p).all()) for p in net.parameters())
-            results.append((f"optimizer {name}", moved and finite, f"moved={moved} finite={finite}"))
+            results.append(
+                (f"optimizer {name}", moved and finite, f"moved={moved} finite={finite}")
+            )
         except Exception as err:
             results.append((f"optimizer {name}", False, f"{type(err).__name__}: {err}"))
 

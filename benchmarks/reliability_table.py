@@ -52,15 +52,21 @@ FUZZ_TESTS = {
     "gram_matrix": ["test_gram_matrix"],
     "db_mtl": ["test_db_mtl"],
     "graddrop": ["test_graddrop"],
-    **{f: [f"test_log_losses[{f}]"] for f in (
-        "gls_loss", "gls_weights", "scale_invariant_loss", "scale_invariant_weights")},
+    **{
+        f: [f"test_log_losses[{f}]"]
+        for f in ("gls_loss", "gls_weights", "scale_invariant_loss", "scale_invariant_weights")
+    },
     **{f: [f"test_famo[{f}]"] for f in ("famo_loss", "famo_weights")},
     **{f: [f"test_stch[{f}]"] for f in ("stch_loss", "stch_weights")},
     **{f: [f"test_gradvac[{f}]"] for f in ("gradvac", "gradvac_from_gram")},
-    **{f: [f"test_coefficients_from_gradients[{f}]"] for f in (
-        "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad")},
-    **{f"{f}_from_gram": [f"test_coefficients_from_gram[{f}]"] for f in (
-        "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad")},
+    **{
+        f: [f"test_coefficients_from_gradients[{f}]"]
+        for f in ("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad")
+    },
+    **{
+        f"{f}_from_gram": [f"test_coefficients_from_gram[{f}]"]
+        for f in ("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad")
+    },
 }
 
 
@@ -95,7 +101,16 @@ def columns(method: str) -> dict[str, list[str]]:
 
 
 def run_tests(junit: Path) -> int:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *TESTS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit}",
+        *TESTS,
+    ]
     print("running:", " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=ROOT, check=False).returncode
 
@@ -255,7 +270,9 @@ def main() -> None:
     import torch
 
     total = len(list_methods()) * len(columns(list_methods()[0]))
-    versions = f"Last generated with torch {torch.__version__}, lightning {lightning.__version__}, on CPU"
+    versions = (
+        f"Last generated with torch {torch.__version__}, lightning {lightning.__version__}, on CPU"
+    )
     text = HEADER.format(versions=versions, passed=total - failed, total=total) + table + FOOTER
     args.out.write_text(text)
     print(f"wrote {args.out}: {total - failed}/{total} cells pass")

@@ -282,8 +282,6 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 90) -> Path:
     return path
 
 
-
-
 def set_log_ticks(ax: Any, low: float, high: float) -> list[float]:
     """Label a log-scaled y axis with the round values 1, 2, 5 x 10^k between ``low / 2`` and
     ``high * 2`` (matplotlib's default labels only the decades).

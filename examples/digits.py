@@ -37,7 +37,9 @@ def make_weighting(name: str) -> Weighting | None:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--method", choices=["none", *list_methods()], default="gradnorm",
+        "--method",
+        choices=["none", *list_methods()],
+        default="gradnorm",
         help="weighting method (none: plain sum)",
     )
     parser.add_argument("--epochs", type=int, default=8)

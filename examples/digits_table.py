@@ -113,7 +113,7 @@ def make_weighting(name: str) -> Weighting | None:
         (SingleTask(task='sum'), None, GradNorm(alpha=1.5, lr=0.025, layer=None, interval='step', frequency=1))
     """  # noqa: E501
     if name.startswith("stl_"):
-        return SingleTask(name[len("stl_"):])
+        return SingleTask(name[len("stl_") :])
     return _digits_weighting(name)
 
 
@@ -160,9 +160,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "metrics": metrics, "seconds": seconds}
 
 
-def delta_m(
-    metrics: dict[str, dict[str, float]], baselines: dict[str, dict[str, float]]
-) -> float:
+def delta_m(metrics: dict[str, dict[str, float]], baselines: dict[str, dict[str, float]]) -> float:
     """Δm% of one run against the single-task baselines (positive = better), averaged over the
     three metrics.
 
@@ -183,8 +181,10 @@ def delta_m(
 
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
-    return (f"{platform.system()} {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{platform.system()} {cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -211,11 +211,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--methods", nargs="+", default=None, choices=["none", *list_methods()], metavar="METHOD",
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=["none", *list_methods()],
+        metavar="METHOD",
         help="rows of the table (default: none and every registered method)",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smaller runs: {QUICK} instead of {FULL}")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"smaller runs: {QUICK} instead of {FULL}"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--train-pairs", type=int, default=None)
@@ -223,8 +228,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--logdir", default="runs", help="TensorBoard root")
-    parser.add_argument("--out", default=None,
-                        help="markdown file (default: <logdir>/digits_table/results.md)")
+    parser.add_argument(
+        "--out", default=None, help="markdown file (default: <logdir>/digits_table/results.md)"
+    )
     args = parser.parse_args(argv)
     quiet()
     torch.set_num_threads(args.threads)
@@ -236,8 +242,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     stl = [f"stl_{task}" for task, _, _ in METRICS]
 
     specs = [
-        {"method": m, "seed": s, "epochs": epochs, "train_pairs": pairs,
-         "val_pairs": args.val_pairs, "logdir": args.logdir}
+        {
+            "method": m,
+            "seed": s,
+            "epochs": epochs,
+            "train_pairs": pairs,
+            "val_pairs": args.val_pairs,
+            "logdir": args.logdir,
+        }
         for s in seeds
         for m in [*stl, *methods]
     ]
@@ -255,8 +267,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     rows: dict[str, dict[str, Any]] = {
         "single-task": {
-            "metrics": {task: {name: [r["metrics"][task][name] for r in of(f"stl_{task}")]}
-                        for task, name, _ in METRICS},
+            "metrics": {
+                task: {name: [r["metrics"][task][name] for r in of(f"stl_{task}")]}
+                for task, name, _ in METRICS
+            },
             "delta": [0.0] * len(seeds),
             "seconds": [sum(r["seconds"] for r in of(m)) / len(seeds) for m in stl],
         }
@@ -264,25 +278,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for method in methods:
         mine = of(method)
         rows[method] = {
-            "metrics": {task: {name: [r["metrics"][task][name] for r in mine]}
-                        for task, name, _ in METRICS},
+            "metrics": {
+                task: {name: [r["metrics"][task][name] for r in mine]} for task, name, _ in METRICS
+            },
             "delta": [delta_m(r["metrics"], baselines) for r in mine],
             "seconds": [r["seconds"] for r in mine],
         }
     order = ["single-task", *sorted(methods, key=lambda m: -statistics.fmean(rows[m]["delta"]))]
-    headers = ["method", *[f"{t} {n} {'↑' if up else '↓'}" for t, n, up in METRICS],
-               "Δm% ↑", "s/run"]
+    headers = [
+        "method",
+        *[f"{t} {n} {'↑' if up else '↓'}" for t, n, up in METRICS],
+        "Δm% ↑",
+        "s/run",
+    ]
     cells = []
     for method in order:
         row = rows[method]
-        seconds = (f"{sum(row['seconds']):.1f} (3 models)" if method == "single-task"
-                   else f"{statistics.fmean(row['seconds']):.1f}")
-        cells.append([
-            method,
-            *[mean_std(row["metrics"][t][n], 3 if n == "acc" else 2) for t, n, _ in METRICS],
-            "0 (reference)" if method == "single-task" else mean_std(row["delta"], 2),
-            seconds,
-        ])
+        seconds = (
+            f"{sum(row['seconds']):.1f} (3 models)"
+            if method == "single-task"
+            else f"{statistics.fmean(row['seconds']):.1f}"
+        )
+        cells.append(
+            [
+                method,
+                *[mean_std(row["metrics"][t][n], 3 if n == "acc" else 2) for t, n, _ in METRICS],
+                "0 (reference)" if method == "single-task" else mean_std(row["delta"], 2),
+                seconds,
+            ]
+        )
     table = markdown_table(headers, cells)
     shown = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python examples/digits_table.py", *shown])

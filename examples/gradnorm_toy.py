@@ -285,17 +285,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num-test", type=int, default=2_000)
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per process (1 suits these tiny models)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (1 suits these tiny models)",
+    )
     parser.add_argument("--logdir", default="runs", help="TensorBoard root")
     parser.add_argument("--png-dir", default=None, help="default: <logdir>/gradnorm_toy")
     args = parser.parse_args(argv)
     quiet()
     torch.set_num_threads(args.threads)
 
-    base = {"sigmas": list(args.sigmas), "alpha": args.alpha, "steps": args.steps,
-            "num_train": args.num_train, "num_test": args.num_test, "seed": args.seed,
-            "logdir": args.logdir}
+    base = {
+        "sigmas": list(args.sigmas),
+        "alpha": args.alpha,
+        "steps": args.steps,
+        "num_train": args.num_train,
+        "num_test": args.num_test,
+        "seed": args.seed,
+        "logdir": args.logdir,
+    }
     gradnorm, plain = run_parallel(
         run_method, [{**base, "method": "gradnorm"}, {**base, "method": "none"}], jobs=args.jobs
     )
@@ -303,8 +313,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sums = [sum(w) for w in gradnorm["weights"]]
     ratios = {"gradnorm": gradnorm["ratios"][-1], "none": plain["ratios"][-1]}
     rows = [
-        [f"task{i}", f"{s:g}", f"{weights[i]:.3f}", f"{ratios['none'][i]:.3f}",
-         f"{ratios['gradnorm'][i]:.3f}"]
+        [
+            f"task{i}",
+            f"{s:g}",
+            f"{weights[i]:.3f}",
+            f"{ratios['none'][i]:.3f}",
+            f"{ratios['gradnorm'][i]:.3f}",
+        ]
         for i, s in enumerate(args.sigmas)
     ]
     table = markdown_table(
@@ -313,21 +328,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     order = sorted(range(len(weights)), key=lambda i: -weights[i])
     inverse = order == sorted(range(len(args.sigmas)), key=lambda i: args.sigmas[i])
-    print(f"\nGradNorm toy: T={len(args.sigmas)}, α={args.alpha}, {args.steps} steps "
-          f"(GradNorm {gradnorm['seconds']:.0f} s, equal {plain['seconds']:.0f} s)")
+    print(
+        f"\nGradNorm toy: T={len(args.sigmas)}, α={args.alpha}, {args.steps} steps "
+        f"(GradNorm {gradnorm['seconds']:.0f} s, equal {plain['seconds']:.0f} s)"
+    )
     print(table)
-    print(f"weights ordered inversely to σ: {inverse}; sum of weights over all steps in "
-          f"[{min(sums):.6f}, {max(sums):.6f}] (T = {len(args.sigmas)})")
+    print(
+        f"weights ordered inversely to σ: {inverse}; sum of weights over all steps in "
+        f"[{min(sums):.6f}, {max(sums):.6f}] (T = {len(args.sigmas)})"
+    )
     for name, r in (("equal", ratios["none"]), ("GradNorm", ratios["gradnorm"])):
-        print(f"{name:>8}: mean test-loss ratio {sum(r) / len(r):.3f}, spread max/min "
-              f"{max(r) / min(r):.3f}")
+        print(
+            f"{name:>8}: mean test-loss ratio {sum(r) / len(r):.3f}, spread max/min "
+            f"{max(r) / min(r):.3f}"
+        )
     png_dir = Path(args.png_dir) if args.png_dir else Path(args.logdir) / "gradnorm_toy"
     png = _plot(gradnorm, plain, png_dir / "gradnorm_toy.png")
     print(f"figure: {png}" if png is not None else f"(no figure: {PLOTS_HINT})")
     print(f"TensorBoard: tensorboard --logdir {Path(args.logdir) / 'gradnorm_toy'}")
-    return {"sigmas": list(args.sigmas), "weights": weights, "weight_sums": sums,
-            "ratios": ratios, "runs": {"gradnorm": gradnorm, "none": plain}, "png": png,
-            "table": table}
+    return {
+        "sigmas": list(args.sigmas),
+        "weights": weights,
+        "weight_sums": sums,
+        "ratios": ratios,
+        "runs": {"gradnorm": gradnorm, "none": plain},
+        "png": png,
+        "table": table,
+    }
 
 
 if __name__ == "__main__":

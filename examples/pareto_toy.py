@@ -70,7 +70,11 @@ __all__ = [
 PARETO_X2 = -8.3552
 #: the papers' starting points
 STARTS: tuple[tuple[float, float], ...] = (
-    (-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0),
+    (-8.5, 7.5),
+    (0.0, 0.0),
+    (9.0, 9.0),
+    (-7.5, -0.5),
+    (9.0, -1.0),
 )
 DEFAULT_METHODS = ("none", "mgda", "pcgrad", "cagrad", "nash_mtl", "famo", "upgrad")
 #: lower bounds of the two losses (``L1 > -2``, ``L2 > -20``): FAMO takes log(L - bound)
@@ -300,7 +304,7 @@ def _plot(results: list[dict[str, Any]], methods: Sequence[str], path: Path) -> 
             ax.plot(losses[-1, 0], losses[-1, 1], "*", color="k", ms=7)
         ax.set_title(method, fontsize=10)
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(methods):]:
+    for ax in axes.flat[len(methods) :]:
         ax.axis("off")
     for ax in axes[-1]:
         ax.set_xlabel("L1")
@@ -334,18 +338,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--methods", nargs="+", default=list(DEFAULT_METHODS), choices=["none", *list_methods()],
-        metavar="METHOD", help=f"weighting methods (none: plain sum); default {DEFAULT_METHODS}",
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        choices=["none", *list_methods()],
+        metavar="METHOD",
+        help=f"weighting methods (none: plain sum); default {DEFAULT_METHODS}",
     )
     parser.add_argument("--num-starts", type=int, default=len(STARTS), choices=range(1, 6))
     parser.add_argument("--steps", type=int, default=2000, help="Adam steps per path")
     parser.add_argument("--lr", type=float, default=2e-2, help="Adam learning rate")
-    parser.add_argument("--reach", type=float, default=0.5,
-                        help="a path reaches the front when it ends closer than this")
+    parser.add_argument(
+        "--reach",
+        type=float,
+        default=0.5,
+        help="a path reaches the front when it ends closer than this",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per process (1 suits these tiny models)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (1 suits these tiny models)",
+    )
     parser.add_argument("--logdir", default="runs", help="TensorBoard root")
     parser.add_argument("--png-dir", default=None, help="default: <logdir>/pareto_toy")
     args = parser.parse_args(argv)
@@ -354,8 +370,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.methods = list(dict.fromkeys(args.methods))
 
     specs = [
-        {"method": m, "start": s, "steps": args.steps, "lr": args.lr, "logdir": args.logdir,
-         "seed": args.seed}
+        {
+            "method": m,
+            "start": s,
+            "steps": args.steps,
+            "lr": args.lr,
+            "logdir": args.logdir,
+            "seed": args.seed,
+        }
         for m in args.methods
         for s in range(args.num_starts)
     ]
@@ -371,12 +393,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         summary[method] = {"reached": reached, "starts": len(mine), "mean_distance": mean_dist}
         dists = " ".join(f"{r['final_distance']:.2f}" for r in mine)
         rows.append([method, f"{reached}/{len(mine)}", f"{mean_dist:.3f}", dists])
-    table = markdown_table(
-        ["method", "reached", "mean distance", "final distance per start"], rows
-    )
+    table = markdown_table(["method", "reached", "mean distance", "final distance per start"], rows)
     starts = ", ".join(str(STARTS[s]) for s in range(args.num_starts))
-    print(f"\nPareto toy: Adam lr={args.lr}, {args.steps} steps from {starts}; "
-          f"reached = ends within {args.reach} of the Pareto front.  ({elapsed:.0f} s)")
+    print(
+        f"\nPareto toy: Adam lr={args.lr}, {args.steps} steps from {starts}; "
+        f"reached = ends within {args.reach} of the Pareto front.  ({elapsed:.0f} s)"
+    )
     print(table)
     png_dir = Path(args.png_dir) if args.png_dir else Path(args.logdir) / "pareto_toy"
     png = _plot(results, args.methods, png_dir / "pareto_toy.png")

@@ -98,8 +98,12 @@ def load_wine_tasks(seed: int = 0) -> dict[str, Tensor]:
     mean, std = x[train].mean(0), x[train].std(0)
     x = (x - mean) / std
     return {
-        "x_train": x[train], "cultivar_train": cultivar[train], "proline_train": proline[train],
-        "x_test": x[test], "cultivar_test": cultivar[test], "proline_test": proline[test],
+        "x_train": x[train],
+        "cultivar_train": cultivar[train],
+        "proline_train": proline[train],
+        "x_test": x[test],
+        "cultivar_test": cultivar[test],
+        "proline_test": proline[test],
     }
 
 
@@ -217,7 +221,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(spec["seed"])
         loader = DataLoader(
             TensorDataset(data["x_train"], data["cultivar_train"], data["proline_train"]),
-            batch_size=16, shuffle=True, generator=gen,
+            batch_size=16,
+            shuffle=True,
+            generator=gen,
         )
         trainer.fit(model, loader)
     except Exception as err:  # a failing method is a result of the example, shown in the table
@@ -254,11 +260,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--methods", nargs="+", default=None, choices=["none", *list_methods()], metavar="METHOD",
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=["none", *list_methods()],
+        metavar="METHOD",
         help="methods to compare (default: none and every registered method)",
     )
-    parser.add_argument("--no-reference", action="store_true",
-                        help="skip the plain sum on the standardised target")
+    parser.add_argument(
+        "--no-reference", action="store_true", help="skip the plain sum on the standardised target"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
@@ -294,18 +305,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if errors:
             rows.append([method, f"failed ({len(errors)}/{len(mine)}): {errors[0]}", "", ""])
             continue
-        rows.append([
-            method,
-            mean_std([r["accuracy"] for r in ok]),
-            mean_std([r["mae"] for r in ok], 1),
-            f"{seconds:.1f}",
-        ])
+        rows.append(
+            [
+                method,
+                mean_std([r["accuracy"] for r in ok]),
+                mean_std([r["mae"] for r in ok], 1),
+                f"{seconds:.1f}",
+            ]
+        )
     table = markdown_table(["method", "cultivar accuracy ↑", "proline MAE (mg/L) ↓", "s/run"], rows)
-    print(f"\nWine, proline in raw units; SGD lr={args.lr} momentum 0.9, gradient norm clipped at "
-          f"1, {args.epochs} epochs, seeds {args.seeds}  ({elapsed:.0f} s)")
+    print(
+        f"\nWine, proline in raw units; SGD lr={args.lr} momentum 0.9, gradient norm clipped at "
+        f"1, {args.epochs} epochs, seeds {args.seeds}  ({elapsed:.0f} s)"
+    )
     print(table)
-    print(f"chance accuracy (majority cultivar of the held-out part): {chance:.3f}; "
-          f"MAE of predicting the training mean: {mean_mae:.1f} mg/L")
+    print(
+        f"chance accuracy (majority cultivar of the held-out part): {chance:.3f}; "
+        f"MAE of predicting the training mean: {mean_mae:.1f} mg/L"
+    )
     print(f"TensorBoard: tensorboard --logdir {args.logdir}/stress_scales")
     return {"results": results, "chance": chance, "mean_mae": mean_mae, "table": table}
 

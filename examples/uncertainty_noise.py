@@ -103,9 +103,7 @@ class NoisyRegressor(MultiTaskModule):
         super().__init__(
             tasks=[f"task{i}" for i in range(num_tasks)], optimizer={"name": "adam", "lr": lr}
         )
-        self.trunk = nn.Sequential(
-            nn.Linear(IN_DIM, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh()
-        )
+        self.trunk = nn.Sequential(nn.Linear(IN_DIM, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh())
         self.heads = nn.ModuleList([nn.Linear(64, 1) for _ in range(num_tasks)])
 
     def shared_parameters(self) -> Any:
@@ -179,17 +177,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         (2, 5)
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--noise", type=float, nargs="+", default=[1.0, 10.0],
-                        help="true noise std of each task")
+    parser.add_argument(
+        "--noise", type=float, nargs="+", default=[1.0, 10.0], help="true noise std of each task"
+    )
     parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--num-train", type=int, default=8000)
     parser.add_argument("--num-test", type=int, default=8000)
     parser.add_argument("--lr", type=float, default=3e-3, help="the network's Adam lr")
-    parser.add_argument("--uw-lr", type=float, default=0.025,
-                        help="learning rate of the log-variances (the paper's 0.025)")
+    parser.add_argument(
+        "--uw-lr",
+        type=float,
+        default=0.025,
+        help="learning rate of the log-variances (the paper's 0.025)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per process (1 suits these tiny models)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (1 suits these tiny models)",
+    )
     parser.add_argument("--logdir", default="runs", help="TensorBoard root")
     parser.add_argument("--png-dir", default=None, help="default: <logdir>/uncertainty_noise")
     args = parser.parse_args(argv)
@@ -203,9 +210,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     weighting = UncertaintyWeighting(lr=args.uw_lr)
     recorder = _SigmaRecorder(weighting)
     trainer = make_trainer(
-        args.logdir, f"uncertainty_noise/seed{args.seed}",
-        callbacks=[weighting, recorder], max_steps=args.steps,
-        log_every_n_steps=max(1, args.steps // 100), limit_val_batches=0,
+        args.logdir,
+        f"uncertainty_noise/seed{args.seed}",
+        callbacks=[weighting, recorder],
+        max_steps=args.steps,
+        log_every_n_steps=max(1, args.steps // 100),
+        limit_val_batches=0,
     )
     gen = torch.Generator().manual_seed(args.seed)
     begin = time.perf_counter()
@@ -216,8 +226,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with torch.no_grad():
         residual = (model.predict(x_test) - y_test).pow(2).mean(0).sqrt().tolist()
     rows = [
-        [f"task{i}", f"{s:g}", f"{learnt[i]:.3f}", f"{100 * (learnt[i] / s - 1):+.1f} %",
-         f"{residual[i]:.3f}", f"{0.5 / learnt[i] ** 2:.4g}"]
+        [
+            f"task{i}",
+            f"{s:g}",
+            f"{learnt[i]:.3f}",
+            f"{100 * (learnt[i] / s - 1):+.1f} %",
+            f"{residual[i]:.3f}",
+            f"{0.5 / learnt[i] ** 2:.4g}",
+        ]
         for i, s in enumerate(args.noise)
     ]
     table = markdown_table(
@@ -229,8 +245,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     png = _plot(recorder.steps, recorder.sigmas, args.noise, png_dir / "uncertainty_noise.png")
     print(f"figure: {png}" if png is not None else f"(no figure: {PLOTS_HINT})")
     print(f"TensorBoard: tensorboard --logdir {Path(args.logdir) / 'uncertainty_noise'}")
-    return {"noise": list(args.noise), "learnt": learnt, "residual": residual,
-            "steps": recorder.steps, "history": recorder.sigmas, "png": png, "table": table}
+    return {
+        "noise": list(args.noise),
+        "learnt": learnt,
+        "residual": residual,
+        "steps": recorder.steps,
+        "history": recorder.sigmas,
+        "png": png,
+        "table": table,
+    }
 
 
 if __name__ == "__main__":

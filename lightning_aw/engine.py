@@ -81,9 +81,7 @@ class TaskGradients:
         tensor([2.0000, 4.2426])
     """
 
-    def __init__(
-        self, step: StepRecord, owner: object, unsharder: Unsharder | None = None
-    ) -> None:
+    def __init__(self, step: StepRecord, owner: object, unsharder: Unsharder | None = None) -> None:
         self.step = step
         self.owner = owner
         self.unsharder = unsharder

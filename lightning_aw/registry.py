@@ -337,9 +337,7 @@ def _check_kwargs(name: str, cls: type[Weighting], kwargs: Mapping[str, Any]) ->
         )
 
 
-def methods_table(
-    pattern: str | Sequence[str] | None = None, *, markdown: bool = False
-) -> str:
+def methods_table(pattern: str | Sequence[str] | None = None, *, markdown: bool = False) -> str:
     """The registered methods as a table: what ``lightning-aw methods`` prints and the README's
     methods table (``markdown=True``), from the one source, the registry.
 

@@ -25,8 +25,18 @@ from lightning_aw import functional as AF
 from lightning_aw.step import StepRecord
 
 METHODS = [
-    MGDA(), MGDA(normalization="loss+"), PCGrad(), CAGrad(), IMTLG(), NashMTL(), NashMTL(frequency=3),
-    AlignedMTL(), UPGrad(), GradVac(), MGDA(source="representation"), UPGrad(source="representation"),
+    MGDA(),
+    MGDA(normalization="loss+"),
+    PCGrad(),
+    CAGrad(),
+    IMTLG(),
+    NashMTL(),
+    NashMTL(frequency=3),
+    AlignedMTL(),
+    UPGrad(),
+    GradVac(),
+    MGDA(source="representation"),
+    UPGrad(source="representation"),
 ]
 
 
@@ -58,7 +68,12 @@ class HandCheck(pl.Callback):
             losses = torch.stack([out[t] for t in ref.tasks])
             if self.coef_fn is not None:
                 shared = [p for p in ref.trunk.parameters()]
-                rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, shared, retain_graph=True)]) for l in losses]
+                rows = [
+                    torch.cat(
+                        [g.reshape(-1) for g in torch.autograd.grad(l, shared, retain_graph=True)]
+                    )
+                    for l in losses
+                ]
                 G = torch.stack(rows) / self.k
                 # the callback solves the T x T problem in float64, so does the reference
                 ref_coefs = self.coef_fn(G.double(), losses.detach().double()).float()
@@ -99,7 +114,11 @@ def test_update_equals_hand_computation_with_accumulation(tmp_path, method, mark
     method = copy.deepcopy(method)
     plain_mgda = isinstance(method, MGDA) and method.normalization == "none"
     check_coefs = method.source == "parameters" and method.frequency == 1
-    fn = COEF_FNS.get(type(method).__name__) if check_coefs and (plain_mgda or not isinstance(method, MGDA)) else None
+    fn = (
+        COEF_FNS.get(type(method).__name__)
+        if check_coefs and (plain_mgda or not isinstance(method, MGDA))
+        else None
+    )
     check = HandCheck(accumulate=2, rtol=1e-4, coef_fn=fn)
     t = trainer(tmp_path, [method, check], max_epochs=1, accumulate_grad_batches=2)
     t.fit(TinyNet(optimizer={"name": "sgd", "lr": 0.05}, mark_representation=marked), loader())
@@ -113,11 +132,17 @@ def test_update_equals_hand_computation_with_accumulation(tmp_path, method, mark
     ("method", "marked"), _with_marking([MGDA(), UPGrad(), PCGrad(), MGDA(source="representation")])
 )
 def test_update_under_mixed_precision(tmp_path, method, precision, marked):
-    kw = {"plugins": [MixedPrecision("16-mixed", "cpu")]} if precision == "fp16-scaler" else {"precision": precision}
+    kw = (
+        {"plugins": [MixedPrecision("16-mixed", "cpu")]}
+        if precision == "fp16-scaler"
+        else {"precision": precision}
+    )
     # bf16 keeps 8 mantissa bits: a mishandled loss scale (x65536) or accumulation (x2) is still
     # far outside these tolerances
     check = HandCheck(accumulate=2, rtol=0.1 if precision == "bf16-mixed" else 1e-2)
-    t = trainer(tmp_path, [copy.deepcopy(method), check], max_epochs=1, accumulate_grad_batches=2, **kw)
+    t = trainer(
+        tmp_path, [copy.deepcopy(method), check], max_epochs=1, accumulate_grad_batches=2, **kw
+    )
     t.fit(TinyNet(optimizer={"name": "sgd", "lr": 0.05}, mark_representation=marked), loader())
     assert check.checked == 4
     assert t.callbacks[0]._fallbacks.item() == 0  # no overflow fell back to the plain sum
@@ -163,15 +188,24 @@ def test_nonfinite_gradients_fall_back_to_plain_sum():
     mgda.init_state(2)
     both = torch.ones(2, dtype=torch.bool)
     step = StepRecord(
-        tasks=("a", "b"), losses=torch.ones(2), task_losses=(None, None), present=both,
+        tasks=("a", "b"),
+        losses=torch.ones(2),
+        task_losses=(None, None),
+        present=both,
         present_list=(True, True),
-        batch=None, batch_idx=0, representation=None, representation_graph=None, trainer=None,
+        batch=None,
+        batch_idx=0,
+        representation=None,
+        representation_graph=None,
+        trainer=None,
     )
     grads = torch.tensor([[float("nan"), 1.0], [0.0, 1.0]])
     torch.testing.assert_close(mgda._safe_coefficients(step, grads, torch.ones(2)), torch.ones(2))
     assert mgda._fallbacks.item() == 1
     finite = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    torch.testing.assert_close(mgda._safe_coefficients(step, finite, torch.ones(2)), torch.full((2,), 0.5))
+    torch.testing.assert_close(
+        mgda._safe_coefficients(step, finite, torch.ones(2)), torch.full((2,), 0.5)
+    )
     assert mgda._fallbacks.item() == 1
 
 
@@ -213,7 +247,9 @@ def test_epoch_interval_recomputes_once_per_epoch(tmp_path, marked):
 
     method = MGDA(interval="epoch")
     assert "interval='epoch'" in repr(method)
-    trainer(tmp_path, [method, Spy()], max_epochs=3).fit(TinyNet(mark_representation=marked), loader())
+    trainer(tmp_path, [method, Spy()], max_epochs=3).fit(
+        TinyNet(mark_representation=marked), loader()
+    )
     w = torch.stack(seen).view(3, 8, 3)  # epochs x steps x tasks
     for e in range(3):
         assert torch.equal(w[e], w[e, :1].expand(8, 3))  # constant within the epoch

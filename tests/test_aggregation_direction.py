@@ -107,7 +107,9 @@ class GradDropCheck(_Window):
 class DBMTLCheck(_Window):
     """The EMA is carried across windows by the check itself."""
 
-    def __init__(self, k: int, rtol: float, source: str, beta: float = 0.9, wtol: float = 1e-3) -> None:
+    def __init__(
+        self, k: int, rtol: float, source: str, beta: float = 0.9, wtol: float = 1e-3
+    ) -> None:
         super().__init__(k, rtol)
         self.source, self.beta, self.wtol = source, beta, wtol
         self.ema = None
@@ -128,11 +130,20 @@ class DBMTLCheck(_Window):
                 x, y = batch
                 hf = ref.trunk(x)
                 full = [F.mse_loss(hl[t](hf).squeeze(-1), y[:, i]) for i, t in enumerate(ref.tasks)]
-                rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, trunk, retain_graph=True)]) for l in full]
+                rows = [
+                    torch.cat(
+                        [g.reshape(-1) for g in torch.autograd.grad(l, trunk, retain_graph=True)]
+                    )
+                    for l in full
+                ]
             else:
                 rows = [torch.autograd.grad(l, z, retain_graph=True)[0].reshape(-1) for l in losses]
             log_grads = torch.stack(rows) / losses.detach()[:, None]
-            self.ema = log_grads if self.ema is None else self.beta * self.ema + (1 - self.beta) * log_grads
+            self.ema = (
+                log_grads
+                if self.ema is None
+                else self.beta * self.ema + (1 - self.beta) * log_grads
+            )
             norms = self.ema.norm(dim=1)
             scales = norms.max() / norms
             direction = (scales[:, None] * self.ema).sum(0)
@@ -151,7 +162,9 @@ class DBMTLCheck(_Window):
 
 
 def _fit(tmp_path, callbacks, marked=True, epochs=1, net_kw=None, **kw):
-    net = TinyNet(mark_representation=marked, **(net_kw or {"optimizer": {"name": "sgd", "lr": 0.05}}))
+    net = TinyNet(
+        mark_representation=marked, **(net_kw or {"optimizer": {"name": "sgd", "lr": 0.05}})
+    )
     t = trainer(tmp_path, callbacks, max_epochs=epochs, **kw)
     t.fit(net, loader())
     return t, net
@@ -184,14 +197,23 @@ def test_graddrop_update_equals_hand_computation(tmp_path, leak, precision):
         ("parameters", False, "bf16"),
         ("representation", True, "bf16"),
     ],
-    ids=["params-marked", "params-unmarked", "representation", "params-fp16", "repr-fp16",
-         "params-unmarked-bf16", "repr-bf16"],
+    ids=[
+        "params-marked",
+        "params-unmarked",
+        "representation",
+        "params-fp16",
+        "repr-fp16",
+        "params-unmarked-bf16",
+        "repr-bf16",
+    ],
 )
 def test_dbmtl_update_equals_hand_computation(tmp_path, source, marked, precision):
     wtol = {"32": 1e-3, "fp16-scaler": 1e-2, "bf16": 0.1}[precision]
     check = DBMTLCheck(k=2, rtol=RTOL[precision], source=source, wtol=wtol)
     method = DBMTL(source=source)
-    _fit(tmp_path, [method, check], marked=marked, accumulate_grad_batches=2, **PRECISION[precision])
+    _fit(
+        tmp_path, [method, check], marked=marked, accumulate_grad_batches=2, **PRECISION[precision]
+    )
     assert check.checked + check.overflows == 4
     assert check.checked >= 2  # fp16: the first steps may overflow (log L scales gradients up)
     assert method._fallbacks.item() == 0
@@ -233,7 +255,9 @@ def test_degenerate_inputs_give_finite_updates(tmp_path, method):
 
     class Spy(pl.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            grads = torch.cat([p.grad.reshape(-1) for p in pl_module.parameters() if p.grad is not None])
+            grads = torch.cat(
+                [p.grad.reshape(-1) for p in pl_module.parameters() if p.grad is not None]
+            )
             seen.append(bool(torch.isfinite(grads).all()))
 
     trainer(tmp_path, [method, Spy()], max_epochs=1).fit(net, loader())
@@ -300,7 +324,10 @@ def test_dbmtl_representation_source_needs_the_marker(tmp_path):
 def test_dbmtl_nonpositive_loss_names_the_task(tmp_path):
     hook = lambda i, t, loss: loss * 0.0 if (t == "b" and i == 2) else loss  # noqa: E731
     net = TinyNet(loss_hook=hook)
-    with pytest.raises(ValueError, match=r"DBMTL needs positive task losses \(it takes log L_i\), but got loss 0 for task 'b' at epoch 0, batch 2 \(global step 2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"DBMTL needs positive task losses \(it takes log L_i\), but got loss 0 for task 'b' at epoch 0, batch 2 \(global step 2\)",
+    ):
         trainer(tmp_path, [DBMTL()], max_epochs=1).fit(net, loader())
 
 
@@ -326,6 +353,7 @@ def test_graddrop_leak_per_task_must_match_the_tasks(tmp_path):
 
 def test_repr_and_state_key():
     assert repr(GradDrop(leak=[0.1, 0.2], seed=4)) == "GradDrop(leak=[0.1, 0.2], seed=4)"
-    assert repr(DBMTL(beta=0.5, source="representation")) == "DBMTL(beta=0.5, source='representation')"
+    assert (
+        repr(DBMTL(beta=0.5, source="representation")) == "DBMTL(beta=0.5, source='representation')"
+    )
     assert GradDrop(seed=1).state_key != GradDrop(seed=2).state_key
-

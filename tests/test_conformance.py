@@ -1019,7 +1019,12 @@ def test_method_info_is_frozen_and_validated():
     with pytest.raises(TypeError):
         info.example_kwargs["temperature"] = 9.0  # type: ignore[index]
     assert hash(info) == hash(get_method("dwa"))
-    fields = {"paper": None, "needs_task_gradients": False, "stateful": False, "default_interval": None}
+    fields = {
+        "paper": None,
+        "needs_task_gradients": False,
+        "stateful": False,
+        "default_interval": None,
+    }
     with pytest.raises(ValueError, match="`name` should be lowercase"):
         MethodInfo(name="My-Method", cls=lightning_aw.EqualWeighting, total="T", **fields)
     with pytest.raises(ValueError, match=r"`cls` should be a subclass of lightning_aw\.Weighting"):

@@ -35,9 +35,16 @@ def _restore_logging_and_warnings():
     for n, level in levels.items():
         logging.getLogger(n).setLevel(level)
 
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-MODULES = ("_common", "digits_table", "gradnorm_toy", "pareto_toy", "stress_scales",
-           "uncertainty_noise")
+MODULES = (
+    "_common",
+    "digits_table",
+    "gradnorm_toy",
+    "pareto_toy",
+    "stress_scales",
+    "uncertainty_noise",
+)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -65,8 +72,22 @@ def _check_png(path: Path | None) -> None:
 def test_gradnorm_toy_weights_order_inversely_to_sigma_and_sum_to_t(tmp_path):
     toy = _example("gradnorm_toy")
     sigmas = [1.0, 2.0, 4.0, 8.0]
-    out = toy.main(["--sigmas", *map(str, sigmas), "--steps", "150", "--num-train", "2000",
-                    "--num-test", "500", "--jobs", "1", "--logdir", str(tmp_path)])
+    out = toy.main(
+        [
+            "--sigmas",
+            *map(str, sigmas),
+            "--steps",
+            "150",
+            "--num-train",
+            "2000",
+            "--num-test",
+            "500",
+            "--jobs",
+            "1",
+            "--logdir",
+            str(tmp_path),
+        ]
+    )
     weights = out["weights"]
     # the paper's finding: larger scale -> smaller weight (strictly, for every pair)
     assert all(weights[i] > weights[i + 1] for i in range(len(sigmas) - 1)), weights
@@ -88,8 +109,22 @@ def test_gradnorm_toy_weights_order_inversely_to_sigma_and_sum_to_t(tmp_path):
 def test_uncertainty_weighting_recovers_the_noise_levels(tmp_path):
     ex = _example("uncertainty_noise")
     noise = [1.0, 10.0]
-    out = ex.main(["--noise", *map(str, noise), "--steps", "1200", "--num-train", "4000",
-                   "--num-test", "2000", "--uw-lr", "0.05", "--logdir", str(tmp_path)])
+    out = ex.main(
+        [
+            "--noise",
+            *map(str, noise),
+            "--steps",
+            "1200",
+            "--num-train",
+            "4000",
+            "--num-test",
+            "2000",
+            "--uw-lr",
+            "0.05",
+            "--logdir",
+            str(tmp_path),
+        ]
+    )
     for learnt, true, resid in zip(out["learnt"], noise, out["residual"], strict=True):
         assert learnt == pytest.approx(true, rel=0.1)
         assert resid == pytest.approx(true, rel=0.1)  # the network did fit the signal
@@ -104,8 +139,21 @@ def test_uncertainty_weighting_recovers_the_noise_levels(tmp_path):
 # --------------------------------------------------------------------------- (d) Pareto toy
 def test_pareto_toy_paths_end_nearer_the_front(tmp_path):
     ex = _example("pareto_toy")
-    out = ex.main(["--methods", "mgda", "famo", "--num-starts", "2", "--steps", "300",
-                   "--jobs", "1", "--logdir", str(tmp_path)])
+    out = ex.main(
+        [
+            "--methods",
+            "mgda",
+            "famo",
+            "--num-starts",
+            "2",
+            "--steps",
+            "300",
+            "--jobs",
+            "1",
+            "--logdir",
+            str(tmp_path),
+        ]
+    )
     assert len(out["results"]) == 4
     for res in out["results"]:
         assert len(res["path"]) > 2
@@ -130,8 +178,23 @@ def test_pareto_front_is_non_dominated_and_matches_the_formula():
 # ----------------------------------------------------------------------- (e) badly scaled
 def test_stress_scales_plain_sum_at_chance_adaptive_recovers(tmp_path):
     ex = _example("stress_scales")
-    out = ex.main(["--methods", "none", "uncertainty", "scale_invariant", "--seeds", "0",
-                   "--epochs", "40", "--jobs", "1", "--no-reference", "--logdir", str(tmp_path)])
+    out = ex.main(
+        [
+            "--methods",
+            "none",
+            "uncertainty",
+            "scale_invariant",
+            "--seeds",
+            "0",
+            "--epochs",
+            "40",
+            "--jobs",
+            "1",
+            "--no-reference",
+            "--logdir",
+            str(tmp_path),
+        ]
+    )
     chance = out["chance"]
     assert chance == pytest.approx(21 / 54)  # 21 of the 54 held-out wines are cultivar 1
     none = out["results"]["none"][0]
@@ -150,22 +213,43 @@ def test_parallel_runs_match_sequential_runs(tmp_path):
     """The default ``--jobs 2`` path (spawned workers) gives the same runs as one process."""
     ex = _example("stress_scales")
     common = _example("_common")
-    specs = [{"method": m, "seed": 0, "epochs": 2, "lr": 0.01, "logdir": None}
-             for m in ("none", "uncertainty")]
+    specs = [
+        {"method": m, "seed": 0, "epochs": 2, "lr": 0.01, "logdir": None}
+        for m in ("none", "uncertainty")
+    ]
     parallel = common.run_parallel(ex.run_one, specs, jobs=2)
     sequential = common.run_parallel(ex.run_one, specs, jobs=1)
     for par, seq in zip(parallel, sequential, strict=True):
         assert par["error"] is None and seq["error"] is None
         assert (par["method"], par["accuracy"], par["mae"]) == (
-            seq["method"], seq["accuracy"], seq["mae"])
+            seq["method"],
+            seq["accuracy"],
+            seq["mae"],
+        )
 
 
 # ---------------------------------------------------------------------- (a) results table
 def test_digits_table_has_every_method_and_finite_delta(tmp_path):
     ex = _example("digits_table")
     md = tmp_path / "results.md"
-    out = ex.main(["--train-pairs", "256", "--val-pairs", "128", "--epochs", "1",
-                   "--seeds", "0", "--jobs", "1", "--logdir", str(tmp_path), "--out", str(md)])
+    out = ex.main(
+        [
+            "--train-pairs",
+            "256",
+            "--val-pairs",
+            "128",
+            "--epochs",
+            "1",
+            "--seeds",
+            "0",
+            "--jobs",
+            "1",
+            "--logdir",
+            str(tmp_path),
+            "--out",
+            str(md),
+        ]
+    )
     expected = {"single-task", "none", *list_methods()}
     assert set(out["rows"]) == expected
     text = md.read_text()
@@ -178,10 +262,14 @@ def test_digits_table_has_every_method_and_finite_delta(tmp_path):
         if method == "single-task":
             continue
         m = row["metrics"]
-        by_hand = 100 / 3 * (
-            (m["left"]["acc"][0] - base["left"]["acc"]) / base["left"]["acc"]
-            + (m["right"]["acc"][0] - base["right"]["acc"]) / base["right"]["acc"]
-            - (m["sum"]["mae"][0] - base["sum"]["mae"]) / base["sum"]["mae"]
+        by_hand = (
+            100
+            / 3
+            * (
+                (m["left"]["acc"][0] - base["left"]["acc"]) / base["left"]["acc"]
+                + (m["right"]["acc"][0] - base["right"]["acc"]) / base["right"]["acc"]
+                - (m["sum"]["mae"][0] - base["sum"]["mae"]) / base["sum"]["mae"]
+            )
         )
         assert delta == pytest.approx(by_hand, abs=1e-9), method
     # plain sum and equal weighting are the same run: same metrics
@@ -192,16 +280,36 @@ def test_digits_table_has_every_method_and_finite_delta(tmp_path):
 def test_single_task_weighting_rejects_an_unknown_task(tmp_path):
     ex = _example("digits_table")
     with pytest.raises(ValueError, match=r"`task` of SingleTask .* Found 'middle'"):
-        ex.run_one({"method": "stl_middle", "seed": 0, "epochs": 1, "train_pairs": 64,
-                    "val_pairs": 32, "logdir": None})
+        ex.run_one(
+            {
+                "method": "stl_middle",
+                "seed": 0,
+                "epochs": 1,
+                "train_pairs": 64,
+                "val_pairs": 32,
+                "logdir": None,
+            }
+        )
 
 
 # ------------------------------------------------------------------------------- plumbing
 def test_examples_run_without_matplotlib(tmp_path, monkeypatch, capsys):
     ex = _example("pareto_toy")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    out = ex.main(["--methods", "none", "--num-starts", "1", "--steps", "5", "--jobs", "1",
-                   "--logdir", str(tmp_path)])
+    out = ex.main(
+        [
+            "--methods",
+            "none",
+            "--num-starts",
+            "1",
+            "--steps",
+            "5",
+            "--jobs",
+            "1",
+            "--logdir",
+            str(tmp_path),
+        ]
+    )
     assert out["png"] is None
     assert "pip install 'lightning-aw[plots]'" in capsys.readouterr().out
     assert not list(tmp_path.rglob("*.png"))

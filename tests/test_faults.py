@@ -212,7 +212,9 @@ def test_absent_task(tmp_path, name):
 
     method = _make(name)
     probe = StepProbe(method)
-    net = TinyNet(absent=lambda i, t: t == "c" and i in absent, optimizer={"name": "sgd", "lr": 0.05})
+    net = TinyNet(
+        absent=lambda i, t: t == "c" and i in absent, optimizer={"name": "sgd", "lr": 0.05}
+    )
     t = trainer(tmp_path, [method, probe], max_epochs=2)
     t.fit(net, loader(n=512, batch_size=32))
     assert t.global_step == 32
@@ -225,14 +227,17 @@ def test_absent_task(tmp_path, name):
             assert float(w.sum()) == pytest.approx(total, abs=1e-5)
         assert _no_nan(row["after"]["state"]), row["batch"]
         moved = _changed(
-            {k: row["before"]["model"][k] for k in head}, {k: row["after"]["model"][k] for k in head}
+            {k: row["before"]["model"][k] for k in head},
+            {k: row["after"]["model"][k] for k in head},
         )
         if row["batch"] in absent:  # the absent task's head gets no update
             assert moved == [], row["batch"]
     # the task is back in the last two batches of each epoch: its head trains again
     last = probe.rows[-1]
-    assert _changed({k: probe.rows[13]["after"]["model"][k] for k in head},
-                    {k: last["after"]["model"][k] for k in head})
+    assert _changed(
+        {k: probe.rows[13]["after"]["model"][k] for k in head},
+        {k: last["after"]["model"][k] for k in head},
+    )
     assert all(torch.isfinite(v).all() for v in params(net).values())
 
 
@@ -322,7 +327,9 @@ def test_scaler_skip(tmp_path, name):
     method = _make(name)
     probe = StepProbe(method, diagnostics=False)
     net = TinyNet(optimizer={"name": "adam", "lr": 0.01})
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    plugin = MixedPrecision(
+        "16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    )
     # the probe's snapshot runs after ForceOverflow set this batch's scale
     t = trainer(tmp_path, [method, ForceOverflow(forced), probe], max_epochs=1, plugins=[plugin])
     t.fit(net, loader())
@@ -345,10 +352,16 @@ def test_scaler_skip(tmp_path, name):
 def test_scaler_skip_logs_nothing_wrong(tmp_path):
     """A forced overflow under fp16 still writes finite weights to TensorBoard."""
     logger = TensorBoardLogger(tmp_path, name="tb")
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    plugin = MixedPrecision(
+        "16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    )
     method = _make("gradnorm")
     t = trainer(
-        tmp_path, [method, ForceOverflow({2})], max_epochs=1, plugins=[plugin], logger=logger,
+        tmp_path,
+        [method, ForceOverflow({2})],
+        max_epochs=1,
+        plugins=[plugin],
+        logger=logger,
         log_every_n_steps=1,
     )
     t.fit(TinyNet(), loader())

@@ -192,7 +192,9 @@ def test_documented_scale_behaviour(method, factor):
     g = random_grads(4, 9, seed=5)
     c, c_scaled = method.fn(g), method.fn(factor * g)
     expected = c * factor**method.scale_power
-    torch.testing.assert_close(c_scaled, expected, rtol=1e-7, atol=1e-12 * float(expected.abs().max()))
+    torch.testing.assert_close(
+        c_scaled, expected, rtol=1e-7, atol=1e-12 * float(expected.abs().max())
+    )
 
 
 @by_method
@@ -246,7 +248,9 @@ def test_cuda_device_kept(method, dtype):
 
 
 def test_docstring_examples_run():
-    results = [doctest.testmod(m, optionflags=doctest.NORMALIZE_WHITESPACE) for m in GRADIENT_MODULES]
+    results = [
+        doctest.testmod(m, optionflags=doctest.NORMALIZE_WHITESPACE) for m in GRADIENT_MODULES
+    ]
     assert sum(r.attempted for r in results) >= len(GRADIENT_NAMES)
     assert sum(r.failed for r in results) == 0
 
@@ -421,7 +425,9 @@ def test_mgda_two_task_closed_form(seed, dim):
     g1, g2 = random_grads(2, dim, seed=seed)
     denom = float((g1 - g2) @ (g1 - g2))
     c1 = min(max(float((g2 - g1) @ g2) / denom, 0.0), 1.0)
-    torch.testing.assert_close(GF.mgda(torch.stack([g1, g2])), torch.tensor([c1, 1 - c1], dtype=F64))
+    torch.testing.assert_close(
+        GF.mgda(torch.stack([g1, g2])), torch.tensor([c1, 1 - c1], dtype=F64)
+    )
 
 
 def test_mgda_identical_gradients_split_evenly():
@@ -462,9 +468,13 @@ def test_active_set_path_matches_enumeration(monkeypatch, seed, case):
     monkeypatch.setattr(_qp, "_MAX_ENUM_TASKS", 1)
     aset = GF.mgda(g), GF.upgrad(g), GF.cagrad(g)
     scale = float(k.diagonal().max())
-    assert float(aset[0] @ k @ aset[0]) == pytest.approx(float(enum[0] @ k @ enum[0]), abs=1e-10 * scale)
+    assert float(aset[0] @ k @ aset[0]) == pytest.approx(
+        float(enum[0] @ k @ enum[0]), abs=1e-10 * scale
+    )
     assert float((k @ aset[1]).min()) >= -1e-10 * scale  # UPGrad stays non-conflicting
-    assert float(aset[1] @ k @ aset[1]) == pytest.approx(float(enum[1] @ k @ enum[1]), rel=1e-8, abs=1e-10 * scale)
+    assert float(aset[1] @ k @ aset[1]) == pytest.approx(
+        float(enum[1] @ k @ enum[1]), rel=1e-8, abs=1e-10 * scale
+    )
     torch.testing.assert_close(aset[2] @ g, enum[2] @ g, rtol=1e-7, atol=1e-9 * scale**0.5)
 
 
@@ -489,7 +499,9 @@ def _pcgrad_reference(g: Tensor, orders: Tensor) -> Tensor:
 @pytest.mark.parametrize("seed", range(4))
 def test_pcgrad_matches_vector_space_algorithm(seed):
     g = random_grads(5, 6, seed=seed)
-    orders = _projection._random_orders(5, _gen(seed), torch.device("cpu"))  # the orders it will draw
+    orders = _projection._random_orders(
+        5, _gen(seed), torch.device("cpu")
+    )  # the orders it will draw
     c = GF.pcgrad(g, generator=_gen(seed))
     torch.testing.assert_close(c @ g, _pcgrad_reference(g, orders))
     assert sorted(orders[0].tolist()) == [1, 2, 3, 4]
@@ -572,7 +584,9 @@ def test_cagrad_matches_a_reference_solver(num_tasks, c):
 def test_cagrad_with_c_zero_is_the_mean(seed):
     g = random_grads(4, 5, seed=seed)
     for rescale in (0, 1, 2):
-        torch.testing.assert_close(GF.cagrad(g, c=0.0, rescale=rescale), torch.full((4,), 0.25, dtype=F64))
+        torch.testing.assert_close(
+            GF.cagrad(g, c=0.0, rescale=rescale), torch.full((4,), 0.25, dtype=F64)
+        )
 
 
 def test_cagrad_rescale_conventions():
@@ -611,7 +625,9 @@ def test_imtl_g_equal_projections_on_unit_gradients(num_tasks, seed):
 def test_imtl_g_rank_deficient_cases():
     g, h = DEGENERATE["identical"][0], DEGENERATE["rank-deficient"][1]
     # identical gradients: every alpha on the simplex has equal projections; min-norm -> 1/T
-    torch.testing.assert_close(GF.imtl_g(torch.stack([g, g, g])), torch.full((3,), 1 / 3, dtype=F64))
+    torch.testing.assert_close(
+        GF.imtl_g(torch.stack([g, g, g])), torch.full((3,), 1 / 3, dtype=F64)
+    )
     # opposite gradients: only d = 0 has equal projections
     alpha = GF.imtl_g(torch.stack([g, -2 * g]))
     torch.testing.assert_close(alpha, torch.tensor([2 / 3, 1 / 3], dtype=F64))
@@ -670,7 +686,9 @@ def test_aligned_mtl_aligned_gradients_are_orthogonal_with_equal_norms(mode, see
     b = vec @ torch.diag((scale / lam_v).sqrt()) @ vec.T
     torch.testing.assert_close(b.sum(1), c)
     aligned = b @ g
-    torch.testing.assert_close(aligned @ aligned.T, scale * torch.eye(4, dtype=F64), rtol=1e-8, atol=1e-8 * float(scale))
+    torch.testing.assert_close(
+        aligned @ aligned.T, scale * torch.eye(4, dtype=F64), rtol=1e-8, atol=1e-8 * float(scale)
+    )
 
 
 def test_aligned_mtl_rank_deficient_projector():
@@ -682,7 +700,9 @@ def test_aligned_mtl_rank_deficient_projector():
     torch.testing.assert_close(GF.aligned_mtl(g), b.sum(1))
     aligned = b @ g
     projector = vec[:, keep] @ vec[:, keep].T
-    torch.testing.assert_close(aligned @ aligned.T, lam[keep].min() * projector, atol=1e-8 * float(lam.max()), rtol=0)
+    torch.testing.assert_close(
+        aligned @ aligned.T, lam[keep].min() * projector, atol=1e-8 * float(lam.max()), rtol=0
+    )
     with pytest.raises(ValueError, match="scale_mode"):
         GF.aligned_mtl(g, "max")
 

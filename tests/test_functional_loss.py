@@ -24,7 +24,9 @@ LOSS_NAMES = [name for mod in LOSS_MODULES for name in mod.__all__]
 
 def test_dwa_worked_example():
     # METHODS.md: r = [0.5, 1, 1.2], tau = 2 -> w = [0.810134, 1.040232, 1.149634]
-    w = AF.dwa(torch.tensor([0.5, 1.0, 1.2], dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    w = AF.dwa(
+        torch.tensor([0.5, 1.0, 1.2], dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    )
     expected = torch.tensor([0.810134, 1.040232, 1.149634], dtype=torch.float64)
     torch.testing.assert_close(w, expected, atol=1e-6, rtol=0)
     assert w.sum().item() == pytest.approx(3.0)
@@ -101,7 +103,10 @@ def test_gradnorm_closed_form_equals_autograd():
 
 def test_gradnorm_absent_task_gets_no_gradient():
     grad, _ = AF.gradnorm_weight_grad(
-        torch.ones(3), torch.tensor([1.0, 2.0, 5.0]), torch.ones(3), 1.0,
+        torch.ones(3),
+        torch.tensor([1.0, 2.0, 5.0]),
+        torch.ones(3),
+        1.0,
         present=torch.tensor([True, True, False]),
     )
     assert grad[2].item() == 0.0

@@ -88,9 +88,7 @@ def losses(draw, n: int, bad: bool = True) -> torch.Tensor:
 
 
 def masks(n: int) -> st.SearchStrategy[torch.Tensor | None]:
-    return st.one_of(
-        st.none(), st.lists(st.booleans(), min_size=n, max_size=n).map(torch.tensor)
-    )
+    return st.one_of(st.none(), st.lists(st.booleans(), min_size=n, max_size=n).map(torch.tensor))
 
 
 @st.composite
@@ -239,7 +237,9 @@ LOG_PAIRS = {
 }
 
 
-@pytest.mark.parametrize("fn", ["gls_loss", "gls_weights", "scale_invariant_loss", "scale_invariant_weights"])
+@pytest.mark.parametrize(
+    "fn", ["gls_loss", "gls_weights", "scale_invariant_loss", "scale_invariant_weights"]
+)
 @FUZZ
 @given(data=st.data(), n=tasks)
 def test_log_losses(fn, data, n):
@@ -277,7 +277,9 @@ def _logits(data, n: int) -> torch.Tensor:
 @given(data=st.data(), n=tasks)
 def test_famo(fn, data, n):
     values, logits, present = data.draw(losses(n)), _logits(data, n), data.draw(masks(n))
-    lower = data.draw(st.one_of(st.none(), st.just(torch.zeros(n)), st.just(torch.full((n,), -1.0))))
+    lower = data.draw(
+        st.one_of(st.none(), st.just(torch.zeros(n)), st.just(torch.full((n,), -1.0)))
+    )
     out = getattr(F, fn)(values, logits, lower, present)
     _finite(out)
     if fn == "famo_weights":  # documented: sum to 1 (0 when no task is usable)
@@ -320,7 +322,9 @@ def test_stch(fn, data, n):
     mu = data.draw(st.sampled_from([1e-3, 0.1, 1.0, 10.0]))
     if not logarithmic:  # the raw differences must not overflow float32 / mu
         values = torch.where(torch.isfinite(values), values.clamp(-1e8, 1e8), values)
-    out = getattr(F, fn)(values, reference, mu, logarithmic=logarithmic, present=data.draw(masks(n)))
+    out = getattr(F, fn)(
+        values, reference, mu, logarithmic=logarithmic, present=data.draw(masks(n))
+    )
     _finite(out)
     assert out.shape == ((n,) if fn == "stch_weights" else ())
 
@@ -345,9 +349,15 @@ def _options(name: str, data, n: int) -> dict[str, Any]:
             out["losses"] = data.draw(positive(n))
         return out
     if name == "pcgrad":
-        return {"reduction": data.draw(st.sampled_from(["sum", "mean"])), "generator": data.draw(generators())}
+        return {
+            "reduction": data.draw(st.sampled_from(["sum", "mean"])),
+            "generator": data.draw(generators()),
+        }
     if name == "cagrad":
-        return {"c": data.draw(st.floats(0.0, 2.0)), "rescale": data.draw(st.sampled_from([0, 1, 2]))}
+        return {
+            "c": data.draw(st.floats(0.0, 2.0)),
+            "rescale": data.draw(st.sampled_from([0, 1, 2])),
+        }
     if name == "aligned_mtl":
         return {"scale_mode": data.draw(st.sampled_from(["min", "median", "rmse"]))}
     return {}
@@ -417,7 +427,8 @@ def test_gradvac(fn, data):
     g = data.draw(gradients())
     n = g.shape[0]
     targets = torch.tensor(
-        data.draw(st.lists(st.floats(-1.0, 1.0), min_size=n * n, max_size=n * n)), dtype=torch.float64
+        data.draw(st.lists(st.floats(-1.0, 1.0), min_size=n * n, max_size=n * n)),
+        dtype=torch.float64,
     ).reshape(n, n)
     beta = data.draw(st.floats(0.0, 1.0))
     source = g if fn == "gradvac" else F.gram_matrix(g)
@@ -469,12 +480,31 @@ def test_graddrop(data):
 
 # ---------------------------------------------------------------------------------- coverage
 FUZZED = {
-    "equal", "renormalize", "uncertainty_weights", "uncertainty_loss", "dwa",
-    "gradnorm_weight_grad", "rlw", "gls_loss", "gls_weights", "scale_invariant_loss",
-    "scale_invariant_weights", "imtl_l_loss", "famo_loss", "famo_weights", "famo_logit_grad",
-    "softadapt", "stch_loss", "stch_weights", "gram_matrix", "gradvac", "gradvac_from_gram",
-    "db_mtl", "graddrop",
-    *COEFFICIENT_FUNCTIONS, *(f"{n}_from_gram" for n in COEFFICIENT_FUNCTIONS),
+    "equal",
+    "renormalize",
+    "uncertainty_weights",
+    "uncertainty_loss",
+    "dwa",
+    "gradnorm_weight_grad",
+    "rlw",
+    "gls_loss",
+    "gls_weights",
+    "scale_invariant_loss",
+    "scale_invariant_weights",
+    "imtl_l_loss",
+    "famo_loss",
+    "famo_weights",
+    "famo_logit_grad",
+    "softadapt",
+    "stch_loss",
+    "stch_weights",
+    "gram_matrix",
+    "gradvac",
+    "gradvac_from_gram",
+    "db_mtl",
+    "graddrop",
+    *COEFFICIENT_FUNCTIONS,
+    *(f"{n}_from_gram" for n in COEFFICIENT_FUNCTIONS),
 }
 
 

@@ -12,7 +12,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 def test_gpu_check_runs_on_cpu():
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--cpu", "--skip-bench"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

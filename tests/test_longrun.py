@@ -91,10 +91,18 @@ class DrivenNet(TinyNet):
 
 def _record(t: pl.Trainer, losses: torch.Tensor, present_list: list[bool]) -> StepRecord:
     return StepRecord(
-        tasks=("a", "b", "c"), losses=losses, present=torch.tensor(present_list),
-        task_losses=tuple(l if here else None for l, here in zip(losses, present_list, strict=True)),
-        present_list=tuple(present_list), batch=None, batch_idx=0, representation=None,
-        representation_graph=None, trainer=t,
+        tasks=("a", "b", "c"),
+        losses=losses,
+        present=torch.tensor(present_list),
+        task_losses=tuple(
+            l if here else None for l, here in zip(losses, present_list, strict=True)
+        ),
+        present_list=tuple(present_list),
+        batch=None,
+        batch_idx=0,
+        representation=None,
+        representation_graph=None,
+        trainer=t,
     )
 
 
@@ -162,7 +170,9 @@ def get_method_name(method: Weighting) -> str:
 def test_state_stays_bounded(tmp_path, name):
     t, net, method = _set_up(tmp_path, name)
     gradient = issubclass(get_method(name).cls, GradientWeighting)
-    drive, total = (_drive_gradient, GRADIENT_UPDATES) if gradient else (_drive_loss_based, LOSS_UPDATES)
+    drive, total = (
+        (_drive_gradient, GRADIENT_UPDATES) if gradient else (_drive_loss_based, LOSS_UPDATES)
+    )
     warmup = 210  # (both stretches end on a step with every task present)
     drive(t, net, method, range(warmup))
     early = state_sizes(method)
@@ -283,11 +293,14 @@ def test_cuda_syncs_per_step_within_budget(tmp_path, name):  # pragma: no cover 
         for w in record
         if "synchroniz" in str(w.message) and w.filename.startswith(PACKAGE)
     )
-    kind = name if name in CUDA_SYNC_BUDGET else (
-        "gradient" if isinstance(method, GradientWeighting) else "loss"
+    kind = (
+        name
+        if name in CUDA_SYNC_BUDGET
+        else ("gradient" if isinstance(method, GradientWeighting) else "loss")
     )
     budget = CUDA_SYNC_BUDGET.get(kind, {"module.py": 1})
     per_step = {f: n / len(steps) for f, n in ours.items()}
     assert all(per_step.get(f, 0) <= budget.get(f, 0) for f in set(per_step) | set(budget)), (
-        per_step, budget,
+        per_step,
+        budget,
     )

@@ -91,7 +91,9 @@ def _grad_norm(module: torch.nn.Module) -> float:
     grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    return float(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    )
 
 
 class Probe(pl.Callback):
@@ -141,8 +143,12 @@ def test_precision_accumulation_clipping(tmp_path, name, precision, accumulate):
     probe = Probe()
     callbacks = [probe] if method is None else [method, probe]
     t = trainer(
-        tmp_path, callbacks, max_epochs=3, accumulate_grad_batches=accumulate,
-        gradient_clip_val=CLIP, **_precision_kwargs(precision),
+        tmp_path,
+        callbacks,
+        max_epochs=3,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=CLIP,
+        **_precision_kwargs(precision),
     )
     t.fit(net, loader(n=128, batch_size=16))
     assert t.global_step == 3 * 8 // accumulate
@@ -154,11 +160,15 @@ def test_precision_accumulation_clipping(tmp_path, name, precision, accumulate):
     total = _total(name)
     if total is not None:
         torch.testing.assert_close(
-            weights.sum(1), torch.full((len(weights),), total, dtype=torch.float64),
-            rtol=0, atol=1e-5,
+            weights.sum(1),
+            torch.full((len(weights),), total, dtype=torch.float64),
+            rtol=0,
+            atol=1e-5,
         )
-    if accumulate == 2 and name not in PER_MICRO_BATCH and not (
-        name != "none" and issubclass(get_method(name).cls, GradientWeighting)
+    if (
+        accumulate == 2
+        and name not in PER_MICRO_BATCH
+        and not (name != "none" and issubclass(get_method(name).cls, GradientWeighting))
     ):
         # updated per optimizer step: constant within an accumulation window
         torch.testing.assert_close(weights[0::2], weights[1::2], rtol=0, atol=0)
@@ -177,7 +187,9 @@ def test_precision_accumulation_clipping(tmp_path, name, precision, accumulate):
 
     # clipping: it acted, and every finite step's gradients are within the clip value
     assert len(probe.pre_clip) == len(probe.post_clip) == t.global_step
-    finite = [(a, b) for a, b in zip(probe.pre_clip, probe.post_clip, strict=True) if math.isfinite(a)]
+    finite = [
+        (a, b) for a, b in zip(probe.pre_clip, probe.post_clip, strict=True) if math.isfinite(a)
+    ]
     assert any(a > CLIP * 1.01 for a, _ in finite), "the test never clipped: lower CLIP"
     for a, b in finite:
         assert b <= CLIP * (1 + 1e-3) + 1e-7
@@ -229,7 +241,10 @@ class SaveThenCrash(pl.Callback):
         self.step, self.path = step, path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step and not trainer.fit_loop.epoch_loop._should_accumulate():
+        if (
+            trainer.global_step == self.step
+            and not trainer.fit_loop.epoch_loop._should_accumulate()
+        ):
             trainer.save_checkpoint(self.path)
             raise Crash
 
@@ -274,7 +289,9 @@ def test_resume_mid_epoch(tmp_path, name, accumulate):
     crash_at = steps_per_epoch + steps_per_epoch // 2  # in the middle of the second epoch
     full_trainer, full, full_method = _fit_resumable(tmp_path / "full", name, accumulate)
     ckpt = str(tmp_path / "mid.ckpt")
-    crashed, _, _ = _fit_resumable(tmp_path / "a", name, accumulate, [SaveThenCrash(crash_at, ckpt)])
+    crashed, _, _ = _fit_resumable(
+        tmp_path / "a", name, accumulate, [SaveThenCrash(crash_at, ckpt)]
+    )
     assert crashed.global_step == crash_at and crash_at % steps_per_epoch != 0  # mid-epoch
     resumed_trainer, resumed, resumed_method = _fit_resumable(
         tmp_path / "b", name, accumulate, ckpt=ckpt

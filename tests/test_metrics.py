@@ -65,8 +65,16 @@ def test_metric_averages_updates_and_merges_like_ddp():
     [
         ({"sign": "up"}, ValueError, "sign"),
         ({"average": "all"}, ValueError, "average"),
-        ({"higher_is_better": {"seg": {"miou": True}}}, ValueError, "no entry for metric 'pix_acc'"),
-        ({"baselines": {"seg": {"miou": 0.0}}, "higher_is_better": {"seg": {"miou": True}}}, ValueError, "non-zero"),
+        (
+            {"higher_is_better": {"seg": {"miou": True}}},
+            ValueError,
+            "no entry for metric 'pix_acc'",
+        ),
+        (
+            {"baselines": {"seg": {"miou": 0.0}}, "higher_is_better": {"seg": {"miou": True}}},
+            ValueError,
+            "non-zero",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

@@ -70,7 +70,9 @@ class _Renamed(TinyNet):
 
 
 def test_unknown_and_missing_task_names(tmp_path):
-    with pytest.raises(KeyError, match=r"unknown task\(s\) \['typo'\] and missing task\(s\) \['b'\]"):
+    with pytest.raises(
+        KeyError, match=r"unknown task\(s\) \['typo'\] and missing task\(s\) \['b'\]"
+    ):
         trainer(tmp_path, max_epochs=1).fit(_Renamed(), loader())
 
 
@@ -92,13 +94,25 @@ def test_nonfinite_skip_leaves_everything_untouched(tmp_path, method):
     class Probe(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 3:
-                self.before = (params(pl_module), pl_module.task_weights,
-                               {k: v.clone() for k, v in trainer.optimizers[0].state_dict()["state"][0].items()})
+                self.before = (
+                    params(pl_module),
+                    pl_module.task_weights,
+                    {
+                        k: v.clone()
+                        for k, v in trainer.optimizers[0].state_dict()["state"][0].items()
+                    },
+                )
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if batch_idx == 3:
-                self.after = (params(pl_module), pl_module.task_weights,
-                              {k: v.clone() for k, v in trainer.optimizers[0].state_dict()["state"][0].items()})
+                self.after = (
+                    params(pl_module),
+                    pl_module.task_weights,
+                    {
+                        k: v.clone()
+                        for k, v in trainer.optimizers[0].state_dict()["state"][0].items()
+                    },
+                )
 
     hook = lambda i, t, loss: loss + float("inf") if (i == 3 and t == "a") else loss  # noqa: E731
     net = TinyNet(loss_hook=hook, on_nonfinite="skip", optimizer={"name": "adam", "lr": 0.01})

@@ -90,9 +90,13 @@ def _check_against_hand(acc, snapshot, prefix, source, steps, rel=1e-4, abs_=1e-
             assert logged == pytest.approx(cos[(a, b)], rel=rel, abs=abs_), (step, a, b)
         frac = sum(v < 0 for v in cos.values()) / len(cos)
         assert _scalars(acc, f"{prefix}/fraction")[step] == pytest.approx(frac)
-        assert _scalars(acc, f"{prefix}/min_cos")[step] == pytest.approx(min(cos.values()), rel=rel, abs=abs_)
+        assert _scalars(acc, f"{prefix}/min_cos")[step] == pytest.approx(
+            min(cos.values()), rel=rel, abs=abs_
+        )
         for t in TASKS:
-            assert _scalars(acc, f"{prefix}/grad_norm/{t}")[step] == pytest.approx(norms[t], rel=rel * 10)
+            assert _scalars(acc, f"{prefix}/grad_norm/{t}")[step] == pytest.approx(
+                norms[t], rel=rel * 10
+            )
 
 
 # ---------------------------------------------------------------------------------- conflict
@@ -185,7 +189,9 @@ def test_no_work_between_its_steps(tmp_path, monkeypatch, accumulate, expected):
     monkeypatch.setattr(torch.autograd, "grad", counting_grad)
     logger = TensorBoardLogger(tmp_path, name="tb")
     monitor = GradientConflictMonitor(every_n_steps=5)
-    t = trainer(tmp_path, [monitor], logger=logger, max_epochs=2, accumulate_grad_batches=accumulate)
+    t = trainer(
+        tmp_path, [monitor], logger=logger, max_epochs=2, accumulate_grad_batches=accumulate
+    )
     t.fit(TinyNet(), loader())  # 16 micro-batches: 16 or 8 optimizer steps
     # without a weighting only the monitor calls autograd.grad: one call per task, per measurement
     # (once per optimizer step, on its first micro-batch)
@@ -217,7 +223,8 @@ def test_heatmap_image_in_the_event_file(tmp_path, monkeypatch):
     assert images[0].encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
     # each heatmap is the mean of its epoch's measurements (steps 0, 4 and 8, 12)
     assert [title for *_, title in drawn] == [
-        "mean gradient cosines, steps 0-4", "mean gradient cosines, steps 8-12",
+        "mean gradient cosines, steps 0-4",
+        "mean gradient cosines, steps 8-12",
     ]
     for (matrix, tasks, _), steps in zip(drawn, ([0, 4], [8, 12]), strict=True):
         assert tasks == list(TASKS)
@@ -264,7 +271,9 @@ def test_single_task_logs_only_the_norm(tmp_path):
     with pytest.warns(UserWarning, match="one task"):
         t.fit(TinyNet(tasks=("a",)), loader())
     acc = _events(logger.log_dir)
-    assert sorted(t for t in acc.Tags()["scalars"] if t.startswith("conflict/")) == ["conflict/grad_norm/a"]
+    assert sorted(t for t in acc.Tags()["scalars"] if t.startswith("conflict/")) == [
+        "conflict/grad_norm/a"
+    ]
     assert acc.Tags()["images"] == []
     _, norms = _hand(*snap.states[4], tasks=("a",))
     assert _scalars(acc, "conflict/grad_norm/a")[4] == pytest.approx(norms["a"], rel=1e-4)
@@ -276,7 +285,10 @@ def test_fp16_grad_scaler(tmp_path):
     snap = Snapshot(4)
     monitor = GradientConflictMonitor(every_n_steps=4)
     t = trainer(
-        tmp_path, [monitor, snap], logger=logger, max_epochs=1,
+        tmp_path,
+        [monitor, snap],
+        logger=logger,
+        max_epochs=1,
         plugins=[MixedPrecision("16-mixed", "cpu")],
     )
     t.fit(TinyNet(), loader())
@@ -315,7 +327,9 @@ def test_arguments_and_setup_errors(tmp_path):
         "GradientConflictMonitor(every_n_steps=3, ddp_sync='global')"
     )
     monitor = GradientConflictMonitor(every_n_steps=1, source="representation")
-    with pytest.raises(pl.utilities.exceptions.MisconfigurationException, match="shared_representation"):
+    with pytest.raises(
+        pl.utilities.exceptions.MisconfigurationException, match="shared_representation"
+    ):
         trainer(tmp_path, [monitor], max_steps=1).fit(TinyNet(mark_representation=False), loader())
 
     class Plain(pl.LightningModule):
@@ -339,8 +353,11 @@ def test_weight_figures_record_and_draw(tmp_path):
     figures = WeightFigures()
     recorder = WeightRecorder()
     t = trainer(
-        tmp_path, [GradNorm(alpha=1.5, lr=0.05), figures, recorder], logger=logger,
-        log_every_n_steps=2, max_epochs=2,
+        tmp_path,
+        [GradNorm(alpha=1.5, lr=0.05), figures, recorder],
+        logger=logger,
+        log_every_n_steps=2,
+        max_epochs=2,
     )
     t.fit(TinyNet(), loader())  # 16 steps, one batch per step
     assert figures.steps == list(range(0, 16, 2))
@@ -367,7 +384,9 @@ def test_weight_history_stays_bounded(tmp_path):
     # [0, 4] and records every 4th step
     assert figures.steps == [0, 4, 8, 12]
     for i, t_name in enumerate(TASKS):
-        assert figures.history[t_name] == pytest.approx([recorder.weights[s][i] for s in (0, 4, 8, 12)])
+        assert figures.history[t_name] == pytest.approx(
+            [recorder.weights[s][i] for s in (0, 4, 8, 12)]
+        )
     assert figures.state_dict()["stride"] == 4
 
 
@@ -393,8 +412,12 @@ def test_weight_history_survives_resume(tmp_path):
 
 
 def test_without_matplotlib(tmp_path, monkeypatch):
-    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends",
-                 "matplotlib.backends.backend_agg"):
+    for name in (
+        "matplotlib",
+        "matplotlib.figure",
+        "matplotlib.backends",
+        "matplotlib.backends.backend_agg",
+    ):
         monkeypatch.setitem(sys.modules, name, None)
     logger = TensorBoardLogger(tmp_path, name="tb")
     figures = WeightFigures(every_n_steps=1)
@@ -463,8 +486,12 @@ def test_ddp_local_and_global(ddp_results):
     global_rep_cos, _ = _hand(state, (x[:32], y[:32]), source="representation")
     for a, b in PAIRS:
         tag = f"cos/{a}/{b}"
-        assert _scalars(acc, f"local/{tag}")[0] == pytest.approx(local_cos[(a, b)], rel=1e-4, abs=1e-6)
-        assert _scalars(acc, f"global/{tag}")[0] == pytest.approx(global_cos[(a, b)], rel=1e-4, abs=1e-6)
+        assert _scalars(acc, f"local/{tag}")[0] == pytest.approx(
+            local_cos[(a, b)], rel=1e-4, abs=1e-6
+        )
+        assert _scalars(acc, f"global/{tag}")[0] == pytest.approx(
+            global_cos[(a, b)], rel=1e-4, abs=1e-6
+        )
         assert _scalars(acc, f"global_rep/{tag}")[0] == pytest.approx(
             global_rep_cos[(a, b)], rel=1e-4, abs=1e-6
         )

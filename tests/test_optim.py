@@ -90,7 +90,9 @@ def test_registry_has_builtins_and_lazy_optional_entries():
     assert get_optimizer("adamw").state_keys == ("step", "exp_avg_sq")
     optional = {n: get_optimizer(n) for n in ("adamw_schedulefree", "prodigy", "lion")}
     assert {n: i.package for n, i in optional.items()} == {
-        "adamw_schedulefree": "schedulefree", "prodigy": "prodigyopt", "lion": "lion-pytorch",
+        "adamw_schedulefree": "schedulefree",
+        "prodigy": "prodigyopt",
+        "lion": "lion-pytorch",
     }
     assert all(isinstance(i.cls, str) for i in optional.values())  # not imported to be listed
     assert optional["lion"].adaptive is False and optional["adamw_schedulefree"].train_eval_modes
@@ -167,20 +169,29 @@ def test_groups_without_hooks_are_other_and_weighting(tmp_path):
     opt = net.trainer.optimizers[0]
     assert [g["name"] for g in opt.param_groups] == ["other", "weighting"]
     assert [id(p) for p in opt.param_groups[0]["params"]] == [
-        id(p) for n, p in net.named_parameters() if not n.startswith("loss_weighting")]
+        id(p) for n, p in net.named_parameters() if not n.startswith("loss_weighting")
+    ]
 
 
 def test_overrides_patterns_then_exact_names(tmp_path):
     spec = {
-        "name": "adamw", "lr": 0.01, "weight_decay": 0.1,
-        "groups": {"task/b": {"lr": 0.03}, "task/*": {"lr": 0.02, "weight_decay": 0.0},
-                   "shared": {"lr": 0.005, "betas": (0.8, 0.99)}},
+        "name": "adamw",
+        "lr": 0.01,
+        "weight_decay": 0.1,
+        "groups": {
+            "task/b": {"lr": 0.03},
+            "task/*": {"lr": 0.02, "weight_decay": 0.0},
+            "shared": {"lr": 0.005, "betas": (0.8, 0.99)},
+        },
     }
     net = GroupedNet(optimizer=spec)
     trainer(tmp_path, max_epochs=1).fit(net, loader(64))
     g = by_name(net.trainer.optimizers[0])
     assert (g["shared"]["lr"], g["shared"]["weight_decay"], g["shared"]["betas"]) == (
-        0.005, 0.1, (0.8, 0.99))
+        0.005,
+        0.1,
+        (0.8, 0.99),
+    )
     assert (g["task/a"]["lr"], g["task/a"]["weight_decay"]) == (0.02, 0.0)
     assert (g["task/b"]["lr"], g["task/b"]["weight_decay"]) == (0.03, 0.0)  # exact name wins
     assert (g["other"]["lr"], g["other"]["weight_decay"]) == (0.01, 0.1)
@@ -194,23 +205,33 @@ def test_weighting_group_lr_from_callback_or_spec(tmp_path):
     g = by_name(net.trainer.optimizers[0])["weighting"]
     assert (g["lr"], g["weight_decay"]) == (0.2, 0.0)
     net = GroupedNet(optimizer=spec)
-    with pytest.raises(ValueError, match=r"learning rate is set twice: UncertaintyWeighting.*0\.05"):
+    with pytest.raises(
+        ValueError, match=r"learning rate is set twice: UncertaintyWeighting.*0\.05"
+    ):
         trainer(tmp_path, [UncertaintyWeighting(lr=0.05)], max_epochs=1).fit(net, loader(64))
 
 
 def test_omegaconf_and_class_path_specs(tmp_path):
-    spec = OmegaConf.create({
-        "class_path": "torch.optim.AdamW",
-        "init_args": {"lr": 0.01, "betas": [0.85, 0.99]},
-        "groups": {"shared": {"lr": "${init_args.lr}"}},
-        "scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 3}},
-    })
+    spec = OmegaConf.create(
+        {
+            "class_path": "torch.optim.AdamW",
+            "init_args": {"lr": 0.01, "betas": [0.85, 0.99]},
+            "groups": {"shared": {"lr": "${init_args.lr}"}},
+            "scheduler": {
+                "class_path": "torch.optim.lr_scheduler.StepLR",
+                "init_args": {"step_size": 3},
+            },
+        }
+    )
     net = GroupedNet(optimizer=spec)
     assert net.optimizer_spec == {
-        "class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01, "betas": [0.85, 0.99]},
+        "class_path": "torch.optim.AdamW",
+        "init_args": {"lr": 0.01, "betas": [0.85, 0.99]},
         "groups": {"shared": {"lr": 0.01}},
-        "scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR",
-                      "init_args": {"step_size": 3}},
+        "scheduler": {
+            "class_path": "torch.optim.lr_scheduler.StepLR",
+            "init_args": {"step_size": 3},
+        },
     }
     assert type(net.optimizer_spec["groups"]) is dict
     trainer(tmp_path, max_epochs=1).fit(net, loader(64))
@@ -242,14 +263,20 @@ def test_create_optimizer_from_params_and_dicts():
 
 # ---------------------------------------------------------------------------------- errors
 def test_unknown_optimizer_name_lists_and_suggests():
-    with pytest.raises(ValueError, match=r"Unknown optimizer 'adamm'\. Did you mean 'adam'\?.*"
-                       r"Registered: adadelta, adagrad, adam,"):
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown optimizer 'adamm'\. Did you mean 'adam'\?.*"
+        r"Registered: adadelta, adagrad, adam,",
+    ):
         GroupedNet(optimizer={"name": "adamm", "lr": 0.1})
 
 
 def test_unknown_argument_is_named_with_accepted_ones():
-    with pytest.raises(ValueError, match=r"'adam' \(Adam\) does not take argument\(s\) \['beta'\] "
-                       r"\(in `optimizer`\)\. Did you mean 'betas'\?.*accepts: lr, betas, eps"):
+    with pytest.raises(
+        ValueError,
+        match=r"'adam' \(Adam\) does not take argument\(s\) \['beta'\] "
+        r"\(in `optimizer`\)\. Did you mean 'betas'\?.*accepts: lr, betas, eps",
+    ):
         GroupedNet(optimizer={"name": "adam", "beta": 0.9})
     with pytest.raises(ValueError, match=r"\['momentum'\] \(in `optimizer.groups.shared`\)"):
         GroupedNet(optimizer={"name": "adam", "groups": {"shared": {"momentum": 0.9}}})
@@ -262,20 +289,44 @@ def test_unknown_argument_is_named_with_accepted_ones():
     [
         ("adam", TypeError, "should be a mapping"),
         ({"name": "adam", "groups": ["shared"]}, TypeError, r"`optimizer.groups` should map"),
-        ({"name": "adam", "groups": {"shared": 0.1}}, TypeError, r"`optimizer.groups.shared` should"),
+        (
+            {"name": "adam", "groups": {"shared": 0.1}},
+            TypeError,
+            r"`optimizer.groups.shared` should",
+        ),
         ({"name": "adam", "class_path": "torch.optim.Adam"}, ValueError, "both `name` and"),
-        ({"name": "collections.OrderedDict"}, ValueError, "not a subclass of torch.optim.Optimizer"),
+        (
+            {"name": "collections.OrderedDict"},
+            ValueError,
+            "not a subclass of torch.optim.Optimizer",
+        ),
         ({"name": "torch.optim.Adamm"}, ImportError, "has no attribute 'Adamm'"),
         ({"name": "nopkg_xyz.FastOpt"}, ModuleNotFoundError, r"`pip install nopkg_xyz`"),
         ({"name": "adam", "scheduler": {"name": "cosin"}}, ValueError, "Did you mean 'cosine'"),
-        ({"name": "adam", "scheduler": {"name": "step"}}, ValueError, r"needs argument\(s\) \['step_size'\]"),
-        ({"name": "adam", "scheduler": {"name": "step", "step_size": 2, "gama": 0.5}}, ValueError,
-         r"StepLR \(`optimizer.scheduler`\) does not take argument\(s\) \['gama'\]\. Did you mean 'gamma'"),
+        (
+            {"name": "adam", "scheduler": {"name": "step"}},
+            ValueError,
+            r"needs argument\(s\) \['step_size'\]",
+        ),
+        (
+            {"name": "adam", "scheduler": {"name": "step", "step_size": 2, "gama": 0.5}},
+            ValueError,
+            r"StepLR \(`optimizer.scheduler`\) does not take argument\(s\) \['gama'\]\. Did you mean 'gamma'",
+        ),
         ({"name": "adam", "scheduler": {"name": "plateau"}}, ValueError, "add `monitor`"),
-        ({"name": "adam", "scheduler": {"name": "exponential", "gamma": 0.9, "interval": "batch"}},
-         ValueError, r"`optimizer.scheduler.interval` should be 'step' or 'epoch'"),
-        ({"name": "adam", "scheduler": {"name": "exponential", "gamma": 0.9, "frequency": 0}},
-         ValueError, r"`optimizer.scheduler.frequency` should be an int >= 1"),
+        (
+            {
+                "name": "adam",
+                "scheduler": {"name": "exponential", "gamma": 0.9, "interval": "batch"},
+            },
+            ValueError,
+            r"`optimizer.scheduler.interval` should be 'step' or 'epoch'",
+        ),
+        (
+            {"name": "adam", "scheduler": {"name": "exponential", "gamma": 0.9, "frequency": 0}},
+            ValueError,
+            r"`optimizer.scheduler.frequency` should be an int >= 1",
+        ),
     ],
 )
 def test_bad_specs_fail_when_the_module_is_built(spec, error, match):
@@ -287,19 +338,27 @@ def test_bad_specs_fail_when_the_module_is_built(spec, error, match):
 
 def test_weighting_group_weight_decay_is_rejected_before_training():
     for key in ("weighting", "weight*"):
-        with pytest.raises(ValueError, match=rf"`optimizer.groups.{re.escape(key)}` sets "
-                           r"weight_decay=0.1.*must not be decayed"):
+        with pytest.raises(
+            ValueError,
+            match=rf"`optimizer.groups.{re.escape(key)}` sets "
+            r"weight_decay=0.1.*must not be decayed",
+        ):
             GroupedNet(optimizer={"name": "adamw", "groups": {key: {"weight_decay": 0.1}}})
     with pytest.raises(ValueError, match="must not be decayed"):
-        create_optimizer([{"params": [nn.Parameter(torch.ones(2))], "name": "weighting",
-                           "weight_decay": 0.1}], {"name": "adamw"})
+        create_optimizer(
+            [{"params": [nn.Parameter(torch.ones(2))], "name": "weighting", "weight_decay": 0.1}],
+            {"name": "adamw"},
+        )
 
 
 def test_unknown_group_names_are_reported_with_the_nearest(tmp_path):
     net = GroupedNet(optimizer={"name": "adam", "groups": {"shraed": {"lr": 0.1}}})
-    with pytest.raises(ValueError, match=r"names 'shraed', but no parameter group has that name\. "
-                       r"Did you mean 'shared'\? The groups are: 'shared', 'task/a', 'task/b', "
-                       r"'task/c', 'other'"):
+    with pytest.raises(
+        ValueError,
+        match=r"names 'shraed', but no parameter group has that name\. "
+        r"Did you mean 'shared'\? The groups are: 'shared', 'task/a', 'task/b', "
+        r"'task/c', 'other'",
+    ):
         trainer(tmp_path, max_epochs=1).fit(net, loader(64))
     net = GroupedNet(optimizer={"name": "adam", "groups": {"head/*": {"lr": 0.1}}})
     with pytest.raises(ValueError, match=r"'head/\*', but no parameter group matches it"):
@@ -311,17 +370,23 @@ def test_parameter_in_two_groups_is_an_error(tmp_path):
         def task_parameters(self):
             return {"a": [*self.heads["a"].parameters(), self.trunk[2].weight]}
 
-    with pytest.raises(MisconfigurationException, match=r"`trunk.2.weight` is in two optimizer "
-                       r"groups: 'shared' \(from shared_parameters\(\)\) and 'task/a' \(from "
-                       r"task_parameters\(\)\['a'\]\)"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"`trunk.2.weight` is in two optimizer "
+        r"groups: 'shared' \(from shared_parameters\(\)\) and 'task/a' \(from "
+        r"task_parameters\(\)\['a'\]\)",
+    ):
         trainer(tmp_path, max_epochs=1).fit(Overlap(), loader(64))
 
     class SharesWeighting(TinyNet):
         def shared_parameters(self):
             return self.parameters()  # includes the weighting's log-variances
 
-    with pytest.raises(MisconfigurationException, match=r"`loss_weighting.log_vars` is in two "
-                       r"optimizer groups: 'shared'.* and 'weighting'"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"`loss_weighting.log_vars` is in two "
+        r"optimizer groups: 'shared'.* and 'weighting'",
+    ):
         trainer(tmp_path, [UncertaintyWeighting()], max_epochs=1).fit(SharesWeighting(), loader(64))
 
 
@@ -330,8 +395,11 @@ def test_task_parameters_with_unknown_task(tmp_path):
         def task_parameters(self):
             return {"A": self.heads["a"].parameters()}
 
-    with pytest.raises(MisconfigurationException, match=r"unknown task\(s\) \['A'\]\. Did you "
-                       r"mean 'a'\? The tasks are \['a', 'b', 'c'\]"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"unknown task\(s\) \['A'\]\. Did you "
+        r"mean 'a'\? The tasks are \['a', 'b', 'c'\]",
+    ):
         trainer(tmp_path, max_epochs=1).fit(Typo(), loader(64))
 
 
@@ -340,8 +408,11 @@ def test_missing_optional_package_says_what_to_install(tmp_path, monkeypatch):
     register_optimizer("ghost", "ghost_opt_pkg_xyz.GhostOpt", package="ghost-opt")
     assert "ghost" in list_optimizers() and "ghost" not in list_optimizers(available=True)
     net = GroupedNet(optimizer={"name": "ghost", "lr": 0.1})  # built: e.g. to load weights
-    with pytest.raises(ModuleNotFoundError, match=r"optimizer 'ghost' needs the package "
-                       r"'ghost-opt'.*`pip install ghost-opt`"):
+    with pytest.raises(
+        ModuleNotFoundError,
+        match=r"optimizer 'ghost' needs the package "
+        r"'ghost-opt'.*`pip install ghost-opt`",
+    ):
         trainer(tmp_path, max_epochs=1).fit(net, loader(64))
     with pytest.raises(ModuleNotFoundError, match="pip install ghost-opt"):
         create_optimizer(nn.Linear(2, 1), {"name": "ghost"})
@@ -351,9 +422,12 @@ def test_one_lr_optimizers_reject_group_learning_rates(tmp_path, monkeypatch):
     monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))
     register_optimizer("one_lr", torch.optim.Adam, per_group_lr=False, step_rule="adam")
     net = GroupedNet(optimizer={"name": "one_lr", "lr": 0.1, "groups": {"shared": {"lr": 0.2}}})
-    with pytest.raises(ValueError, match=r"'one_lr' takes one learning rate for all parameter "
-                       r"groups \(lr=0.1\), but groups set others: 'shared': lr=0.2 \(from "
-                       r"optimizer.groups\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'one_lr' takes one learning rate for all parameter "
+        r"groups \(lr=0.1\), but groups set others: 'shared': lr=0.2 \(from "
+        r"optimizer.groups\)",
+    ):
         trainer(tmp_path, max_epochs=1).fit(net, loader(64))
     net = GroupedNet(optimizer={"name": "one_lr", "lr": 0.1})
     with pytest.raises(ValueError, match=r"'weighting': lr=0.05 \(from UncertaintyWeighting"):
@@ -364,19 +438,36 @@ def test_one_lr_optimizers_reject_group_learning_rates(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------- schedulers
 def test_list_schedulers():
-    assert {"step", "multistep", "exponential", "cosine", "onecycle", "linear", "constant",
-            "plateau"} <= set(list_schedulers())
+    assert {
+        "step",
+        "multistep",
+        "exponential",
+        "cosine",
+        "onecycle",
+        "linear",
+        "constant",
+        "plateau",
+    } <= set(list_schedulers())
 
 
 @pytest.mark.parametrize("frequency", [1, 2])
 def test_step_interval_scheduler_follows_its_formula(tmp_path, frequency):
     gamma, steps = 0.7, 7
-    spec = {"name": "sgd", "lr": 0.1, "groups": {"shared": {"lr": 0.04}},
-            "scheduler": {"name": "exponential", "gamma": gamma, "interval": "step",
-                          "frequency": frequency}}
+    spec = {
+        "name": "sgd",
+        "lr": 0.1,
+        "groups": {"shared": {"lr": 0.04}},
+        "scheduler": {
+            "name": "exponential",
+            "gamma": gamma,
+            "interval": "step",
+            "frequency": frequency,
+        },
+    }
     rec = LrRecorder()
-    trainer(tmp_path, [rec], max_steps=steps, max_epochs=None).fit(GroupedNet(optimizer=spec),
-                                                                    loader())
+    trainer(tmp_path, [rec], max_steps=steps, max_epochs=None).fit(
+        GroupedNet(optimizer=spec), loader()
+    )
     assert len(rec.lrs) == steps
     for k, lrs in enumerate(rec.lrs):  # k optimizer steps taken before batch k
         factor = gamma ** (k // frequency)
@@ -386,8 +477,11 @@ def test_step_interval_scheduler_follows_its_formula(tmp_path, frequency):
 
 def test_cosine_length_defaults_to_the_run(tmp_path):
     steps = 10
-    spec = {"name": "adam", "lr": 0.01,
-            "scheduler": {"name": "cosine", "eta_min": 0.001, "interval": "step"}}
+    spec = {
+        "name": "adam",
+        "lr": 0.01,
+        "scheduler": {"name": "cosine", "eta_min": 0.001, "interval": "step"},
+    }
     rec = LrRecorder()
     net = GroupedNet(optimizer=spec)
     t = trainer(tmp_path, [rec], max_steps=steps, max_epochs=None)
@@ -410,9 +504,13 @@ def test_epoch_interval_scheduler(tmp_path):
 
 def test_plateau_and_onecycle_configs(tmp_path):
     lin = nn.Linear(2, 1)
-    cfg = build_optimizers(lin, {"name": "adam", "scheduler": {"name": "plateau",
-                                                               "monitor": "val/loss/total",
-                                                               "patience": 2}})
+    cfg = build_optimizers(
+        lin,
+        {
+            "name": "adam",
+            "scheduler": {"name": "plateau", "monitor": "val/loss/total", "patience": 2},
+        },
+    )
     assert cfg["lr_scheduler"]["monitor"] == "val/loss/total"
     assert cfg["lr_scheduler"]["scheduler"].patience == 2
     assert cfg["lr_scheduler"]["interval"] == "epoch" and cfg["lr_scheduler"]["strict"] is True
@@ -435,31 +533,45 @@ def test_learning_rate_monitor_names_the_groups(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path, name="tb")
-    spec = {"name": "adam", "lr": 0.01, "groups": {"shared": {"lr": 0.002}},
-            "scheduler": {"name": "exponential", "gamma": 0.5, "interval": "step"}}
-    t = trainer(tmp_path, [LearningRateMonitor("step")], logger=logger, max_steps=3,
-                max_epochs=None, log_every_n_steps=1)
+    spec = {
+        "name": "adam",
+        "lr": 0.01,
+        "groups": {"shared": {"lr": 0.002}},
+        "scheduler": {"name": "exponential", "gamma": 0.5, "interval": "step"},
+    }
+    t = trainer(
+        tmp_path,
+        [LearningRateMonitor("step")],
+        logger=logger,
+        max_steps=3,
+        max_epochs=None,
+        log_every_n_steps=1,
+    )
     t.fit(GroupedNet(optimizer=spec), loader())
     acc = EventAccumulator(logger.log_dir)
     acc.Reload()
     assert {"lr-Adam/shared", "lr-Adam/task/a", "lr-Adam/other"} <= set(acc.Tags()["scalars"])
-    assert [e.value for e in acc.Scalars("lr-Adam/shared")] == pytest.approx(
-        [0.002, 0.001, 0.0005])
+    assert [e.value for e in acc.Scalars("lr-Adam/shared")] == pytest.approx([0.002, 0.001, 0.0005])
 
 
 # ---------------------------------------------------------------------------------- checkpoints
 def test_resume_keeps_group_hyperparameters(tmp_path):
-    spec = {"name": "adamw", "lr": 0.01, "weight_decay": 0.05,
-            "groups": {"shared": {"lr": 0.004}, "task/*": {"weight_decay": 0.0}},
-            "scheduler": {"name": "exponential", "gamma": 0.8, "interval": "step"}}
+    spec = {
+        "name": "adamw",
+        "lr": 0.01,
+        "weight_decay": 0.05,
+        "groups": {"shared": {"lr": 0.004}, "task/*": {"weight_decay": 0.0}},
+        "scheduler": {"name": "exponential", "gamma": 0.8, "interval": "step"},
+    }
     uw = UncertaintyWeighting(lr=0.03)
     full = GroupedNet(optimizer=spec)
     trainer(tmp_path / "full", [uw], max_epochs=2).fit(full, loader(128))  # 2 x 4 steps
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = GroupedNet(optimizer=spec)
-    trainer(tmp_path, [UncertaintyWeighting(lr=0.03), ckpt], max_epochs=1,
-            enable_checkpointing=True).fit(first, loader(128))
+    trainer(
+        tmp_path, [UncertaintyWeighting(lr=0.03), ckpt], max_epochs=1, enable_checkpointing=True
+    ).fit(first, loader(128))
     saved = torch.load(ckpt.last_model_path, weights_only=True)["optimizer_states"][0]
     saved_groups = {g["name"]: g for g in saved["param_groups"]}
     assert list(saved_groups) == ["shared", "task/a", "task/b", "task/c", "other", "weighting"]

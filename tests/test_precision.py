@@ -33,7 +33,9 @@ def _precision_kwargs(precision: str) -> dict:
     return {"precision": precision}
 
 
-@pytest.mark.parametrize("method", [None, EqualWeighting(), UncertaintyWeighting(), DWA()], ids=repr)
+@pytest.mark.parametrize(
+    "method", [None, EqualWeighting(), UncertaintyWeighting(), DWA()], ids=repr
+)
 def test_accumulation_equals_the_big_batch(tmp_path, method):
     """Mean losses over two half batches with accumulate_grad_batches=2 == the full batch."""
     runs = []

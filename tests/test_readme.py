@@ -21,8 +21,13 @@ def test_quick_start_module_trains(tmp_path):
     net = namespace["Net"]()
     gn = GradNorm(alpha=1.5)
     trainer = pl.Trainer(
-        max_steps=3, callbacks=[gn], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        max_steps=3,
+        callbacks=[gn],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     trainer.fit(net, TwoDigitsDataModule(train_pairs=96, val_pairs=32, batch_size=32))
     assert trainer.global_step == 3

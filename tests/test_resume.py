@@ -40,7 +40,10 @@ def test_resume_with_other_tasks_is_a_clear_error(tmp_path):
     ckpt = tmp_path / "one.ckpt"
     first.save_checkpoint(ckpt)
     net = TinyNet(tasks=("a", "b", "x"))
-    with pytest.raises(MisconfigurationException, match=r"saved for tasks \['a', 'b', 'c'\], but this TinyNet has tasks"):
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"saved for tasks \['a', 'b', 'c'\], but this TinyNet has tasks",
+    ):
         trainer(tmp_path, [DWA()], max_epochs=2).fit(net, loader(), ckpt_path=str(ckpt))
 
 
@@ -62,7 +65,10 @@ def test_resume_with_another_method_is_a_clear_error(tmp_path):
     first, _ = _fit(tmp_path / "a", None, 1)
     ckpt = tmp_path / "plain.ckpt"
     first.save_checkpoint(ckpt)
-    with pytest.raises(MisconfigurationException, match="trained with weighting 'none', but this run uses 'UncertaintyWeighting'"):
+    with pytest.raises(
+        MisconfigurationException,
+        match="trained with weighting 'none', but this run uses 'UncertaintyWeighting'",
+    ):
         _fit(tmp_path / "b", UncertaintyWeighting(), 2, ckpt_path=str(ckpt))
 
 

@@ -78,8 +78,13 @@ class StateSnapshots(pl.Callback):
             (
                 g["name"],
                 {k: v for k, v in g.items() if k != "params"},
-                [{k: v.clone() if isinstance(v, torch.Tensor) else v
-                  for k, v in opt.state.get(p, {}).items()} for p in g["params"]],
+                [
+                    {
+                        k: v.clone() if isinstance(v, torch.Tensor) else v
+                        for k, v in opt.state.get(p, {}).items()
+                    }
+                    for p in g["params"]
+                ],
             )
             for g in opt.param_groups
         ]
@@ -120,8 +125,9 @@ def test_logged_step_sizes_equal_hand_computation(tmp_path, kind, kwargs):
     logger = TensorBoardLogger(tmp_path, name="tb")
     snap = StateSnapshots()
     monitor = AdaptiveStepMonitor(every_n_steps=3)
-    t = trainer(tmp_path, [monitor, snap], logger=logger, max_steps=6, max_epochs=None,
-                log_every_n_steps=1)
+    t = trainer(
+        tmp_path, [monitor, snap], logger=logger, max_steps=6, max_epochs=None, log_every_n_steps=1
+    )
     t.fit(GroupedNet(optimizer=spec), loader())
     acc = events(logger.log_dir)
     groups = ["shared", "task/a", "task/b", "task/c"]
@@ -135,8 +141,11 @@ def test_logged_step_sizes_equal_hand_computation(tmp_path, kind, kwargs):
                 logged = scalar(acc, f"step_size/{name}/{q}")
                 assert sorted(logged) == [3, 6]  # logging steps only
                 assert logged[step] == pytest.approx(value, rel=2e-5), (name, q, step)
-            (hist,) = [h.histogram_value for h in acc.Histograms(f"step_size/{name}/log10")
-                       if h.step == step]
+            (hist,) = [
+                h.histogram_value
+                for h in acc.Histograms(f"step_size/{name}/log10")
+                if h.step == step
+            ]
             assert hist.num == eta.size
             assert hist.min == pytest.approx(np.log10(eta).min(), rel=1e-5, abs=1e-6)
             assert hist.max == pytest.approx(np.log10(eta).max(), rel=1e-5, abs=1e-6)
@@ -161,8 +170,13 @@ def test_step_size_times_moment_is_the_update_torch_takes(kind, kwargs, times):
     """Behavioural check of the formulas: p_before - p_after == eta * m (or eta * g)."""
     gen = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(50, dtype=torch.float64, generator=gen))
-    cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam, "adamax": torch.optim.Adamax,
-           "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}[kind]
+    cls = {
+        "adam": torch.optim.Adam,
+        "radam": torch.optim.RAdam,
+        "adamax": torch.optim.Adamax,
+        "adagrad": torch.optim.Adagrad,
+        "rmsprop": torch.optim.RMSprop,
+    }[kind]
     opt = cls([p], **kwargs)
     for _ in range(8):
         g = torch.randn(50, dtype=torch.float64, generator=gen)
@@ -193,6 +207,7 @@ def test_device_tensor_step_path_agrees(monkeypatch, kind, cls, kwargs):
     gen = torch.Generator().manual_seed(1)
     p = torch.nn.Parameter(torch.randn(20, dtype=torch.float64, generator=gen))
     opt = cls([p], lr=0.1, **kwargs)
+
     def on_device(x, like):
         return x.to(like) if isinstance(x, torch.Tensor) else float(x)
 
@@ -209,8 +224,9 @@ def test_device_tensor_step_path_agrees(monkeypatch, kind, cls, kwargs):
 def test_effective_step_sizes_by_group():
     a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
     unstepped = torch.nn.Parameter(torch.ones(4))
-    opt = torch.optim.RMSprop([{"params": [a, unstepped], "name": "x"}, {"params": [b]}], lr=0.1,
-                              eps=0.0, alpha=0.5)
+    opt = torch.optim.RMSprop(
+        [{"params": [a, unstepped], "name": "x"}, {"params": [b]}], lr=0.1, eps=0.0, alpha=0.5
+    )
     a.grad, b.grad = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([2.0, 2.0])
     opt.step()
     out = effective_step_sizes(opt)
@@ -225,8 +241,15 @@ def test_effective_step_sizes_by_group():
 
 def test_accumulation_logs_once_per_logging_optimizer_step(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb")
-    t = trainer(tmp_path, [AdaptiveStepMonitor(every_n_steps=2)], logger=logger, max_steps=4,
-                max_epochs=None, accumulate_grad_batches=2, log_every_n_steps=1)
+    t = trainer(
+        tmp_path,
+        [AdaptiveStepMonitor(every_n_steps=2)],
+        logger=logger,
+        max_steps=4,
+        max_epochs=None,
+        accumulate_grad_batches=2,
+        log_every_n_steps=1,
+    )
     t.fit(GroupedNet(optimizer={"name": "adam", "lr": 0.01}), loader())
     acc = events(logger.log_dir)
     assert sorted(scalar(acc, "step_size/shared/median")) == [2, 4]
@@ -236,8 +259,14 @@ def test_accumulation_logs_once_per_logging_optimizer_step(tmp_path):
 def test_parameters_without_state_are_skipped(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb")
     net = GroupedNet(optimizer={"name": "adam", "lr": 0.01}, absent=lambda i, t: t == "c")
-    t = trainer(tmp_path, [AdaptiveStepMonitor(every_n_steps=2)], logger=logger, max_steps=4,
-                max_epochs=None, log_every_n_steps=1)
+    t = trainer(
+        tmp_path,
+        [AdaptiveStepMonitor(every_n_steps=2)],
+        logger=logger,
+        max_steps=4,
+        max_epochs=None,
+        log_every_n_steps=1,
+    )
     t.fit(net, loader())
     assert not t.optimizers[0].state.get(net.heads["c"].weight)  # never stepped
     tags = step_tags(events(logger.log_dir))
@@ -277,8 +306,14 @@ def test_uninterpretable_optimizers_warn_once_and_log_nothing(tmp_path, make, ma
             return make(self)
 
     logger = TensorBoardLogger(tmp_path, name="tb")
-    t = trainer(tmp_path, [AdaptiveStepMonitor(every_n_steps=1)], logger=logger, max_steps=5,
-                max_epochs=None, log_every_n_steps=1)
+    t = trainer(
+        tmp_path,
+        [AdaptiveStepMonitor(every_n_steps=1)],
+        logger=logger,
+        max_steps=5,
+        max_epochs=None,
+        log_every_n_steps=1,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t.fit(Net(), loader())
@@ -292,12 +327,15 @@ def test_large_groups_are_subsampled(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb")
     snap = StateSnapshots()
     monitor = AdaptiveStepMonitor(every_n_steps=4, max_samples=40, quantiles=(0.25, 0.5, 0.75))
-    t = trainer(tmp_path, [monitor, snap], logger=logger, max_steps=4, max_epochs=None,
-                log_every_n_steps=1)
+    t = trainer(
+        tmp_path, [monitor, snap], logger=logger, max_steps=4, max_epochs=None, log_every_n_steps=1
+    )
     t.fit(GroupedNet(optimizer={"name": "adagrad", "lr": 0.05}), loader())
     acc = events(logger.log_dir)
-    full = {name: np.concatenate([hand_eta("adagrad", s, g, 4).ravel() for s in states])
-            for name, g, states in snap.at[4]}
+    full = {
+        name: np.concatenate([hand_eta("adagrad", s, g, 4).ravel() for s in states])
+        for name, g, states in snap.at[4]
+    }
     assert full["shared"].size == 384 and full["task/a"].size == 17
     (shared,) = acc.Histograms("step_size/shared/log10")
     assert shared.histogram_value.num == 40  # exactly max_samples, drawn from the group
@@ -308,14 +346,21 @@ def test_large_groups_are_subsampled(tmp_path):
     (head,) = acc.Histograms("step_size/task/a/log10")  # small group: every element, exact
     assert head.histogram_value.num == 17
     assert scalar(acc, "step_size/task/a/p25")[4] == pytest.approx(
-        np.quantile(full["task/a"], 0.25), rel=2e-5)
+        np.quantile(full["task/a"], 0.25), rel=2e-5
+    )
 
 
 def test_linear_histograms(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb")
     snap = StateSnapshots()
-    t = trainer(tmp_path, [AdaptiveStepMonitor(every_n_steps=2, log10=False), snap],
-                logger=logger, max_steps=2, max_epochs=None, log_every_n_steps=1)
+    t = trainer(
+        tmp_path,
+        [AdaptiveStepMonitor(every_n_steps=2, log10=False), snap],
+        logger=logger,
+        max_steps=2,
+        max_epochs=None,
+        log_every_n_steps=1,
+    )
     t.fit(GroupedNet(optimizer={"name": "rmsprop", "lr": 0.01}), loader())
     acc = events(logger.log_dir)
     assert not [h for h in acc.Tags()["histograms"] if h.endswith("/log10")]
@@ -328,8 +373,14 @@ def test_linear_histograms(tmp_path):
 
 def test_no_histograms_and_no_logger(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb")
-    t = trainer(tmp_path, [AdaptiveStepMonitor(every_n_steps=2, histograms=False)], logger=logger,
-                max_steps=2, max_epochs=None, log_every_n_steps=1)
+    t = trainer(
+        tmp_path,
+        [AdaptiveStepMonitor(every_n_steps=2, histograms=False)],
+        logger=logger,
+        max_steps=2,
+        max_epochs=None,
+        log_every_n_steps=1,
+    )
     t.fit(GroupedNet(optimizer={"name": "adam", "lr": 0.01}), loader())
     acc = events(logger.log_dir)
     assert acc.Tags()["histograms"] == [] and step_tags(acc)
@@ -358,8 +409,10 @@ def test_bad_arguments(kwargs, match):
 
 def test_repr_and_quantile_names():
     m = AdaptiveStepMonitor(every_n_steps=5, quantiles=(0.025, 0.5, 0.975))
-    assert repr(m) == "AdaptiveStepMonitor(every_n_steps=5, histograms=True, " \
-                      "quantiles=(0.025, 0.5, 0.975))"
+    assert (
+        repr(m) == "AdaptiveStepMonitor(every_n_steps=5, histograms=True, "
+        "quantiles=(0.025, 0.5, 0.975))"
+    )
     assert [m.quantile_name(q) for q in m.quantiles] == ["p2.5", "median", "p97.5"]
     assert m.state_key != AdaptiveStepMonitor(every_n_steps=6).state_key
 

@@ -76,7 +76,9 @@ def test_total_is_the_weighted_sum(tmp_path):
         losses = [acc.Scalars(f"loss/{t}")[i].value for t in "abc"]
         weights = [acc.Scalars(f"weights/{t}")[i].value for t in "abc"]
         total = acc.Scalars("loss/total")[i].value
-        assert total == pytest.approx(sum(w * l for w, l in zip(weights, losses, strict=True)), rel=1e-5)
+        assert total == pytest.approx(
+            sum(w * l for w, l in zip(weights, losses, strict=True)), rel=1e-5
+        )
     assert acc.Scalars("weights/a")[16].value != 1.0
 
 
@@ -105,7 +107,9 @@ def test_total_means_the_same_in_training_and_validation(tmp_path, method, objec
     val = acc.Scalars("val/loss/total")[-1].value
     weights = [net.task_weights[t] for t in "abc"]
     val_losses = [acc.Scalars(f"val/loss/{t}")[-1].value for t in "abc"]
-    assert val == pytest.approx(sum(w * l for w, l in zip(weights, val_losses, strict=True)), rel=1e-4)
+    assert val == pytest.approx(
+        sum(w * l for w, l in zip(weights, val_losses, strict=True)), rel=1e-4
+    )
 
 
 def test_any_logger_gets_the_scalars(tmp_path):

@@ -66,7 +66,9 @@ class GradProbe(pl.Callback):
         self.weights.append(w.clone())
         out = self.ref.task_losses(self.batch, 0)
         (sum(w[i] * out[t] for i, t in enumerate(self.ref.tasks))).backward()
-        for (name, p), q in zip(pl_module.trunk.named_parameters(), self.ref.trunk.parameters(), strict=True):
+        for (name, p), q in zip(
+            pl_module.trunk.named_parameters(), self.ref.trunk.parameters(), strict=True
+        ):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
         self.checked += 1
 
@@ -83,7 +85,9 @@ class GradProbe(pl.Callback):
 )
 def test_network_sees_the_transformed_weights(tmp_path, method):
     probe = GradProbe()
-    trainer(tmp_path, [method, probe], max_epochs=1).fit(TinyNet(optimizer={"name": "sgd", "lr": 0.05}), loader())
+    trainer(tmp_path, [method, probe], max_epochs=1).fit(
+        TinyNet(optimizer={"name": "sgd", "lr": 0.05}), loader()
+    )
     assert probe.checked == 8
     w = torch.stack(probe.weights)  # the weights applied at each step
     if isinstance(method, UncertaintyWeighting):
@@ -97,6 +101,9 @@ def test_network_sees_the_transformed_weights(tmp_path, method):
 
 def test_repr_state_key_and_pickle():
     m = DWA().transformed(EMA(0.5), Clamp(0.2, 5.0))
-    assert repr(m) == "DWA(temperature=2.0, interval='epoch', frequency=1).transformed(chain(EMA(decay=0.5), Clamp(min=0.2, max=5.0)))"
+    assert (
+        repr(m)
+        == "DWA(temperature=2.0, interval='epoch', frequency=1).transformed(chain(EMA(decay=0.5), Clamp(min=0.2, max=5.0)))"
+    )
     assert m.state_key != DWA().state_key
     assert repr(pickle.loads(pickle.dumps(m))) == repr(m)

@@ -74,7 +74,9 @@ class NoisyRegression(MultiTaskModule):
     def task_losses(self, batch, batch_idx):
         x, y = batch
         h = self.trunk(x)
-        return {t: F.mse_loss(self.heads[t](h).squeeze(-1), y[:, i]) for i, t in enumerate(self.tasks)}
+        return {
+            t: F.mse_loss(self.heads[t](h).squeeze(-1), y[:, i]) for i, t in enumerate(self.tasks)
+        }
 
 
 def test_uncertainty_recovers_noise(tmp_path):
@@ -100,8 +102,14 @@ class GradNormToy(MultiTaskModule):
         tasks = [f"t{i}" for i in range(len(sigmas))]
         super().__init__(tasks=tasks, optimizer={"name": "adam", "lr": 1e-3})
         self.trunk = nn.Sequential(
-            nn.Linear(250, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
-            nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
+            nn.Linear(250, 100),
+            nn.ReLU(),
+            nn.Linear(100, 100),
+            nn.ReLU(),
+            nn.Linear(100, 100),
+            nn.ReLU(),
+            nn.Linear(100, 100),
+            nn.ReLU(),
         )
         self.heads = nn.ModuleDict({t: nn.Linear(100, 100) for t in tasks})
 
@@ -151,7 +159,9 @@ def test_gradnorm_does_not_leak_into_network_gradients(tmp_path):
             ref.load_state_dict(self.state_before, strict=False)
             out = ref.task_losses(self.batch, 0)
             (sum(w[i] * out[t] for i, t in enumerate(ref.tasks))).backward()
-            for (name, p), (_, q) in zip(pl_module.named_parameters(), ref.named_parameters(), strict=False):
+            for (name, p), (_, q) in zip(
+                pl_module.named_parameters(), ref.named_parameters(), strict=False
+            ):
                 torch.testing.assert_close(p.grad, q.grad, msg=name)
             self.checked += 1
 
@@ -171,14 +181,18 @@ def test_gradnorm_first_step_is_the_paper_update(tmp_path):
     batch = next(iter(loader()))
     out = net.task_losses(batch, 0)
     W = net.trunk[2].weight
-    norms = torch.stack([torch.autograd.grad(out[t], W, retain_graph=True)[0].norm() for t in net.tasks])
+    norms = torch.stack(
+        [torch.autograd.grad(out[t], W, retain_graph=True)[0].norm() for t in net.tasks]
+    )
     target = norms.mean()
     grad = torch.sign(norms - target) * norms
     w = torch.ones(3) - 0.025 * torch.sign(grad)  # Adam's first step moves by lr * sign(grad)
     expected = 3 * w / w.sum()
     gn = GradNorm(alpha=1.5)
     trainer(tmp_path, [gn], max_steps=1).fit(TinyNet(), loader())
-    torch.testing.assert_close(torch.tensor(list(gn.weights.values())), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(list(gn.weights.values())), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_uncertainty_callback_matches_functional():
@@ -192,7 +206,9 @@ def test_uncertainty_callback_matches_functional():
     losses = torch.tensor([1.5, 0.2, 3.0])
     present = torch.tensor([True, True, False])
     flags = [False, True, False]
-    torch.testing.assert_close(uw.combine(losses, present), uncertainty_loss(losses, uw.log_vars, flags, present))
+    torch.testing.assert_close(
+        uw.combine(losses, present), uncertainty_loss(losses, uw.log_vars, flags, present)
+    )
     torch.testing.assert_close(uw.weight_tensor(), uncertainty_weights(uw.log_vars.detach(), flags))
 
 
@@ -238,8 +254,12 @@ def test_mixed_precision_accumulation_and_clipping(tmp_path, method, precision):
     net = TinyNet(optimizer={"name": "adam", "lr": 0.01})
     before = params(net)
     t = trainer(
-        tmp_path, [copy.deepcopy(method), rec], max_epochs=2, accumulate_grad_batches=2,
-        gradient_clip_val=0.5, **kw,
+        tmp_path,
+        [copy.deepcopy(method), rec],
+        max_epochs=2,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.5,
+        **kw,
     )
     t.fit(net, loader())
     assert t.global_step == 8
@@ -312,7 +332,13 @@ def _negative_b(batch_idx, task, loss):
 
 #: every method that takes logarithms or ratios of the step's losses declares a floor of 0
 LOG_METHODS = [
-    GLS(), ScaleInvariant(), IMTLL(), FAMO(), STCH(warmup_epochs=1), GradNorm(), DBMTL(),
+    GLS(),
+    ScaleInvariant(),
+    IMTLL(),
+    FAMO(),
+    STCH(warmup_epochs=1),
+    GradNorm(),
+    DBMTL(),
     DBMTL(source="representation"),
 ]
 
@@ -340,7 +366,10 @@ def test_famo_loss_at_its_minimum_is_an_error(tmp_path):
         return loss * 0.0 + 0.5 if task == "c" else loss
 
     t = trainer(tmp_path, [FAMO(min_losses={"c": 0.5})], max_epochs=1)
-    with pytest.raises(ValueError, match=r"got loss 0\.5 for task 'c' \(it must be above \[0\.5\]\) at epoch 0, batch 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"got loss 0\.5 for task 'c' \(it must be above \[0\.5\]\) at epoch 0, batch 0",
+    ):
         t.fit(TinyNet(loss_hook=at_minimum), loader())
 
 
@@ -571,7 +600,9 @@ def test_famo_frequency_updates_the_logits_every_n_steps(tmp_path):
 
     famo = FAMO(frequency=3)
     trainer(tmp_path, [famo, Spy()], max_epochs=1).fit(TinyNet(), loader())
-    changed = [not torch.equal(a, b) for a, b in zip([torch.zeros(3), *seen[:-1]], seen, strict=True)]
+    changed = [
+        not torch.equal(a, b) for a, b in zip([torch.zeros(3), *seen[:-1]], seen, strict=True)
+    ]
     # steps 3 and 6 (1-based) update the logits, the others leave them as they are
     assert changed == [False, False, True, False, False, True, False, False]
 
@@ -588,5 +619,7 @@ def test_famo_epoch_interval_updates_once_per_epoch(tmp_path):
             seen.append(pl_module.weighting._logits.clone())
 
     trainer(tmp_path, [FAMO(interval="epoch"), Spy()], max_epochs=2).fit(TinyNet(), loader())
-    changed = [not torch.equal(a, b) for a, b in zip([torch.zeros(3), *seen[:-1]], seen, strict=True)]
+    changed = [
+        not torch.equal(a, b) for a, b in zip([torch.zeros(3), *seen[:-1]], seen, strict=True)
+    ]
     assert changed == [True] + [False] * 7 + [True] + [False] * 7  # first step of each epoch

@@ -180,8 +180,12 @@ class WeightFigures(Callback):
         series = [[w[i] for w in self._weights] for i in range(len(self._tasks))]
         xs = [float(s) for s in self._steps]
         step = trainer.global_step
-        log_figure(trainer, "weights/trajectories", trajectory_figure(self._tasks, series, xs,
-                                                                      "step"), step)
+        log_figure(
+            trainer,
+            "weights/trajectories",
+            trajectory_figure(self._tasks, series, xs, "step"),
+            step,
+        )
         log_figure(trainer, "weights/shares", share_figure(self._tasks, series, xs, "step"), step)
 
     # ------------------------------------------------------------------ state

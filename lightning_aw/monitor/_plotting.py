@@ -148,7 +148,10 @@ def share_figure(
 
 
 def _draw_shares(
-    ax: Any, tasks: Sequence[str], series: Sequence[Sequence[float]], xs: Sequence[float],
+    ax: Any,
+    tasks: Sequence[str],
+    series: Sequence[Sequence[float]],
+    xs: Sequence[float],
     xlabel: str,
 ) -> None:
     shares = weight_shares(series)

@@ -224,9 +224,10 @@ def _overrides(module: nn.Module, hook: str) -> bool:
     """Whether ``module`` implements ``hook`` itself (not MultiTaskModule's default)."""
     fn = getattr(type(module), hook, None)
     # MultiTaskModule's default, recognised by name: lightning_aw.module imports this package
-    default = getattr(fn, "__module__", None) == "lightning_aw.module" and getattr(
-        fn, "__qualname__", None
-    ) == f"MultiTaskModule.{hook}"
+    default = (
+        getattr(fn, "__module__", None) == "lightning_aw.module"
+        and getattr(fn, "__qualname__", None) == f"MultiTaskModule.{hook}"
+    )
     return fn is not None and not default
 
 
@@ -399,8 +400,9 @@ def create_optimizer(
                 if "params" not in g:
                     raise ValueError(f"Parameter group {i} has no 'params' entry: {dict(g)!r}.")
                 params = g["params"]
-                groups.append({**g, "params": [params] if isinstance(params, Tensor)
-                               else list(params)})
+                groups.append(
+                    {**g, "params": [params] if isinstance(params, Tensor) else list(params)}
+                )
         elif all(isinstance(g, Tensor) for g in items):
             groups = [{"params": items}]
         else:

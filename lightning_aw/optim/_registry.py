@@ -230,9 +230,7 @@ def register_optimizer(
             )
         info = OptimizerInfo(name=info, cls=cls, **fields)
     else:
-        raise ValueError(
-            f"Parameter `info` should be an OptimizerInfo or a name. Found {info!r}."
-        )
+        raise ValueError(f"Parameter `info` should be an OptimizerInfo or a name. Found {info!r}.")
     if info.name in _REGISTRY and not overwrite:
         raise ValueError(
             f"An optimizer named {info.name!r} is already registered "
@@ -285,9 +283,11 @@ def get_optimizer(name: str) -> OptimizerInfo:
     """
     key = str(name).lower()
     if key not in _REGISTRY:
-        raise ValueError(f"Unknown optimizer {name!r}.{_nearest(key, _REGISTRY)} "
-                         f"Registered: {', '.join(sorted(_REGISTRY))}; or give a class path "
-                         "such as 'torch.optim.SGD'.")
+        raise ValueError(
+            f"Unknown optimizer {name!r}.{_nearest(key, _REGISTRY)} "
+            f"Registered: {', '.join(sorted(_REGISTRY))}; or give a class path "
+            "such as 'torch.optim.SGD'."
+        )
     return _REGISTRY[key]
 
 
@@ -334,7 +334,7 @@ def info_for_class(cls: type) -> OptimizerInfo | None:
 
 
 def _nearest(key: str, names: Any) -> str:
-    """" Did you mean 'x'?" for the closest of ``names`` (ignoring case), or ""."""
+    """ " Did you mean 'x'?" for the closest of ``names`` (ignoring case), or ""."""
     near = nearest(key, names, cutoff=0.5)
     return f" Did you mean {near!r}?" if near else ""
 
@@ -342,62 +342,99 @@ def _nearest(key: str, names: Any) -> str:
 # ---------------------------------------------------------------------------------- built-ins
 for _info in (
     OptimizerInfo(
-        "sgd", torch.optim.SGD, adaptive=False, example_kwargs={"lr": 0.05, "momentum": 0.9},
+        "sgd",
+        torch.optim.SGD,
+        adaptive=False,
+        example_kwargs={"lr": 0.05, "momentum": 0.9},
         description="stochastic gradient descent (momentum, Nesterov)",
     ),
     OptimizerInfo(
-        "adam", torch.optim.Adam, step_rule="adam", example_kwargs={"lr": 0.01},
+        "adam",
+        torch.optim.Adam,
+        step_rule="adam",
+        example_kwargs={"lr": 0.01},
         description="Kingma & Ba, ICLR 2015, https://arxiv.org/abs/1412.6980",
     ),
     OptimizerInfo(
-        "adamw", torch.optim.AdamW, step_rule="adam",
+        "adamw",
+        torch.optim.AdamW,
+        step_rule="adam",
         example_kwargs={"lr": 0.01, "weight_decay": 0.01},
         description="Loshchilov & Hutter, ICLR 2019, https://arxiv.org/abs/1711.05101",
     ),
     OptimizerInfo(
-        "adagrad", torch.optim.Adagrad, step_rule="adagrad",
+        "adagrad",
+        torch.optim.Adagrad,
+        step_rule="adagrad",
         example_kwargs={"lr": 0.05, "lr_decay": 0.01},
         description="Duchi, Hazan & Singer, JMLR 2011",
     ),
     OptimizerInfo(
-        "rmsprop", torch.optim.RMSprop, step_rule="rmsprop",
+        "rmsprop",
+        torch.optim.RMSprop,
+        step_rule="rmsprop",
         example_kwargs={"lr": 0.005, "centered": True},
         description="Tieleman & Hinton, 2012 (lecture 6.5)",
     ),
     OptimizerInfo(
-        "adadelta", torch.optim.Adadelta, step_rule="adadelta", example_kwargs={"lr": 1.0},
+        "adadelta",
+        torch.optim.Adadelta,
+        step_rule="adadelta",
+        example_kwargs={"lr": 1.0},
         description="Zeiler, 2012, https://arxiv.org/abs/1212.5701",
     ),
     OptimizerInfo(
-        "adamax", torch.optim.Adamax, step_rule="adamax", example_kwargs={"lr": 0.01},
+        "adamax",
+        torch.optim.Adamax,
+        step_rule="adamax",
+        example_kwargs={"lr": 0.01},
         description="Kingma & Ba, ICLR 2015 (infinity-norm Adam)",
     ),
     OptimizerInfo(
-        "nadam", torch.optim.NAdam, step_rule="nadam", example_kwargs={"lr": 0.01},
+        "nadam",
+        torch.optim.NAdam,
+        step_rule="nadam",
+        example_kwargs={"lr": 0.01},
         description="Dozat, ICLR 2016 workshop (Nesterov Adam)",
     ),
     OptimizerInfo(
-        "radam", torch.optim.RAdam, step_rule="radam", example_kwargs={"lr": 0.01},
+        "radam",
+        torch.optim.RAdam,
+        step_rule="radam",
+        example_kwargs={"lr": 0.01},
         description="Liu et al., ICLR 2020, https://arxiv.org/abs/1908.03265",
     ),
     # ------------------------------------------------------------------ optional packages
     OptimizerInfo(
-        "adamw_schedulefree", "schedulefree.AdamWScheduleFree", package="schedulefree",
-        train_eval_modes=True, example_kwargs={"lr": 0.01},
+        "adamw_schedulefree",
+        "schedulefree.AdamWScheduleFree",
+        package="schedulefree",
+        train_eval_modes=True,
+        example_kwargs={"lr": 0.01},
         description="Defazio et al., NeurIPS 2024, https://arxiv.org/abs/2405.15682",
     ),
     OptimizerInfo(
-        "sgd_schedulefree", "schedulefree.SGDScheduleFree", package="schedulefree",
-        adaptive=False, train_eval_modes=True, example_kwargs={"lr": 0.1},
+        "sgd_schedulefree",
+        "schedulefree.SGDScheduleFree",
+        package="schedulefree",
+        adaptive=False,
+        train_eval_modes=True,
+        example_kwargs={"lr": 0.1},
         description="Defazio et al., NeurIPS 2024, https://arxiv.org/abs/2405.15682",
     ),
     OptimizerInfo(
-        "prodigy", "prodigyopt.Prodigy", package="prodigyopt", per_group_lr=False,
+        "prodigy",
+        "prodigyopt.Prodigy",
+        package="prodigyopt",
+        per_group_lr=False,
         example_kwargs={"lr": 1.0},
         description="Mishchenko & Defazio, ICML 2024, https://arxiv.org/abs/2306.06101",
     ),
     OptimizerInfo(
-        "lion", "lion_pytorch.Lion", package="lion-pytorch", adaptive=False,
+        "lion",
+        "lion_pytorch.Lion",
+        package="lion-pytorch",
+        adaptive=False,
         example_kwargs={"lr": 1e-3},
         description="Chen et al., NeurIPS 2023, https://arxiv.org/abs/2302.06675",
     ),

@@ -174,9 +174,7 @@ def parse_scheduler_spec(spec: Mapping[str, Any], where: str = "scheduler") -> _
         required = [
             n
             for n in signature_args(cls).required
-            if n in accepted
-            and n not in spec
-            and not (info is not None and n == info.length_arg)
+            if n in accepted and n not in spec and not (info is not None and n == info.length_arg)
         ]
         if required:
             raise ValueError(
@@ -224,8 +222,10 @@ def create_scheduler(
     kwargs = dict(parsed.kwargs)
     info = parsed.info
     length_arg = info.length_arg if info is not None else None
-    if length_arg is not None and kwargs.get(length_arg) is None and not (
-        length_arg == "total_steps" and kwargs.get("epochs") is not None
+    if (
+        length_arg is not None
+        and kwargs.get(length_arg) is None
+        and not (length_arg == "total_steps" and kwargs.get("epochs") is not None)
     ):
         kwargs[length_arg] = _run_length(trainer, parsed, length_arg)
     config: dict[str, Any] = {
@@ -243,8 +243,10 @@ def _run_length(trainer: pl.Trainer | None, parsed: _ParsedScheduler, arg: str) 
     name = parsed.info.name if parsed.info is not None else parsed.cls.__name__
     cure = f"Give `{arg}` in the scheduler spec."
     if trainer is None:
-        raise ValueError(f"Scheduler {name!r} needs `{arg}`, and there is no Trainer to infer "
-                         f"the run's length from. {cure}")
+        raise ValueError(
+            f"Scheduler {name!r} needs `{arg}`, and there is no Trainer to infer "
+            f"the run's length from. {cure}"
+        )
     if parsed.interval == "step":
         total = float(trainer.estimated_stepping_batches)
     else:
