@@ -34,6 +34,7 @@ TESTS = [
     "tests/test_resume.py::test_old_checkpoint_other_method",
     "tests/test_resume.py::test_old_checkpoint_other_hyperparameters",
     "tests/test_ddp.py::test_ddp_matrix",
+    "tests/test_fsdp.py::test_fsdp_equals_ddp",
 ]
 PRECISIONS = ("32", "bf16", "fp16")
 
@@ -72,7 +73,10 @@ FUZZ_TESTS = {
 
 def columns(method: str) -> dict[str, list[str]]:
     """The test ids behind each cell of ``method``'s row."""
+    from fsdp_script import REFUSED, cases
     from test_fuzz import METHOD_TWINS
+
+    fsdp_cases = [c for c in cases() if c not in REFUSED]
 
     acc = {p: f"test_precision_accumulation_clipping[{method}-{p}-acc1]" for p in PRECISIONS}
     acc2 = [f"test_precision_accumulation_clipping[{method}-{p}-acc2]" for p in PRECISIONS]
@@ -86,6 +90,7 @@ def columns(method: str) -> dict[str, list[str]]:
         "resume mid-epoch": [f"test_resume_mid_epoch[{method}-acc{a}]" for a in (1, 2)],
         "DDP": [f"test_ddp_matrix[{method}-32]"],
         "DDP bf16+accum": [f"test_ddp_matrix[{method}-bf16acc2]"],
+        "FSDP2": [f"test_fsdp_equals_ddp[{c}]" for c in fsdp_cases if c.split("-")[0] == method],
         "NaN raise": [f"test_nonfinite_raise[{method}]"],
         "NaN skip": [f"test_nonfinite_skip[{method}]"],
         "absent task": [f"test_absent_task[{method}]"],
@@ -213,6 +218,7 @@ python benchmarks/reliability_table.py      # runs the suite (about a minute on 
 | resume mid-epoch | `test_matrix.py::test_resume_mid_epoch[...-acc1/acc2]` | a checkpoint saved in the middle of an epoch, then a crash, resumed with `ckpt_path` (`weights_only=True`, a resumable data loader): parameters, weights and method state bit-identical to the uninterrupted run, also with accumulation 2 |
 | DDP | `test_ddp.py::test_ddp_matrix[...-32]` | 2 CPU processes (gloo), different data per rank, a task absent on one rank's odd batches: identical weights after every step and identical parameters on both ranks |
 | DDP bf16+accum | `test_ddp.py::test_ddp_matrix[...-bf16acc2]` | the same under bf16-mixed, `accumulate_grad_batches=2`, clipping |
+| FSDP2 | `test_fsdp.py::test_fsdp_equals_ddp[...]` (every case of the method: both sources, unmarked, SGD variants) | 2 CPU processes, `ModelParallelStrategy(2, 1)` with `fully_shard` on trunk, heads and module: weights after every step and full parameters equal to the same run under DDP, both ranks identical |
 | NaN raise | `test_faults.py::test_nonfinite_raise` | a NaN loss mid-run raises `FloatingPointError` naming the task, epoch, batch and global step |
 | NaN skip | `test_faults.py::test_nonfinite_skip` | with `on_nonfinite="skip"`, the NaN and the Inf step leave weights, method state, parameters and optimizer state untouched; `train/skipped_steps` read back from TensorBoard |
 | absent task | `test_faults.py::test_absent_task` | a task absent for 12 consecutive batches (twice): weights finite with the documented total, no NaN in the state, its head untouched meanwhile and training again once it is back |
