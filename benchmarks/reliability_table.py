@@ -230,7 +230,7 @@ python benchmarks/reliability_table.py      # runs the suite (about a minute on 
 
 Also part of the reliability suite, not per cell: `tests/test_longrun.py` (state size bounded
 over 10,000 updates, 2,000 for the gradient methods; host reads per training step from library
-code: exactly the module's one finiteness check, plus DB-MTL's documented seven),
+code: exactly the module's one finiteness check and loss-floor check, for every method),
 `tests/test_precision.py` (accumulation equals the big batch, GradNorm fp16 ≈ fp32, maths outside
 autocast), `tests/test_conformance.py` (end-of-epoch resume, pinned values, permutation).
 
