@@ -14,6 +14,10 @@ PAPERS: dict[str, str] = {
         'Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for Multi-task '
         'Learning", NeurIPS 2021, https://arxiv.org/abs/2110.14048'
     ),
+    "con_fig": (
+        'Liu, Chu & Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed Neural '
+        'Networks", ICLR 2025, https://arxiv.org/abs/2408.11104'
+    ),
     "db_mtl": (
         'Lin, Ye, Xu, Shi & Zhang, "Dual-Balancing for Multi-Task Learning", 2023, '
         "https://arxiv.org/abs/2308.12029"
@@ -21,6 +25,10 @@ PAPERS: dict[str, str] = {
     "dwa": (
         'Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019, '
         "https://arxiv.org/abs/1803.10704"
+    ),
+    "fairgrad": (
+        'Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024, '
+        "https://arxiv.org/abs/2402.15638"
     ),
     "famo": (
         'Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023, '

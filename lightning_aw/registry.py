@@ -11,7 +11,7 @@ Example::
 
     >>> from lightning_aw.registry import create_method, get_method, list_methods
     >>> list_methods("*grad*")
-    ['cagrad', 'graddrop', 'gradnorm', 'gradvac', 'pcgrad', 'upgrad']
+    ['cagrad', 'fairgrad', 'graddrop', 'gradnorm', 'gradvac', 'pcgrad', 'upgrad']
     >>> info = get_method("dwa")
     >>> info.cls.__name__, info.total, info.default_interval
     ('DWA', 'T', 'epoch')
@@ -36,6 +36,8 @@ from lightning_aw.aggregation import (
     MGDA,
     AlignedMTL,
     CAGrad,
+    ConFIG,
+    FairGrad,
     GradDrop,
     GradVac,
     NashMTL,
@@ -418,6 +420,8 @@ _BUILTINS: dict[type[Weighting], dict[str, Any]] = {
     GradVac: {"beta": 0.25, "seed": 3},
     GradDrop: {"leak": 0.25, "seed": 3},
     DBMTL: {"beta": 0.5},
+    FairGrad: {"alpha": 1.5, "max_iter": 40, "frequency": 2},
+    ConFIG: {"source": "representation"},
 }
 for _cls, _example in _BUILTINS.items():
     register_method(MethodInfo.of(_cls, _example))

@@ -12,7 +12,18 @@ from lightning_aw._utils import GeneratorState
 from lightning_aw.aggregation._base import DDPSync, GradientWeighting, Source
 from lightning_aw.weighting._base import Interval
 
-__all__ = ["IMTLG", "MGDA", "AlignedMTL", "CAGrad", "GradVac", "NashMTL", "PCGrad", "UPGrad"]
+__all__ = [
+    "IMTLG",
+    "MGDA",
+    "AlignedMTL",
+    "CAGrad",
+    "ConFIG",
+    "FairGrad",
+    "GradVac",
+    "NashMTL",
+    "PCGrad",
+    "UPGrad",
+]
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -482,3 +493,112 @@ class GradVac(GradientWeighting, name="gradvac", stateful=True, stochastic=True)
         full[ix.unsqueeze(1), ix.unsqueeze(0)] = new.to(full.dtype)
         self._targets = full
         return coefs
+
+
+class FairGrad(GradientWeighting, name="fairgrad"):
+    r"""FairGrad: the :math:`\alpha`-fair share of the update among the tasks.
+
+    Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024,
+    https://arxiv.org/abs/2402.15638.
+
+    The coefficients :math:`w > 0` solve the paper's system :math:`GG^\top w = w^{-1/\alpha}`
+    (a damped Newton method in float64 on the host, :func:`lightning_aw.functional.fairgrad`).
+    ``alpha=0`` is the plain sum (linear scalarization), ``alpha=1`` proportional fairness
+    (Nash-MTL's system without its normalisation), ``alpha=2`` (default, as in the authors'
+    experiment scripts) minimum potential-delay fairness, large ``alpha`` max-min fairness
+    (MGDA's direction). The weights are not normalised and scale with the gradients as
+    :math:`k^{-2\alpha/(1+\alpha)}`; a step whose solve is not finite falls back to the plain sum
+    (counted in ``aggregation/fallbacks``). Stateless.
+
+    Args:
+        alpha: the fairness parameter :math:`\alpha \ge 0`, finite.
+        max_iter: Newton steps at most (the last iterate is used if ``tol`` is not reached).
+        source: ``"parameters"`` (gradients on ``shared_parameters()``, default) or
+            ``"representation"`` (on the tensor passed to ``shared_representation()``).
+        ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
+            (average the per-task gradients first, so the method acts on the global gradients).
+        frequency: recompute the coefficients every ``frequency`` optimizer steps (or epochs).
+        interval: ``"step"`` (default) or ``"epoch"``: with ``"epoch"`` the coefficients are
+            computed on the first optimizer step of every ``frequency``-th epoch and reused for
+            the rest of it.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import FairGrad
+        >>> from lightning_aw.functional import fairgrad
+        >>> trainer = pl.Trainer(callbacks=[FairGrad(alpha=2.0)], logger=False)
+        >>> grads = torch.tensor([[1.0, 0.0], [0.0, 8.0]])
+        >>> fairgrad(grads, alpha=2.0)  # orthogonal gradients: w_i = |g_i|^(-2 alpha/(1+alpha))
+        tensor([1.0000, 0.0625])
+    """
+
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        max_iter: int = 50,
+        *,
+        source: Source = "parameters",
+        ddp_sync: DDPSync = "gram",
+        frequency: int = 1,
+        interval: Interval = "step",
+    ) -> None:
+        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency, interval=interval)
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not 0.0 <= alpha < float("inf")
+        ):
+            raise ValueError(f"Parameter `alpha` should be a finite number >= 0. Found {alpha!r}.")
+        _check_int("max_iter", max_iter)
+        self.alpha = float(alpha)
+        self.max_iter = max_iter
+
+    def hparams_repr(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "max_iter": self.max_iter, **super().hparams_repr()}
+
+    def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
+        return G.fairgrad_from_gram(gram, alpha=self.alpha, max_iter=self.max_iter)
+
+
+class ConFIG(GradientWeighting, name="con_fig"):
+    r"""ConFIG: the conflict-free update, at an equal angle to every task gradient.
+
+    Liu, Chu & Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed Neural
+    Networks", ICLR 2025, https://arxiv.org/abs/2408.11104.
+
+    The direction :math:`\tilde d = U^{+}\mathbf 1` (:math:`U` the unit task gradients) has the
+    same positive projection on every unit gradient; the update is
+    :math:`(\sum_i g_i^\top\hat d)\,\hat d`, :math:`\hat d = \tilde d/\lVert\tilde d\rVert`,
+    expressed as coefficients on the task gradients from the Gram matrix
+    (:func:`lightning_aw.functional.con_fig`), so it runs under DDP and FSDP2 like every
+    gradient method. The direction is IMTL-G's; the length is the sum of the gradients'
+    projections on it. Not normalised; no hyperparameters; stateless (the paper's momentum
+    variant M-ConFIG is not included).
+
+    Args:
+        source: ``"parameters"`` (gradients on ``shared_parameters()``, default) or
+            ``"representation"`` (on the tensor passed to ``shared_representation()``).
+        ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
+            (average the per-task gradients first, so the method acts on the global gradients).
+        frequency: recompute the coefficients every ``frequency`` optimizer steps (or epochs).
+        interval: ``"step"`` (default) or ``"epoch"``: with ``"epoch"`` the coefficients are
+            computed on the first optimizer step of every ``frequency``-th epoch and reused for
+            the rest of it.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import ConFIG
+        >>> from lightning_aw.functional import con_fig
+        >>> trainer = pl.Trainer(callbacks=[ConFIG()], logger=False)
+        >>> grads = torch.tensor([[1.0, 0.0], [-1.0, 2.0]])  # conflicting
+        >>> d = con_fig(grads) @ grads
+        >>> d @ (grads / grads.norm(dim=1, keepdim=True)).T  # equal, positive cosines
+        tensor([0.8944, 0.8944])
+    """
+
+    def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
+        return G.con_fig_from_gram(gram)

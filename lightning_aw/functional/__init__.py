@@ -12,12 +12,17 @@ Layout, by concept (all names are re-exported here; the modules are private):
   on the validation and masked numerics of ``_vectors``;
 * gradient-based: ``_gram`` (the Gram matrix, checks, shared numerics), ``_qp`` (exact simplex
   and non-negative QP solvers), ``_simplex`` (MGDA, CAGrad), ``_projection`` (PCGrad, GradVac,
-  UPGrad), ``_balancing`` (IMTL-G, Nash-MTL, Aligned-MTL), ``_direction`` (DB-MTL, GradDrop).
+  UPGrad), ``_balancing`` (IMTL-G, Nash-MTL, Aligned-MTL,
+  FairGrad, ConFIG), ``_direction`` (DB-MTL, GradDrop).
 """
 
 from lightning_aw.functional._balancing import (
     aligned_mtl,
     aligned_mtl_from_gram,
+    con_fig,
+    con_fig_from_gram,
+    fairgrad,
+    fairgrad_from_gram,
     imtl_g,
     imtl_g_from_gram,
     nash_mtl,
@@ -59,9 +64,13 @@ __all__ = [
     "aligned_mtl_from_gram",
     "cagrad",
     "cagrad_from_gram",
+    "con_fig",
+    "con_fig_from_gram",
     "db_mtl",
     "dwa",
     "equal",
+    "fairgrad",
+    "fairgrad_from_gram",
     "famo_logit_grad",
     "famo_loss",
     "famo_weights",

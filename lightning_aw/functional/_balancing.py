@@ -1,9 +1,11 @@
 r"""Balancing methods: the combination that treats every task alike, by linear algebra on K.
 
 IMTL-G (equal projections on every unit task gradient: a linear system), Nash-MTL (the Nash
-bargaining solution :math:`K\alpha = 1/\alpha`: a Newton method) and Aligned-MTL (aligned
-task gradients of equal norms: an eigendecomposition). All are coefficient methods with
-``*_from_gram`` twins; see :mod:`._gram` for the contract.
+bargaining solution :math:`K\alpha = 1/\alpha`: a Newton method), Aligned-MTL (aligned task
+gradients of equal norms: an eigendecomposition), FairGrad (the :math:`\alpha`-fair allocation
+:math:`Kw = w^{-1/\alpha}`, which contains Nash-MTL's system: a Newton method) and ConFIG
+(IMTL-G's equal-angle direction with the length of the summed projections). All are coefficient
+methods with ``*_from_gram`` twins; see :mod:`._gram` for the contract.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from lightning_aw.functional._gram import (
 __all__ = [
     "aligned_mtl",
     "aligned_mtl_from_gram",
+    "con_fig",
+    "con_fig_from_gram",
+    "fairgrad",
+    "fairgrad_from_gram",
     "imtl_g",
     "imtl_g_from_gram",
     "nash_mtl",
@@ -311,3 +317,272 @@ def aligned_mtl_from_gram(gram: Tensor, scale_mode: ScaleMode = "min") -> Tensor
     """
     q, work = _check_gram(gram)
     return _finish(_aligned(q, work, scale_mode), gram)
+
+
+# --------------------------------------------------------------------------------------------
+# FairGrad
+# --------------------------------------------------------------------------------------------
+
+
+def _check_fairgrad_options(alpha: float, max_iter: int, tol: float, ridge: float) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+        raise ValueError(f"Parameter `alpha` should be a number >= 0. Found {alpha!r}.")
+    if not math.isfinite(alpha):
+        raise ValueError(
+            f"Parameter `alpha` should be finite (a large value approaches max-min fairness). "
+            f"Found {alpha!r}."
+        )
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"Parameter `max_iter` should be a positive int. Found {max_iter!r}.")
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"Parameter `tol` should be a positive number. Found {tol!r}.")
+    if not (math.isfinite(ridge) and ridge > 0):
+        raise ValueError(f"Parameter `ridge` should be a positive number. Found {ridge!r}.")
+
+
+def _fairgrad(q: Tensor, alpha: float, max_iter: int, tol: float, ridge: float) -> Tensor:
+    _check_fairgrad_options(alpha, max_iter, tol, ridge)
+    num_tasks = q.shape[0]
+    if alpha == 0:  # linear scalarization: the utility sum_i g_i.d, weights 1
+        return q.new_ones(num_tasks)
+    # project onto the PSD cone (a float32 Gram of cancelling gradients is slightly indefinite)
+    evals, evecs = torch.linalg.eigh(q)
+    q = (evecs * evals.clamp_min(0.0)) @ evecs.T
+    rho = float(q.diagonal().max())
+    if rho <= 0.0:
+        return q.new_ones(num_tasks)
+    a = q / rho + ridge * torch.eye(num_tasks, dtype=q.dtype, device=q.device)
+    p = 1.0 / alpha
+
+    def utility(x: Tensor) -> Tensor:  # sum_i h(x_i) with h' = x^(-1/alpha), concave
+        return torch.log(x).sum() if alpha == 1 else (x ** (1.0 - p)).sum() / (1.0 - p)
+
+    def objective(x: Tensor) -> float:  # strictly convex on x > 0; gradient A x - x^(-1/alpha)
+        return float(0.5 * x @ a @ x - utility(x))
+
+    w = a.diagonal().rsqrt()
+    # the best multiple s w of the start: s^(1 + p) = sum_i w_i^(1 - p) / (w^T A w)
+    w = w * (float((w ** (1.0 - p)).sum()) / float(w @ a @ w)) ** (1.0 / (1.0 + p))
+    for _ in range(max_iter):
+        a_w = a @ w
+        if float((w**p * a_w - 1).abs().max()) <= tol:
+            break
+        grad = a_w - w ** (-p)
+        hess = a + torch.diag(p * w ** (-p - 1.0))
+        step = -torch.linalg.solve(hess, grad)
+        decrease = float(grad @ step)  # < 0
+        shrink = torch.where(step < 0, -w / step, torch.full_like(w, math.inf))
+        t = min(1.0, 0.99 * float(shrink.min()))
+        f0 = objective(w)
+        # (written so that a NaN or infinite trial value is rejected)
+        while t > 1e-12 and not objective(w + t * step) <= f0 + 0.25 * t * decrease:
+            t *= 0.5
+        w = w + t * step
+        if t * float(step.abs().max()) <= 1e-15 * float(w.max()):
+            break  # no more progress in floating point
+    # undo the normalisation: if A w = w^(-p) then (rho A)(s w) = (s w)^(-p) for
+    # s = rho^(-alpha / (1 + alpha))
+    return w * rho ** (-alpha / (1.0 + alpha))
+
+
+def fairgrad(
+    grads: Tensor,
+    alpha: float = 2.0,
+    max_iter: int = 50,
+    tol: float = 1e-10,
+    ridge: float = 1e-8,
+) -> Tensor:
+    r"""FairGrad: the :math:`\alpha`-fair allocation of the update among the tasks.
+
+    Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024,
+    https://arxiv.org/abs/2402.15638.
+
+    The update :math:`d` maximises :math:`\sum_i u_\alpha(g_i^\top d)` over a ball, with the
+    :math:`\alpha`-fair utility :math:`u_\alpha(x) = x^{1-\alpha}/(1-\alpha)`
+    (:math:`\log x` for :math:`\alpha = 1`). Its stationarity condition with
+    :math:`d = \sum_i w_i g_i` is the paper's system
+
+    .. math::
+
+        G G^\top w = w^{-1/\alpha}\ (\text{elementwise}), \qquad w > 0, \qquad
+        d = \sum_i w_i g_i .
+
+    Special cases (the :math:`\alpha`-fair utilities the paper builds on):
+
+    * :math:`\alpha = 0`: the utility is :math:`\sum_i g_i^\top d`, linear scalarization:
+      ``w = 1`` exactly (the plain sum);
+    * :math:`\alpha = 1`: proportional fairness, :math:`GG^\top w = 1/w`, Nash-MTL's
+      bargaining system (without Nash-MTL's division of :math:`GG^\top` by its Frobenius norm:
+      ``fairgrad(g, 1) = nash_mtl(g) / ||GG^T||_F ** 0.5`` up to the ridges);
+    * :math:`\alpha = 2`: minimum potential-delay fairness (the default, as in the authors'
+      experiment scripts);
+    * :math:`\alpha \to \infty`: max-min fairness, :math:`\max_d \min_i g_i^\top d` on the
+      ball: :math:`GG^\top w \to \mathbf 1` when every task is active, the direction of MGDA's
+      min-norm point (``alpha`` must be finite; ``alpha=100`` is already close).
+
+    Solver: the system is the stationarity condition of the strictly convex
+    :math:`f(w) = \tfrac12 w^\top \bar K w - \sum_i h(w_i)`, :math:`h' = w^{-1/\alpha}`, on the
+    normalised :math:`\bar K = GG^\top/\rho + \epsilon I` (:math:`\rho` the largest squared
+    gradient norm, :math:`\epsilon` = ``ridge``). A damped Newton method in float64 (backtracking
+    line search, steps kept inside :math:`w > 0`) runs until
+    :math:`\max_i \lvert w_i^{1/\alpha}(\bar K w)_i - 1\rvert \le` ``tol`` or ``max_iter``
+    steps; the result is then rescaled exactly by :math:`\rho^{-\alpha/(1+\alpha)}`, so it solves
+    :math:`(GG^\top + \epsilon\rho I) w = w^{-1/\alpha}`: the paper's system with a relative
+    ridge (the authors solve it with ``scipy.optimize.least_squares``; the solution is the same,
+    as it is unique). If ``max_iter`` is reached first the last iterate is returned: positive,
+    finite, with a lower :math:`f` than the start. Newton usually converges in under 15 steps.
+
+    Conventions: the weights are used as they are (no sum-to-1), as in the paper, so they scale
+    with the gradients: ``fairgrad(k * g) = k ** (-2 alpha / (1 + alpha)) * fairgrad(g)``
+    (``d`` scales as :math:`k^{(1-\alpha)/(1+\alpha)}`). The ridge keeps the system solvable
+    when a gradient is zero or gradients cancel (:math:`0` in their cone), where the weights
+    grow large (about :math:`(\epsilon\rho)^{-\alpha/(1+\alpha)}`); it is negligible otherwise.
+    All-zero gradients give ``w = 1``. A Gram matrix is first projected onto the PSD cone.
+
+    Args:
+        grads: ``[T, P]`` per-task gradients.
+        alpha: the fairness parameter :math:`\alpha \ge 0`, finite (default 2).
+        max_iter: maximum number of Newton steps.
+        tol: tolerance on :math:`\max_i\lvert w_i^{1/\alpha}(\bar K w)_i - 1\rvert`.
+        ridge: :math:`\epsilon` above, relative to the largest squared gradient norm.
+
+    Returns:
+        ``[T]`` positive weights, dtype and device of ``grads``.
+
+    Raises:
+        ValueError: on a malformed or non-finite ``grads`` or invalid options.
+
+    Example::
+
+        >>> fairgrad(torch.tensor([[1.0, 0.0], [0.0, 8.0]]), alpha=2.0)  # w_i = |g_i|^(-4/3)
+        tensor([1.0000, 0.0625])
+        >>> fairgrad(torch.tensor([[1.0, 0.0], [0.0, 8.0]]), alpha=1.0)  # w_i = 1 / |g_i|
+        tensor([1.0000, 0.1250])
+    """
+    q = _gram64(grads)
+    return _finish(_fairgrad(q, alpha, max_iter, tol, ridge), grads)
+
+
+def fairgrad_from_gram(
+    gram: Tensor,
+    alpha: float = 2.0,
+    max_iter: int = 50,
+    tol: float = 1e-10,
+    ridge: float = 1e-8,
+) -> Tensor:
+    r""":func:`fairgrad` from the Gram matrix ``gram = grads @ grads.T`` (``[T, T]``).
+
+    Example::
+
+        >>> fairgrad_from_gram(torch.tensor([[1.0, 0.0], [0.0, 64.0]]))
+        tensor([1.0000, 0.0625])
+    """
+    q, _ = _check_gram(gram)
+    return _finish(_fairgrad(q, alpha, max_iter, tol, ridge), gram)
+
+
+# --------------------------------------------------------------------------------------------
+# ConFIG
+# --------------------------------------------------------------------------------------------
+
+
+def _con_fig(q: Tensor, work: torch.dtype) -> Tensor:
+    num_tasks = q.shape[0]
+    norms = q.diagonal().clamp_min(0.0).sqrt()
+    nonzero = norms > 0
+    c = q.new_ones(num_tasks)
+    if not bool(nonzero.any()):
+        return c
+    idx = nonzero.nonzero().squeeze(1)
+    n = norms[idx]
+    cos = q[idx][:, idx] / torch.outer(n, n)  # U U^T, U the unit gradients
+    ones = q.new_ones(idx.numel())
+    y = torch.linalg.pinv(cos, rtol=_rank_rtol(work), hermitian=True) @ ones
+    v = y / n  # d_u = U^T y = G^T v
+    du_sq = float(y @ cos @ y)  # |d_u|^2
+    if not du_sq > idx.numel() * torch.finfo(work).eps:
+        c[idx] = 0.0  # the unit gradients cancel: no direction (d = 0)
+        return c
+    projections = float((q[:, idx] @ v).sum())  # sum_i g_i . d_u
+    c[idx] = v * (projections / du_sq)
+    return c
+
+
+def con_fig(grads: Tensor) -> Tensor:
+    r"""ConFIG: the conflict-free update, at an equal angle to every task gradient.
+
+    Liu, Chu & Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed Neural
+    Networks", ICLR 2025, https://arxiv.org/abs/2408.11104.
+
+    With the unit gradients :math:`u_i = g_i/\lVert g_i\rVert` (rows of :math:`U`), the paper's
+    direction solves :math:`u_i^\top \tilde d = 1` for every task by a pseudo-inverse, and its
+    length is the sum of the gradients' projections on it:
+
+    .. math::
+
+        \tilde d = U^{+}\mathbf 1, \qquad \hat d = \tilde d/\lVert\tilde d\rVert, \qquad
+        d = \Bigl(\sum_i g_i^\top \hat d\Bigr)\,\hat d .
+
+    As coefficients on :math:`G` (:math:`d = c^\top G`): with :math:`N = \mathrm{diag}(1/\lVert
+    g_i\rVert)`, :math:`C = UU^\top = N GG^\top N` (the cosines) and :math:`y = C^{+}\mathbf 1`,
+    :math:`\tilde d = U^\top y = G^\top N y`, :math:`\lVert\tilde d\rVert^2 = y^\top C y` and
+    :math:`\sum_i g_i^\top\tilde d = \mathbf 1^\top GG^\top N y`, so
+
+    .. math::
+
+        c = N y\;\frac{\mathbf 1^\top GG^\top N y}{y^\top C y},
+
+    computed from the Gram matrix alone (the minimum-norm least-squares :math:`\tilde d` lies in
+    the span of the gradients, so nothing is lost).
+
+    Properties: when the gradients are linearly independent, :math:`u_i^\top d` is the same for
+    every task (equal cosines) and positive, so :math:`d` conflicts with no task; its direction is
+    IMTL-G's (``c / c.sum() == imtl_g(grads)``), with the magnitude :math:`\sum_i g_i^\top\hat
+    d` instead of IMTL-G's sum-to-1 constraint. ``c`` is invariant to multiplying ``grads`` by a
+    constant (``d`` scales with it). Identical gradients give ``c = 1`` (the plain sum), a
+    single task ``c = 1``. The paper's momentum variant (M-ConFIG) is not included.
+
+    Conventions for degenerate input: the pseudo-inverse drops singular values of :math:`C`
+    below ``1000 * eps`` relative (``eps`` of the working dtype); with linearly dependent
+    gradients :math:`C y` is the projection of :math:`\mathbf 1` onto the range of :math:`C`, so
+    the cosines are equal only in the least-squares sense. When the unit gradients cancel
+    (:math:`\mathbf 1` orthogonal to that range, e.g. two opposite gradients) there is no
+    direction and the tasks get ``c = 0``. A task with an exactly zero gradient has no
+    direction: it is left out and keeps ``c_i = 1`` (its zero gradient adds nothing to ``d``; its
+    own head, weighted by ``c_i`` in :class:`~lightning_aw.ConFIG`, trains as with the plain
+    sum); all-zero gradients give ``c = 1``. The coefficients may be negative when the
+    gradients are nearly dependent (as IMTL-G's), while ``d`` still conflicts with no task.
+
+    Args:
+        grads: ``[T, P]`` per-task gradients.
+
+    Returns:
+        ``[T]`` coefficients (not normalised), dtype and device of ``grads``.
+
+    Raises:
+        ValueError: on a malformed or non-finite ``grads``.
+
+    Example::
+
+        >>> grads = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> c = con_fig(grads)
+        >>> c
+        tensor([1.5000, 0.7500])
+        >>> d = c @ grads
+        >>> d @ (grads / grads.norm(dim=1, keepdim=True)).T  # equal projections on unit gradients
+        tensor([1.5000, 1.5000])
+    """
+    q = _gram64(grads)
+    return _finish(_con_fig(q, _work_dtype(grads.dtype)), grads)
+
+
+def con_fig_from_gram(gram: Tensor) -> Tensor:
+    r""":func:`con_fig` from the Gram matrix ``gram = grads @ grads.T`` (``[T, T]``).
+
+    Example::
+
+        >>> con_fig_from_gram(torch.tensor([[1.0, 0.0], [0.0, 4.0]]))
+        tensor([1.5000, 0.7500])
+    """
+    q, work = _check_gram(gram)
+    return _finish(_con_fig(q, work), gram)

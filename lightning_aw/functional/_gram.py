@@ -4,23 +4,25 @@ This module holds what every gradient-based method builds on: the Gram matrix
 :math:`K = G G^\top` (:func:`gram_matrix`, formed safely at extreme scales), the checks of
 ``grads`` / ``gram`` and the working-dtype tolerances. The methods themselves live in
 :mod:`._simplex` (MGDA, CAGrad), :mod:`._projection` (PCGrad, GradVac, UPGrad),
-:mod:`._balancing` (IMTL-G, Nash-MTL, Aligned-MTL) and :mod:`._direction` (DB-MTL,
-GradDrop); the exact small QPs they solve in :mod:`._qp`.
+:mod:`._balancing` (IMTL-G, Nash-MTL, Aligned-MTL, FairGrad, ConFIG) and :mod:`._direction`
+(DB-MTL, GradDrop); the exact small QPs they solve in :mod:`._qp`.
 
 Contract shared by every *coefficient method* (MGDA, PCGrad, CAGrad, IMTL-G, Nash-MTL,
-Aligned-MTL, UPGrad, GradVac): ``grads`` is a ``[T, P]`` tensor whose row ``i`` is the gradient of
-task ``i``'s loss with respect to the shared parameters, flattened. The result ``c`` has shape
-``[T]`` and the update direction is ``c @ grads``; equivalently one ordinary backward of
-``(c.detach() * losses).sum()`` produces it (and also weights the task-specific heads by ``c``).
+Aligned-MTL, UPGrad, GradVac, FairGrad, ConFIG): ``grads`` is a ``[T, P]`` tensor whose row ``i``
+is the gradient of task ``i``'s loss with respect to the shared parameters, flattened. The result
+``c`` has shape ``[T]`` and the update direction is ``c @ grads``; equivalently one ordinary
+backward of ``(c.detach() * losses).sum()`` produces it (and also weights the task-specific heads
+by ``c``).
 
 All of these methods only need the ``T x T`` Gram matrix :math:`K = G G^\top`, so each has a
 public ``*_from_gram`` twin that takes :math:`K` directly, e.g. an all-reduced Gram matrix under
 DDP, so that every rank computes identical coefficients. (A sum or a mean over ranks makes no
 difference: every method here is invariant to a global rescaling of the Gram matrix, except MGDA
-with ``"l2"`` / ``"loss+"`` normalisation whose coefficients scale as :math:`1/k`. Note that the
-mean of per-rank Gram matrices is not the Gram matrix of the rank-averaged gradients.) DB-MTL and
-GradDrop are not coefficient methods; they return an aggregated vector in their own documented
-form.
+with ``"l2"`` / ``"loss+"`` normalisation whose coefficients scale as :math:`1/k` and FairGrad,
+whose weights scale as :math:`k^{-\alpha/(1+\alpha)}` for a Gram matrix scaled by :math:`k`. Note
+that the mean of per-rank Gram matrices is not the Gram matrix of the rank-averaged gradients.)
+DB-MTL and GradDrop are not coefficient methods; they return an aggregated vector in their own
+documented form.
 
 Numerics, common to every function:
 
