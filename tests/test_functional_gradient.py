@@ -47,7 +47,7 @@ class Method:
     name: str
     fn: Callable[[Tensor], Tensor]
     from_gram: Callable[[Tensor], Tensor]
-    scale_power: int = 0  # c(k G) = k**scale_power * c(G) for k > 0 (documented)
+    scale_power: float = 0  # c(k G) = k**scale_power * c(G) for k > 0 (documented)
     random_order: bool = False  # visits tasks in a random order: equivariance only for T = 2
 
     def __repr__(self) -> str:
@@ -100,6 +100,19 @@ METHODS = [
     ),
     Method("upgrad", GF.upgrad, GF.upgrad_from_gram),
     Method("gradvac", _gradvac_fn, _gradvac_gram, random_order=True),
+    Method("fairgrad", GF.fairgrad, GF.fairgrad_from_gram, scale_power=-4 / 3),  # alpha = 2
+    Method(
+        "fairgrad-a0.5",
+        lambda g: GF.fairgrad(g, alpha=0.5),
+        lambda k: GF.fairgrad_from_gram(k, alpha=0.5),
+        scale_power=-2 / 3,
+    ),
+    Method(
+        "fairgrad-a0",
+        lambda g: GF.fairgrad(g, alpha=0.0),
+        lambda k: GF.fairgrad_from_gram(k, alpha=0.0),
+    ),
+    Method("con_fig", GF.con_fig, GF.con_fig_from_gram),
 ]
 
 by_method = pytest.mark.parametrize("method", METHODS, ids=repr)
@@ -291,6 +304,7 @@ def test_gram_matrix_dtype():
 
 PAIR = torch.tensor([[1.0, 0.0], [-1.0, 2.0]], dtype=F64)
 SQRT5 = math.sqrt(5.0)
+PHI = (1 + SQRT5) / 2
 
 
 def _pinned() -> dict[str, list[float]]:
@@ -327,6 +341,14 @@ def _pinned() -> dict[str, list[float]]:
         "aligned_mtl-rmse": [math.sqrt(30.0) * 0.4, math.sqrt(30.0) * 0.2],
         "upgrad": [1.0, 0.6],
         "gradvac": [2.0, 1.2],
+        # FairGrad, alpha = 1: K w = 1/w; as for Nash-MTL w1 |g1| = w2 |g2|, and row 1 gives
+        #   w1 (w1 - w2) = 1  =>  w1^2 (1 - 1/sqrt5) = 1 (no Frobenius normalisation here).
+        "fairgrad-a1": [(1 - 1 / SQRT5) ** -0.5, (1 - 1 / SQRT5) ** -0.5 / SQRT5],
+        # ConFIG: u1 = (1, 0), u2 = (-1, 2)/sqrt5; u_i.d = 1 => d_u = (1, phi), phi = (1+sqrt5)/2;
+        #   |d_u|^2 = 1 + phi^2 = phi + 2, g1.d_u + g2.d_u = 1 + sqrt5, so
+        #   d = (1 + sqrt5)/(phi + 2) d_u = (2/sqrt5)(1, phi) = c1 g1 + c2 g2 with
+        #   c2 = phi/sqrt5 and c1 = (2 + phi)/sqrt5.
+        "con_fig": [(2 + PHI) / SQRT5, PHI / SQRT5],
     }
 
 
@@ -348,6 +370,8 @@ PINNED = _pinned()
         ("aligned_mtl-rmse", lambda g: GF.aligned_mtl(g, "rmse")),
         ("upgrad", GF.upgrad),
         ("gradvac", lambda g: GF.gradvac(g, torch.zeros(2, 2, dtype=F64))[0]),
+        ("fairgrad-a1", lambda g: GF.fairgrad(g, alpha=1.0, ridge=1e-14)),
+        ("con_fig", GF.con_fig),
     ],
     ids=lambda x: x if isinstance(x, str) else "",
 )
@@ -371,6 +395,15 @@ def test_pinned_three_orthogonal_tasks():
     # UPGrad: nothing conflicts, w_i = e_i => c = 1/3; PCGrad: nothing projected => c = 1.
     torch.testing.assert_close(GF.upgrad(g), torch.full((3,), 1 / 3, dtype=F64))
     torch.testing.assert_close(GF.pcgrad(g), torch.ones(3, dtype=F64))
+    # FairGrad: |g_i|^2 w_i = w_i^(-1/alpha) => w_i = |g_i|^(-2 alpha / (1 + alpha)).
+    norms = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    for alpha in (0.5, 1.0, 2.0, 5.0):
+        torch.testing.assert_close(
+            GF.fairgrad(g, alpha=alpha, ridge=1e-14), norms ** (-2 * alpha / (1 + alpha))
+        )
+    # ConFIG: u_i = e_i, d_u = (1, 1, 1), sum_i g_i.d_u / |d_u|^2 = 6/3 => d = (2, 2, 2),
+    #   c_i = 2 / |g_i|.
+    torch.testing.assert_close(GF.con_fig(g), 2 / norms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,6 +699,137 @@ def test_nash_mtl_options():
     for kwargs in ({"max_iter": 0}, {"tol": -1.0}, {"ridge": 0.0}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             GF.nash_mtl(g, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# FairGrad and ConFIG
+# ---------------------------------------------------------------------------------------------
+
+
+def _scipy_fair_system(k: Tensor, alpha: float) -> Tensor:
+    """The paper's system K w = w^(-1/alpha), w > 0, by scipy's least squares (as the authors
+    solve it), from a start other than the library's."""
+    optimize = pytest.importorskip("scipy.optimize")
+    np = pytest.importorskip("numpy")
+    q = k.numpy()
+    start = np.full(len(q), 1.0 / len(q))
+    res = optimize.least_squares(
+        lambda x: q @ x - x ** (-1.0 / alpha),
+        start,
+        bounds=(1e-12, np.inf),
+        xtol=1e-15,
+        ftol=1e-15,
+        gtol=1e-15,
+        max_nfev=10_000,
+    )
+    return torch.from_numpy(res.x)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    num_tasks=st.integers(2, 6),
+    seed=st.integers(0, 10_000),
+    alpha=st.sampled_from([0.5, 1.0, 2.0, 5.0]),
+)
+def test_fairgrad_solves_the_fair_system(num_tasks, seed, alpha):
+    g = random_grads(num_tasks, 10, seed=seed)
+    k = g @ g.T
+    w = GF.fairgrad(g, alpha=alpha, ridge=1e-14)  # a negligible ridge: the paper's system
+    assert float(w.min()) > 0
+    residual = k @ w - w ** (-1 / alpha)
+    assert float(residual.abs().max()) <= 1e-8 * float((w ** (-1 / alpha)).abs().max())
+    torch.testing.assert_close(w, _scipy_fair_system(k, alpha), rtol=1e-6, atol=0.0)
+
+
+def test_fairgrad_special_cases_of_alpha():
+    g = random_grads(3, 8, seed=4)
+    k = g @ g.T
+    # alpha = 0: linear scalarization, the plain sum
+    torch.testing.assert_close(GF.fairgrad(g, alpha=0.0), torch.ones(3, dtype=F64))
+    # alpha = 1: proportional fairness, Nash-MTL's system without its Frobenius normalisation
+    nash = GF.nash_mtl(g, ridge=1e-14) / torch.linalg.matrix_norm(k).sqrt()
+    torch.testing.assert_close(GF.fairgrad(g, alpha=1.0, ridge=1e-14), nash, rtol=1e-8, atol=0)
+    # alpha -> infinity: max-min fairness; here MGDA's min-norm point uses every task, so the
+    # direction is MGDA's and every task gets the same decrease (K w -> 1)
+    g = torch.tensor([[1.0, 0.2, 0.0], [-0.3, 2.0, 0.1], [0.2, -0.4, 3.0]], dtype=F64)
+    k = g @ g.T
+    mgda = GF.mgda(g)
+    assert float(mgda.min()) > 0.05
+    w = GF.fairgrad(g, alpha=1e4, ridge=1e-14)
+    d, d_mgda = w @ g, mgda @ g
+    assert float(d @ d_mgda / (d.norm() * d_mgda.norm())) > 1 - 1e-6
+    torch.testing.assert_close(k @ w, torch.ones(3, dtype=F64), rtol=1e-2, atol=0)
+
+
+def test_fairgrad_options_and_degenerate_cases():
+    g = random_grads(3, 5, seed=0)
+    rough = GF.fairgrad(g, max_iter=1)  # not converged: the last iterate, positive and finite
+    assert torch.isfinite(rough).all() and float(rough.min()) > 0
+    assert not torch.allclose(rough, GF.fairgrad(g), rtol=1e-6)
+    torch.testing.assert_close(GF.fairgrad(torch.zeros(3, 4)), torch.ones(3))
+    # opposite gradients: only the ridge holds the weights (equal, large, finite)
+    w = GF.fairgrad(torch.stack([g[0], -g[0]]))
+    assert torch.isfinite(w).all() and float(w[0]) == pytest.approx(float(w[1]), rel=1e-6)
+    for kwargs, match in (
+        ({"alpha": -1.0}, "alpha"),
+        ({"alpha": math.inf}, "alpha"),
+        ({"alpha": math.nan}, "alpha"),
+        ({"alpha": True}, "alpha"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"tol": 0.0}, "tol"),
+        ({"ridge": -1.0}, "ridge"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            GF.fairgrad(g, **kwargs)
+
+
+def _paper_con_fig(g: Tensor, rcond: float = 1e-15) -> Tensor:
+    """The paper's update from the full gradient matrix: d_u = pinv(U) 1 with U the unit
+    gradients, then (sum_i g_i . d_hat) d_hat."""
+    np = pytest.importorskip("numpy")
+    G = g.numpy()
+    U = G / np.linalg.norm(G, axis=1, keepdims=True)
+    d_u = np.linalg.pinv(U, rcond=rcond) @ np.ones(len(G))
+    d_hat = d_u / np.linalg.norm(d_u)
+    return torch.from_numpy((G @ d_hat).sum() * d_hat)
+
+
+@settings(max_examples=25, deadline=None)
+@given(num_tasks=st.integers(1, 6), dim=st.integers(6, 12), seed=st.integers(0, 10_000))
+def test_con_fig_is_the_paper_s_update(num_tasks, dim, seed):
+    g = random_grads(num_tasks, dim, seed=seed)
+    d = GF.con_fig(g) @ g
+    torch.testing.assert_close(d, _paper_con_fig(g), rtol=1e-8, atol=1e-10)
+
+
+def test_con_fig_is_the_paper_s_update_with_more_tasks_than_dimensions():
+    g = random_grads(5, 3, seed=1)  # rank 3: the pseudo-inverse's least-squares solution
+    torch.testing.assert_close(GF.con_fig(g) @ g, _paper_con_fig(g, 1e-10), rtol=1e-8, atol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(num_tasks=st.integers(2, 6), seed=st.integers(0, 10_000))
+def test_con_fig_equal_positive_cosines_and_imtl_g_direction(num_tasks, seed):
+    g = random_grads(num_tasks, 10, seed=seed)
+    c = GF.con_fig(g)
+    d = c @ g
+    cos = (g @ d) / (g.norm(dim=1) * d.norm())
+    torch.testing.assert_close(cos, cos.mean().expand_as(cos), rtol=1e-8, atol=1e-10)
+    assert float(cos.min()) > 0  # no task's loss increases to first order
+    # the length: the sum of the projections of the gradients on the direction
+    assert float(d.norm()) == pytest.approx(float((g @ d).sum() / d.norm()), rel=1e-9)
+    torch.testing.assert_close(c / c.sum(), GF.imtl_g(g), rtol=1e-7, atol=1e-10)
+
+
+def test_con_fig_degenerate_cases():
+    g, h = DEGENERATE["rank-deficient"][:2]
+    torch.testing.assert_close(GF.con_fig(torch.stack([g, g, g])), torch.ones(3, dtype=F64))
+    torch.testing.assert_close(GF.con_fig(torch.stack([g, -g])), torch.zeros(2, dtype=F64))
+    # a zero gradient is left out and keeps 1; all-zero gradients give 1
+    c = GF.con_fig(torch.stack([g, h, torch.zeros_like(g)]))
+    torch.testing.assert_close(c[:2], GF.con_fig(torch.stack([g, h])))
+    assert float(c[2]) == 1.0
+    torch.testing.assert_close(GF.con_fig(torch.zeros(3, 4)), torch.ones(3))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -374,9 +374,12 @@ def _fairgrad(q: Tensor, alpha: float, max_iter: int, tol: float, ridge: float) 
         shrink = torch.where(step < 0, -w / step, torch.full_like(w, math.inf))
         t = min(1.0, 0.99 * float(shrink.min()))
         f0 = objective(w)
-        # (written so that a NaN or infinite trial value is rejected)
-        while t > 1e-12 and not objective(w + t * step) <= f0 + 0.25 * t * decrease:
-            t *= 0.5
+        # Near the solution the decrease is below the rounding of f: take the (safeguarded)
+        # Newton step as it is, quadratic convergence needs no line search there. Otherwise
+        # backtrack (written so that a NaN or infinite trial value is rejected).
+        if -decrease > 1e-10 * max(1.0, abs(f0)):
+            while t > 1e-12 and not objective(w + t * step) <= f0 + 0.25 * t * decrease:
+                t *= 0.5
         w = w + t * step
         if t * float(step.abs().max()) <= 1e-15 * float(w.max()):
             break  # no more progress in floating point
