@@ -53,6 +53,8 @@ METHOD_TWINS: dict[str, list[str]] = {
     "gradvac": ["gradvac", "gradvac_from_gram", "gram_matrix"],
     "graddrop": ["graddrop"],
     "db_mtl": ["db_mtl"],
+    "fairgrad": ["fairgrad", "fairgrad_from_gram", "gram_matrix"],
+    "con_fig": ["con_fig", "con_fig_from_gram", "gram_matrix"],
 }
 
 # ---------------------------------------------------------------------------------- strategies
@@ -338,6 +340,8 @@ COEFFICIENT_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "nash_mtl": F.nash_mtl,
     "aligned_mtl": F.aligned_mtl,
     "upgrad": F.upgrad,
+    "fairgrad": F.fairgrad,
+    "con_fig": F.con_fig,
 }
 
 
@@ -360,6 +364,8 @@ def _options(name: str, data, n: int) -> dict[str, Any]:
         }
     if name == "aligned_mtl":
         return {"scale_mode": data.draw(st.sampled_from(["min", "median", "rmse"]))}
+    if name == "fairgrad":
+        return {"alpha": data.draw(st.sampled_from([0.0, 0.25, 1.0, 2.0, 10.0]))}
     return {}
 
 
@@ -367,7 +373,7 @@ def _check_coefficients(name: str, c: torch.Tensor, g: torch.Tensor, options: di
     n = g.shape[0]
     _finite(c)
     assert c.shape == (n,) and c.dtype == g.dtype
-    if name == "nash_mtl":
+    if name in ("nash_mtl", "fairgrad"):
         assert (c > 0).all()
     if name == "imtl_g" and bool((g != 0).any(dim=1).all()):
         _sum_close(c, 1.0, rel=1e-3)  # documented: sum to 1 (for non-zero gradients)
@@ -402,7 +408,7 @@ def test_coefficients_from_gram(name, data):
     c = fn(gram, **options)
     _finite(c)
     assert c.shape == (g.shape[0],)
-    if name == "nash_mtl":
+    if name in ("nash_mtl", "fairgrad"):
         assert (c > 0).all()
 
 
