@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from _helpers import TASKS, TinyNet, loader, params, trainer
 from lightning.pytorch.loggers import CSVLogger
-from scipy.optimize import minimize, nnls
+from scipy.optimize import least_squares, minimize, nnls
 
 import lightning_aw
 from lightning_aw import GradientWeighting, LossWeighting, Weighting
@@ -772,6 +772,36 @@ def _check_nash(m, G, losses, coef):
     _close(coef * ((K / np.linalg.norm(K) + 1e-8 * np.eye(len(K))) @ coef), 1.0, rtol=0, atol=1e-4)
 
 
+def _check_fairgrad(m, G, losses, coef):
+    # no closed form: the paper's system with the documented relative ridge,
+    # (K + 1e-8 max_i |g_i|^2 I) w = w^(-1/alpha), w > 0, solved here by scipy's least squares
+    # (as the authors do) from the start (1/T, ..., 1/T), in units where max_i |g_i|^2 = 1
+    K = G @ G.T
+    rho = K.diagonal().max()
+    A = K / rho + 1e-8 * np.eye(len(K))
+    p = 1 / m.alpha
+    fit = least_squares(
+        lambda x: A @ x - x ** (-p),
+        np.full(len(K), 1 / len(K)),
+        bounds=(1e-12, np.inf),
+        xtol=1e-15,
+        ftol=1e-15,
+        gtol=1e-15,
+    )
+    assert (coef > 0).all()
+    _close(coef, fit.x * rho ** (-m.alpha / (1 + m.alpha)), rtol=1e-4, atol=0)
+
+
+def _con_fig(m, G, losses):
+    # the paper, on the gradient vectors: d_u = pinv(U) 1 with U the unit gradients,
+    # d = (sum_i g_i . d_hat) d_hat; then the coefficients with c^T G = d (least squares)
+    U = G / np.linalg.norm(G, axis=1, keepdims=True)
+    d_u = np.linalg.pinv(U) @ np.ones(len(G))
+    d_hat = d_u / np.linalg.norm(d_u)
+    d = (G @ d_hat).sum() * d_hat
+    return np.linalg.lstsq(G.T, d, rcond=None)[0]
+
+
 def _projections(G, orders, targets, beta, vaccine):
     """PCGrad (``vaccine=False``) or GradVac's sequential adjustments for given visiting orders,
     on the gradient vectors; returns the aggregated update and the new cosine targets."""
@@ -866,6 +896,8 @@ REFERENCES: dict[str, Callable[[Weighting, Recorder], None]] = {
     "aligned_mtl": _gradient_reference(_aligned),
     "upgrad": _gradient_reference(_upgrad),
     "gradvac": lambda m, rec: _ref_random_projections(m, rec, vaccine=True),
+    "fairgrad": _gradient_reference(check=_check_fairgrad),
+    "con_fig": _gradient_reference(_con_fig),
 }
 
 
@@ -893,7 +925,7 @@ def test_every_builtin_has_a_pinned_reference():
     builtins = {
         *("equal", "uncertainty", "dwa", "gradnorm", "rlw", "gls", "scale_invariant", "imtl_l"),
         *("famo", "softadapt", "stch", "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl"),
-        *("aligned_mtl", "upgrad", "gradvac"),
+        *("aligned_mtl", "upgrad", "gradvac", "fairgrad", "con_fig"),
     }
     assert builtins <= set(METHODS)
     assert builtins == set(REFERENCES)
@@ -973,6 +1005,7 @@ def test_list_methods_filters_with_wildcards():
     assert sorted(METHODS) == METHODS and len(METHODS) >= 19
     assert list_methods("*grad*") == [
         "cagrad",
+        "fairgrad",
         "graddrop",
         "gradnorm",
         "gradvac",
