@@ -16,6 +16,8 @@ from lightning_aw import (
     MGDA,
     AlignedMTL,
     CAGrad,
+    ConFIG,
+    FairGrad,
     GradVac,
     NashMTL,
     PCGrad,
@@ -35,6 +37,8 @@ METHODS = [
     AlignedMTL(),
     UPGrad(),
     GradVac(),
+    FairGrad(),
+    ConFIG(),
     MGDA(source="representation"),
     UPGrad(source="representation"),
 ]
@@ -93,6 +97,8 @@ COEF_FNS = {
     "CAGrad": lambda G, L: AF.cagrad(G, 0.4, 1),
     "AlignedMTL": lambda G, L: AF.aligned_mtl(G),
     "NashMTL": lambda G, L: AF.nash_mtl(G),
+    "FairGrad": lambda G, L: AF.fairgrad(G),
+    "ConFIG": lambda G, L: AF.con_fig(G),
 }
 
 
