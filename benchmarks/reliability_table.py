@@ -62,11 +62,17 @@ FUZZ_TESTS = {
     **{f: [f"test_gradvac[{f}]"] for f in ("gradvac", "gradvac_from_gram")},
     **{
         f: [f"test_coefficients_from_gradients[{f}]"]
-        for f in ("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad")
+        for f in (
+            *("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad"),
+            *("fairgrad", "con_fig"),
+        )
     },
     **{
         f"{f}_from_gram": [f"test_coefficients_from_gram[{f}]"]
-        for f in ("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad")
+        for f in (
+            *("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad"),
+            *("fairgrad", "con_fig"),
+        )
     },
 }
 
