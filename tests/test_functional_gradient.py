@@ -759,6 +759,13 @@ def test_fairgrad_special_cases_of_alpha():
     d, d_mgda = w @ g, mgda @ g
     assert float(d @ d_mgda / (d.norm() * d_mgda.norm())) > 1 - 1e-6
     torch.testing.assert_close(k @ w, torch.ones(3, dtype=F64), rtol=1e-2, atol=0)
+    # also when MGDA leaves a task out (its weight then tends to 0)
+    g = torch.randn(4, 6, dtype=F64, generator=_gen(1))
+    mgda = GF.mgda(g)
+    assert float(mgda.min()) == 0.0
+    for alpha, cosine in ((100.0, 0.9999), (1e4, 1 - 1e-8)):
+        d, d_mgda = GF.fairgrad(g, alpha=alpha) @ g, mgda @ g
+        assert float(d @ d_mgda / (d.norm() * d_mgda.norm())) > cosine
 
 
 def test_fairgrad_options_and_degenerate_cases():
