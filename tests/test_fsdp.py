@@ -14,21 +14,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fsdp_script import REFUSED, cases
+from fsdp_script import REFUSED, RESUMED, cases
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_aw import MGDA, GradNorm
 from lightning_aw._sharding import check_parameter_gradients
 from lightning_aw.engine import TaskGradients
+from lightning_aw.registry import get_method
 from lightning_aw.step import StepRecord
 
 #: methods whose weights are constant by design
 CONSTANT = {"equal", "graddrop"}
-COMPARED = [name for name in cases() if name not in REFUSED]
+#: mixed-precision cases (``mp/``: FSDP2's MixedPrecisionPolicy, ``bf16/``: bf16-mixed)
+MIXED = [name for name in cases() if name.startswith(("mp/", "bf16/"))]
+COMPARED = [name for name in cases() if name not in REFUSED and name not in MIXED]
 #: cases whose weights are rank-local by design (DB-MTL's representation-source EMA: each rank's
 #: representation holds other samples), compared with the same rank's DDP weights only
 RANK_LOCAL_WEIGHTS = {"db_mtl-representation"}
 STEPS = 8  # 2 epochs of 4 steps
+HALF = STEPS // 2  # the steps before the checkpoint of the resumed cases
 
 
 @pytest.mark.ddp
@@ -61,14 +65,88 @@ def test_fsdp_equals_ddp(fsdp_results, case: str):
 @pytest.mark.ddp
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_fsdp_refused(fsdp_results, case: str):
-    """What cannot be supported is refused before the first step, naming the strategy, the
-    method and what to do instead."""
+    """What cannot be supported is refused before the first step (an absent task: at the first
+    step that has one), naming the strategy, the method or the task, and what to do instead."""
     r0, r1 = fsdp_results.load(case)
     kind, words = REFUSED[case]
     for r in (r0, r1):
         assert r["error_type"] == kind, r["error"]
         for word in words:
             assert word in r["error"], (word, r["error"])
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("case", RESUMED)
+def test_fsdp_resume_equals_uninterrupted(fsdp_results, case: str):
+    """Crash-and-resume under FSDP2: the run saved a distributed checkpoint (a directory) at the
+    end of its first epoch; a new Trainer, model and method resumed from it to the end. The
+    weights before and after every resumed step, the final weights, the full parameters and the
+    method's state equal the uninterrupted run's, exactly, on both ranks."""
+    r0, r1 = fsdp_results.load(case)
+    for r in (r0, r1):
+        full, resumed = r["fsdp"], r["resumed"]
+        assert resumed["checkpoint_is_dir"]
+        assert resumed["global_step"] == full["global_step"] == STEPS
+        assert resumed["applied"].shape == (STEPS - HALF, 3)
+        for key in ("before", "applied"):
+            torch.testing.assert_close(resumed[key], full[key][HALF:], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(resumed["final"], full["final"], rtol=0, atol=0)
+        assert resumed["params"].keys() == full["params"].keys()
+        for k, v in full["params"].items():
+            torch.testing.assert_close(resumed["params"][k], v, rtol=0, atol=0, msg=k)
+        assert resumed["state"].keys() == full["state"].keys()
+        for k, v in full["state"].items():
+            assert resumed["state"][k].dtype == v.dtype, k
+            torch.testing.assert_close(resumed["state"][k], v, rtol=0, atol=0, msg=k)
+    for key in ("before", "applied", "final"):
+        torch.testing.assert_close(r1["resumed"][key], r0["resumed"][key], rtol=0, atol=0)
+    for k, v in r0["resumed"]["params"].items():
+        torch.testing.assert_close(r1["resumed"]["params"][k], v, rtol=0, atol=0, msg=k)
+    # the weights moved in the resumed half, so the equality above means something
+    resumed = r0["resumed"]
+    trajectory = torch.cat([resumed["before"], resumed["applied"], resumed["final"][None]])
+    assert not torch.allclose(trajectory, trajectory[0]), trajectory
+
+
+#: mixed precision against DDP bf16-mixed: ``bf16/`` runs the same autocast ops as DDP, so it
+#: gets the fp32 cases' tolerance; under ``mp/`` the delivered update and every gradient on the
+#: trunk are rounded to bfloat16 (8 significant bits, relative error up to 2^-9 ~ 0.2%) before
+#: FSDP2's fp32 reduction, where DDP keeps them in float32: 8 Adam steps (lr 0.01, whose step
+#: size does not scale with a gradient's relative error) move the parameters and the weights by
+#: a few 1e-3 at most.
+MIXED_TOLERANCE = {"bf16": {"rtol": 1e-5, "atol": 1e-6}, "mp": {"rtol": 2e-2, "atol": 5e-3}}
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("case", MIXED)
+def test_fsdp_mixed_precision(fsdp_results, case: str):
+    """bf16 under FSDP2, by its own MixedPrecisionPolicy (bf16 parameters in the forward, fp32
+    reduction) or by Lightning's ``precision="bf16-mixed"``: finite weights with the documented
+    total, parameters finite and moved, and close to the DDP bf16-mixed run; both ranks equal."""
+    r0, r1 = fsdp_results.load(case)
+    tol = MIXED_TOLERANCE[case.split("/")[0]]
+    total = get_method(cases()[case].method).cls.total
+    for r in (r0, r1):
+        ddp, fsdp = r["ddp"], r["fsdp"]
+        assert ddp["global_step"] == fsdp["global_step"] == STEPS
+        weights = torch.cat([fsdp["before"], fsdp["applied"], fsdp["final"][None]])
+        assert torch.isfinite(weights).all()
+        if total is not None:
+            expected = torch.full((weights.shape[0],), 3.0 if total == "T" else float(total))
+            torch.testing.assert_close(weights.sum(dim=1), expected)
+        assert not torch.allclose(weights, weights[0]), weights
+        for key in ("before", "applied", "final"):
+            torch.testing.assert_close(fsdp[key], ddp[key], **tol, msg=key)
+        for k, v in ddp["params"].items():
+            got = fsdp["params"][k]
+            assert got.dtype == torch.float32 and torch.isfinite(got).all(), k
+            if k in fsdp["start"]:  # (the weighting's own parameters are attached in fit)
+                assert not torch.equal(got, fsdp["start"][k]), k  # it trained
+            torch.testing.assert_close(got, v, **tol, msg=k)
+    for key in ("applied", "final"):
+        torch.testing.assert_close(r1["fsdp"][key], r0["fsdp"][key], rtol=0, atol=0, msg=key)
+    for k, v in r0["fsdp"]["params"].items():
+        torch.testing.assert_close(r1["fsdp"]["params"][k], v, rtol=0, atol=0, msg=k)
 
 
 def _step(losses: torch.Tensor) -> StepRecord:
