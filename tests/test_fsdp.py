@@ -108,13 +108,18 @@ def test_fsdp_resume_equals_uninterrupted(fsdp_results, case: str):
     assert not torch.allclose(trajectory, trajectory[0]), trajectory
 
 
-#: mixed precision against DDP bf16-mixed: ``bf16/`` runs the same autocast ops as DDP, so it
-#: gets the fp32 cases' tolerance; under ``mp/`` the delivered update and every gradient on the
-#: trunk are rounded to bfloat16 (8 significant bits, relative error up to 2^-9 ~ 0.2%) before
-#: FSDP2's fp32 reduction, where DDP keeps them in float32: 8 Adam steps (lr 0.01, whose step
-#: size does not scale with a gradient's relative error) move the parameters and the weights by
-#: a few 1e-3 at most.
-MIXED_TOLERANCE = {"bf16": {"rtol": 1e-5, "atol": 1e-6}, "mp": {"rtol": 2e-2, "atol": 5e-3}}
+#: Mixed precision against DDP bf16-mixed. ``bf16/`` runs DDP's autocast ops on the unsharded
+#: fp32 parameters, and ``mp/`` computes in bf16 what autocast computes in bf16 (the forward, the
+#: gradients of the bf16 parameters): both give DDP's run to the fp32 cases' tolerance (measured:
+#: identical). The exception is a gradient method's parameter source under ``mp/``: its update,
+#: combined in float32, is delivered into the bf16 unsharded parameters, so it is rounded to bf16
+#: (relative 2^-9) before FSDP2's fp32 reduction, where DDP keeps it in float32. The weights then
+#: differ by a few 1e-4 (measured 2.6e-4, tolerance 1e-3); a parameter coordinate whose combined
+#: gradient is near 0 (MGDA cancels the tasks' gradients) can take a different Adam step, which is
+#: up to the learning rate (measured: one coordinate of 435 by 1.0e-2, the mean 8e-5), hence a
+#: per-coordinate bound of 2 x lr and a mean bound of 1e-3.
+EXACT_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+ROUNDED_UPDATE = {"mp/mgda-parameters"}
 
 
 @pytest.mark.ddp
@@ -124,7 +129,8 @@ def test_fsdp_mixed_precision(fsdp_results, case: str):
     reduction) or by Lightning's ``precision="bf16-mixed"``: finite weights with the documented
     total, parameters finite and moved, and close to the DDP bf16-mixed run; both ranks equal."""
     r0, r1 = fsdp_results.load(case)
-    tol = MIXED_TOLERANCE[case.split("/")[0]]
+    rounded = case in ROUNDED_UPDATE
+    weight_tol = {"rtol": 0.0, "atol": 1e-3} if rounded else EXACT_TOLERANCE
     total = get_method(cases()[case].method).cls.total
     for r in (r0, r1):
         ddp, fsdp = r["ddp"], r["fsdp"]
@@ -136,13 +142,20 @@ def test_fsdp_mixed_precision(fsdp_results, case: str):
             torch.testing.assert_close(weights.sum(dim=1), expected)
         assert not torch.allclose(weights, weights[0]), weights
         for key in ("before", "applied", "final"):
-            torch.testing.assert_close(fsdp[key], ddp[key], **tol, msg=key)
+            torch.testing.assert_close(fsdp[key], ddp[key], **weight_tol, msg=key)
+        diffs = []
         for k, v in ddp["params"].items():
             got = fsdp["params"][k]
             assert got.dtype == torch.float32 and torch.isfinite(got).all(), k
             if k in fsdp["start"]:  # (the weighting's own parameters are attached in fit)
                 assert not torch.equal(got, fsdp["start"][k]), k  # it trained
-            torch.testing.assert_close(got, v, **tol, msg=k)
+            if rounded:
+                diffs.append((got - v).abs().flatten())
+            else:
+                torch.testing.assert_close(got, v, **EXACT_TOLERANCE, msg=k)
+        if rounded:
+            lr = 0.01  # Adam's, in fsdp_script.fit
+            assert torch.cat(diffs).max() <= 2 * lr and torch.cat(diffs).mean() <= 1e-3
     for key in ("applied", "final"):
         torch.testing.assert_close(r1["fsdp"][key], r0["fsdp"][key], rtol=0, atol=0, msg=key)
     for k, v in r0["fsdp"]["params"].items():
