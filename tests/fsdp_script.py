@@ -208,12 +208,16 @@ class _Trajectory(pl.Callback):
     def __init__(self) -> None:
         self.before: list[torch.Tensor] = []
         self.applied: list[torch.Tensor] = []
+        self.compute_dtype = ""  #: the dtype of the marked representation (the trunk's output)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.before.append(pl_module.weighting.current_weights().detach().float().cpu().clone())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.applied.append(pl_module.weighting.current_weights().detach().float().cpu().clone())
+        step = pl_module.step_record
+        if step is not None and step.representation is not None:
+            self.compute_dtype = str(step.representation.dtype)
 
 
 def _flat(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -294,6 +298,7 @@ def fit(
         "params": {k: _full(v) for k, v in net.state_dict().items()},
         "start": start,
         "state": _flat(method.state_dict()),
+        "compute_dtype": trajectory.compute_dtype,
         "global_step": trainer.global_step,
     }
 

@@ -135,6 +135,8 @@ def test_fsdp_mixed_precision(fsdp_results, case: str):
     for r in (r0, r1):
         ddp, fsdp = r["ddp"], r["fsdp"]
         assert ddp["global_step"] == fsdp["global_step"] == STEPS
+        # both runs computed the trunk in bf16 (the comparison is bf16 against bf16)
+        assert ddp["compute_dtype"] == fsdp["compute_dtype"] == "torch.bfloat16"
         weights = torch.cat([fsdp["before"], fsdp["applied"], fsdp["final"][None]])
         assert torch.isfinite(weights).all()
         if total is not None:
