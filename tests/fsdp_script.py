@@ -102,6 +102,9 @@ class Case:
     bf16_params: bool = False
     #: task "c" is absent from batch 1 on every rank (refused under FSDP2: :data:`REFUSED`)
     absent: bool = False
+    #: the refusal's advice: task "c" has no label in rank 1's odd batches, and instead of None
+    #: its head still runs and its loss is zero-weighted (the task counts as present)
+    masked: bool = False
 
 
 #: cases that must be refused, before the first step (or, for an absent task, at the first step
@@ -183,6 +186,7 @@ def cases() -> dict[str, Case]:
     # every rank skips task "c" at the same batch, so the refusal cannot hang the launch (a
     # task absent from one rank only hangs the ranks where it is present: see README)
     out["refuse/absent-task"] = Case("dwa", {}, absent=True)
+    out["uncertainty-masked-task"] = Case("uncertainty", {"init": 0.1}, masked=True)
     for name in RESUMED:
         out[name] = replace(out[name], resume=True)
     for name, (method, kwargs) in MIXED_METHODS.items():
@@ -242,6 +246,10 @@ def _absent_c_at_batch_1(batch_idx: int, task: str) -> bool:
     return task == "c" and batch_idx == 1
 
 
+def _zero_weighted_c(batch_idx: int, task: str, loss: torch.Tensor) -> torch.Tensor:
+    return loss * 0 if task == "c" and batch_idx % 2 == 1 and _rank() == 1 else loss
+
+
 def _full(v: torch.Tensor) -> torch.Tensor:
     return (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
 
@@ -264,6 +272,7 @@ def fit(
         shard_root=case.shard_root,
         bf16_params=case.bf16_params and sharded,
         absent=_absent_c_at_batch_1 if case.absent else None,
+        loss_hook=_zero_weighted_c if case.masked else None,
         optimizer={"name": case.optimizer, "lr": 0.01 if case.optimizer == "adam" else 0.05},
     )
     start = {k: v.detach().clone() for k, v in net.state_dict().items()}
