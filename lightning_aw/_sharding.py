@@ -65,6 +65,18 @@ def tensor_parallel_size(trainer: Any) -> int:
     return int(size) if isinstance(size, int) else 1
 
 
+def data_parallel_size(trainer: Any) -> int:
+    """The data parallel size of a ``ModelParallelStrategy`` (its world size when the mesh does
+    not name it; 1 for any other strategy)."""
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is None or type(strategy).__name__ != "ModelParallelStrategy":
+        return 1
+    mesh = getattr(strategy, "_device_mesh", None)
+    if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
+        return int(mesh["data_parallel"].size())
+    return int(getattr(trainer, "world_size", 1)) // tensor_parallel_size(trainer)
+
+
 def check_parameter_gradients(owner: Any, trainer: Any, what: str, instead: str) -> None:
     """Refuse, before the first step, the strategies under which per-task gradients on
     parameters are not supported: FSDP1 (``FSDPStrategy``: flat parameters) and tensor

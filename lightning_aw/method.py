@@ -377,6 +377,11 @@ class Weighting(StepMethod, Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after a resume the loops (and global_step) are restored only now
         self._last_global_step = trainer.global_step
+        if self._learned_full:
+            # FSDP2: ModelParallelStrategy restores a checkpoint after `on_fit_start` (after
+            # the model is sharded), so the full values gathered there predate the restored
+            # learnable parameters (every rank runs this hook: the all-gather is collective)
+            self._refresh_learned()
 
     @override
     def on_load_checkpoint(

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
 
+from lightning_aw._sharding import data_parallel_size
 from lightning_aw._utils import reduce_sum
 from lightning_aw.optim import build_optimizers, validate_optimizer_spec
 from lightning_aw.step import StepMethod, StepRecord
@@ -454,6 +455,25 @@ class MultiTaskModule(pl.LightningModule):
         trainer = self._trainer
         if trainer is None or trainer.world_size <= 1:
             return
+        if data_parallel_size(trainer) > 1:
+            # FSDP2: an absent task's head does not run its forward here, so the all-gather of
+            # its `fully_shard`-ed parameters (and their reduce-scatter) is missing on this rank
+            # while a rank where the task is present waits in it: a hang, or collectives paired
+            # out of order. This rank cannot ask whether the task is absent everywhere (a rank
+            # that has it is already blocked), so every absence is refused, here, on every rank
+            # where it happens.
+            absent = [t for t, here in zip(self.tasks, present_list, strict=True) if not here]
+            raise MisconfigurationException(
+                f"Task(s) {absent} are absent from batch {batch_idx} on rank "
+                f"{trainer.global_rank}, which is not supported under ModelParallelStrategy "
+                "(FSDP2): the head of an absent task does not run, so its `fully_shard` "
+                "all-gather and reduce-scatter are missing on this rank while the ranks where "
+                "the task is present wait for them (a hang). Run every head on every batch "
+                "and, instead of None, return its loss with the unlabelled samples masked out "
+                "(a zero-weighted loss, e.g. `(err * mask).sum() / mask.sum().clamp_min(1)`; the "
+                "task then counts as present), or train with "
+                "strategy='ddp_find_unused_parameters_true', which supports absent tasks."
+            )
         ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None)
         if ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters", False):
             absent = [t for t, here in zip(self.tasks, present_list, strict=True) if not here]

@@ -14,6 +14,12 @@ that raises unexpectedly writes ``OUT/<case>-rank<r>.err``.
 Cases: every registered method (built from its registry ``example_kwargs``); gradient methods
 in both sources (``<name>-parameters``, ``<name>-representation``); a few unmarked-representation
 variants (the parameter path without the cut representation); GradNorm; the refusals.
+
+In the :data:`RESUMED` cases the FSDP2 run also saves a distributed checkpoint (a directory) at
+the end of every epoch, and a new Trainer, model and method resume from the one of the first epoch
+to the end (``resumed`` in the result). The ``mp/`` and ``bf16/`` cases train in bfloat16: under
+FSDP2's ``MixedPrecisionPolicy`` or Lightning's ``precision="bf16-mixed"``, against a DDP
+``bf16-mixed`` run (shared by the two).
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
@@ -51,23 +58,30 @@ class ShardedNet(TinyNet):
         *args: Any,
         reshard_after_forward: bool = True,
         shard_root: bool = True,
+        bf16_params: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.reshard_after_forward = reshard_after_forward
         self.shard_root = shard_root
+        self.bf16_params = bf16_params
 
     def configure_model(self) -> None:
         if self.device_mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = self.device_mesh["data_parallel"]
-        fully_shard(self.trunk, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        kw: dict[str, Any] = {"mesh": mesh}
+        if self.bf16_params:  # FSDP2's own mixed precision: bf16 compute, fp32 reduction
+            kw["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+            )
+        fully_shard(self.trunk, reshard_after_forward=self.reshard_after_forward, **kw)
         for head in self.heads.values():
-            fully_shard(head, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+            fully_shard(head, reshard_after_forward=self.reshard_after_forward, **kw)
         if self.shard_root:
-            fully_shard(self, mesh=mesh)
+            fully_shard(self, **kw)
 
 
 @dataclass(frozen=True)
@@ -79,9 +93,22 @@ class Case:
     tensor_parallel: bool = False  #: a 1 x 2 mesh (tensor parallelism) instead of 2 x 1
     shard_root: bool = True  #: whether ``configure_model`` applies ``fully_shard`` to the module
     optimizer: str = "adam"  #: SGD is not invariant to the scale of the gradients (Adam is)
+    #: the FSDP2 run also saves a distributed checkpoint at the end of the first half of the
+    #: epochs (``ModelCheckpoint``), and a new Trainer resumes from it to the end
+    resume: bool = False
+    precision: str = "32-true"  #: the Trainer's precision (both runs)
+    #: ``fully_shard(..., mp_policy=MixedPrecisionPolicy(bf16 params, fp32 reduction))`` in the
+    #: FSDP2 run, compared with a DDP ``bf16-mixed`` run
+    bf16_params: bool = False
+    #: task "c" is absent from batch 1 on every rank (refused under FSDP2: :data:`REFUSED`)
+    absent: bool = False
+    #: the refusal's advice: task "c" has no label in rank 1's odd batches, and instead of None
+    #: its head still runs and its loss is zero-weighted (the task counts as present)
+    masked: bool = False
 
 
-#: cases that must be refused before the first step: (exception type name, words in the message)
+#: cases that must be refused, before the first step (or, for an absent task, at the first step
+#: that has one): (exception type name, words in the message)
 REFUSED: dict[str, tuple[str, tuple[str, ...]]] = {
     "refuse/mgda-parameters-tp": (
         "MisconfigurationException",
@@ -95,6 +122,32 @@ REFUSED: dict[str, tuple[str, tuple[str, ...]]] = {
         "MisconfigurationException",
         ("ModelParallelStrategy", "UncertaintyWeighting", "log_vars", "fully_shard(self"),
     ),
+    "refuse/absent-task": (
+        "MisconfigurationException",
+        ("ModelParallelStrategy", "['c']", "batch 1", "instead of None", "masked", "find_unused"),
+    ),
+}
+
+#: cases whose FSDP2 run is also interrupted and resumed (:attr:`Case.resume`)
+RESUMED = (
+    "dwa",
+    "uncertainty",
+    "famo",
+    "gradnorm",
+    "mgda-parameters",
+    "pcgrad-parameters",
+    "db_mtl-parameters",
+    "gradvac-representation",
+)
+
+#: mixed-precision cases: a loss-based method with learnable weights, GradNorm and a gradient
+#: method in both sources, each under FSDP2's ``MixedPrecisionPolicy`` (``mp/``) and under
+#: Lightning's ``precision="bf16-mixed"`` (``bf16/``); the DDP run is ``bf16-mixed``
+MIXED_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "uncertainty": ("uncertainty", {"init": 0.1}),
+    "gradnorm": ("gradnorm", {}),
+    "mgda-parameters": ("mgda", {"source": "parameters"}),
+    "mgda-representation": ("mgda", {"source": "representation"}),
 }
 
 
@@ -130,6 +183,15 @@ def cases() -> dict[str, Case]:
     out["refuse/mgda-parameters-tp"] = Case("mgda", {"source": "parameters"}, tensor_parallel=True)
     out["refuse/gradnorm-tp"] = Case("gradnorm", {}, tensor_parallel=True)
     out["refuse/uncertainty-unsharded-root"] = Case("uncertainty", {}, shard_root=False)
+    # every rank skips task "c" at the same batch, so the refusal cannot hang the launch (a
+    # task absent from one rank only hangs the ranks where it is present: see README)
+    out["refuse/absent-task"] = Case("dwa", {}, absent=True)
+    out["uncertainty-masked-task"] = Case("uncertainty", {"init": 0.1}, masked=True)
+    for name in RESUMED:
+        out[name] = replace(out[name], resume=True)
+    for name, (method, kwargs) in MIXED_METHODS.items():
+        out[f"mp/{name}"] = Case(method, kwargs, bf16_params=True)
+        out[f"bf16/{name}"] = Case(method, kwargs, precision="bf16-mixed")
     return out
 
 
@@ -145,23 +207,62 @@ class _RankSeed(pl.Callback):
 
 
 class _Trajectory(pl.Callback):
+    """The weights before and after every training batch (as applied)."""
+
     def __init__(self) -> None:
+        self.before: list[torch.Tensor] = []
         self.applied: list[torch.Tensor] = []
-        self.initial: torch.Tensor | None = None
+        self.compute_dtype = ""  #: the dtype of the marked representation (the trunk's output)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.initial is None:
-            self.initial = pl_module.weighting.current_weights().detach().float().cpu().clone()
+        self.before.append(pl_module.weighting.current_weights().detach().float().cpu().clone())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.applied.append(pl_module.weighting.current_weights().detach().float().cpu().clone())
+        step = pl_module.step_record
+        if step is not None and step.representation is not None:
+            self.compute_dtype = str(step.representation.dtype)
+
+
+def _flat(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors and numbers of a (nested) method state, as tensors by dotted key."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state.detach().cpu().clone()}
+    if isinstance(state, (bool, int, float)):
+        return {prefix: torch.tensor(state)}
+    if isinstance(state, Mapping):
+        items: Any = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in items:
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _absent_c_at_batch_1(batch_idx: int, task: str) -> bool:
+    return task == "c" and batch_idx == 1
+
+
+def _zero_weighted_c(batch_idx: int, task: str, loss: torch.Tensor) -> torch.Tensor:
+    return loss * 0 if task == "c" and batch_idx % 2 == 1 and _rank() == 1 else loss
 
 
 def _full(v: torch.Tensor) -> torch.Tensor:
     return (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
 
 
-def fit(out: Path, case: Case, sharded: bool) -> dict[str, Any]:
+def fit(
+    out: Path,
+    case: Case,
+    sharded: bool,
+    checkpoints: Path | None = None,
+    ckpt_path: Path | None = None,
+) -> dict[str, Any]:
+    """One run; with ``checkpoints``, a distributed checkpoint is saved there at the end of every
+    epoch; with ``ckpt_path``, the run resumes from that checkpoint."""
     pl.seed_everything(0, verbose=False)
     method = create_method(case.method, **copy.deepcopy(dict(case.kwargs)))
     trajectory = _Trajectory()
@@ -169,33 +270,71 @@ def fit(out: Path, case: Case, sharded: bool) -> dict[str, Any]:
         mark_representation=case.marked,
         reshard_after_forward=case.reshard_after_forward,
         shard_root=case.shard_root,
+        bf16_params=case.bf16_params and sharded,
+        absent=_absent_c_at_batch_1 if case.absent else None,
+        loss_hook=_zero_weighted_c if case.masked else None,
         optimizer={"name": case.optimizer, "lr": 0.01 if case.optimizer == "adam" else 0.05},
     )
+    start = {k: v.detach().clone() for k, v in net.state_dict().items()}
     if sharded:
         dp, tp = (1, 2) if case.tensor_parallel else (2, 1)
         strategy: Any = ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp)
     else:
         strategy = "ddp"
+    callbacks: list[Any] = [_RankSeed(), method, trajectory]
+    if checkpoints is not None:
+        callbacks.append(ModelCheckpoint(checkpoints, "{epoch}", save_top_k=-1))
+    precision = "bf16-mixed" if case.bf16_params and not sharded else case.precision
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=strategy,
+        precision=precision,
         max_epochs=EPOCHS,
-        callbacks=[_RankSeed(), method, trajectory],
+        callbacks=callbacks,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpoints is not None,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=out,
     )
-    trainer.fit(net, loader(n=SAMPLES, batch_size=16))
+    trainer.fit(net, loader(n=SAMPLES, batch_size=16), ckpt_path=ckpt_path)
     return {
+        "before": torch.stack(trajectory.before),
         "applied": torch.stack(trajectory.applied),
-        "initial": trajectory.initial,
+        "initial": trajectory.before[0],
         "final": method.current_weights().detach().float().cpu().clone(),
         "params": {k: _full(v) for k, v in net.state_dict().items()},
+        "start": start,
+        "state": _flat(method.state_dict()),
+        "compute_dtype": trajectory.compute_dtype,
         "global_step": trainer.global_step,
     }
+
+
+#: DDP runs by their arguments: the mixed-precision cases share one DDP bf16-mixed run
+_DDP_RUNS: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+
+def run_pair(out: Path, name: str, case: Case) -> dict[str, Any]:
+    """The DDP run and the FSDP2 run of ``case`` (and the resumed FSDP2 run)."""
+    precision = "bf16-mixed" if case.bf16_params else case.precision
+    key = (case.method, repr(sorted(case.kwargs.items())), precision)
+    if precision == "32-true":
+        ddp = fit(out, case, sharded=False)
+    else:
+        if key not in _DDP_RUNS:
+            _DDP_RUNS[key] = fit(out, case, sharded=False)
+        ddp = _DDP_RUNS[key]
+    if not case.resume:
+        return {"ddp": ddp, "fsdp": fit(out, case, sharded=True)}
+    # the checkpoints' folder is the same on both ranks (one machine)
+    folder = out / "checkpoints" / name.replace("/", ".")
+    fsdp = fit(out, case, sharded=True, checkpoints=folder)
+    middle = folder / f"epoch={EPOCHS // 2 - 1}.ckpt"
+    resumed = fit(out, case, sharded=True, ckpt_path=middle)
+    resumed["checkpoint_is_dir"] = middle.is_dir()
+    return {"ddp": ddp, "fsdp": fsdp, "resumed": resumed}
 
 
 def run_case(out: Path, name: str, case: Case) -> None:
@@ -208,7 +347,7 @@ def run_case(out: Path, name: str, case: Case) -> None:
         else:
             result = {"error_type": "", "error": "no error"}
     else:
-        result = {"ddp": fit(out, case, sharded=False), "fsdp": fit(out, case, sharded=True)}
+        result = run_pair(out, name, case)
     result["seconds"] = time.perf_counter() - start
     torch.save(result, ddp_result_file(out, name, _rank()))
 
