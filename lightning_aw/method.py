@@ -333,6 +333,12 @@ class Weighting(StepMethod, Callback):
         self._learned_full[name] = full.detach()
         return full
 
+    def _learned_param(self, name: str) -> Tensor:
+        """The learnable parameter ``name`` as users read it: the parameter itself, or under
+        FSDP2 its detached full value (no communication)."""
+        param = getattr(self.module, name)
+        return self._learned_value(name) if is_sharded(param) else param
+
     def _learned_value(self, name: str) -> Tensor:
         """The detached full value of the learnable parameter ``name`` (no communication: under
         FSDP2, the value gathered after the last optimizer step)."""

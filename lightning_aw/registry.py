@@ -28,36 +28,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from lightning_aw import aggregation as _grad
 from lightning_aw import functional as _functional
+from lightning_aw import weighting as _loss
 from lightning_aw._introspect import init_args, nearest, unknown_args
-from lightning_aw.aggregation import (
-    DBMTL,
-    IMTLG,
-    MGDA,
-    AlignedMTL,
-    CAGrad,
-    ConFIG,
-    FairGrad,
-    GradDrop,
-    GradVac,
-    NashMTL,
-    PCGrad,
-    UPGrad,
-)
-from lightning_aw.weighting import (
-    DWA,
-    FAMO,
-    GLS,
-    IMTLL,
-    RLW,
-    STCH,
-    EqualWeighting,
-    GradNorm,
-    ScaleInvariant,
-    SoftAdapt,
-    UncertaintyWeighting,
-    Weighting,
-)
+from lightning_aw.method import Weighting
 from lightning_aw.weighting._base import Interval
 
 __all__ = [
@@ -398,30 +373,30 @@ def _short_paper(paper: str | None) -> str:
 #: ``MethodInfo.example_kwargs``); the rest of each record is what the class declares
 _BUILTINS: dict[type[Weighting], dict[str, Any]] = {
     # loss-based
-    EqualWeighting: {},
-    UncertaintyWeighting: {"classification": ["b"], "init": 0.1, "lr": 0.02},
-    DWA: {"temperature": 1.5},
-    GradNorm: {"alpha": 1.0, "lr": 0.05},
-    RLW: {"seed": 7},
-    GLS: {},
-    ScaleInvariant: {},
-    IMTLL: {"init": 0.1, "lr": 0.02},
-    FAMO: {"lr": 0.05, "gamma": 0.01},
-    SoftAdapt: {"beta": 5.0},
-    STCH: {"mu": 0.5, "warmup_epochs": 1},
+    _loss.EqualWeighting: {},
+    _loss.UncertaintyWeighting: {"classification": ["b"], "init": 0.1, "lr": 0.02},
+    _loss.DWA: {"temperature": 1.5},
+    _loss.GradNorm: {"alpha": 1.0, "lr": 0.05},
+    _loss.RLW: {"seed": 7},
+    _loss.GLS: {},
+    _loss.ScaleInvariant: {},
+    _loss.IMTLL: {"init": 0.1, "lr": 0.02},
+    _loss.FAMO: {"lr": 0.05, "gamma": 0.01},
+    _loss.SoftAdapt: {"beta": 5.0},
+    _loss.STCH: {"mu": 0.5, "warmup_epochs": 1},
     # gradient-based
-    MGDA: {"normalization": "l2", "source": "representation"},
-    PCGrad: {"reduction": "mean", "seed": 3},
-    CAGrad: {"c": 0.5, "rescale": 0, "frequency": 2},
-    IMTLG: {"source": "representation", "ddp_sync": "gradients"},
-    NashMTL: {"max_iter": 30, "frequency": 2},
-    AlignedMTL: {"scale_mode": "median", "source": "representation"},
-    UPGrad: {"source": "representation"},
-    GradVac: {"beta": 0.25, "seed": 3},
-    GradDrop: {"leak": 0.25, "seed": 3},
-    DBMTL: {"beta": 0.5},
-    FairGrad: {"alpha": 1.5, "max_iter": 40, "frequency": 2},
-    ConFIG: {"source": "representation"},
+    _grad.MGDA: {"normalization": "l2", "source": "representation"},
+    _grad.PCGrad: {"reduction": "mean", "seed": 3},
+    _grad.CAGrad: {"c": 0.5, "rescale": 0, "frequency": 2},
+    _grad.IMTLG: {"source": "representation", "ddp_sync": "gradients"},
+    _grad.NashMTL: {"max_iter": 30, "frequency": 2},
+    _grad.AlignedMTL: {"scale_mode": "median", "source": "representation"},
+    _grad.UPGrad: {"source": "representation"},
+    _grad.GradVac: {"beta": 0.25, "seed": 3},
+    _grad.GradDrop: {"leak": 0.25, "seed": 3},
+    _grad.DBMTL: {"beta": 0.5},
+    _grad.FairGrad: {"alpha": 1.5, "max_iter": 40, "frequency": 2},
+    _grad.ConFIG: {"source": "representation"},
 }
 for _cls, _example in _BUILTINS.items():
     register_method(MethodInfo.of(_cls, _example))

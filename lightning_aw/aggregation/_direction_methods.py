@@ -36,19 +36,11 @@ class GradDrop(
     Multitask Models with Gradient Sign Dropout", NeurIPS 2020, https://arxiv.org/abs/2010.06808.
 
     With :math:`\nabla_i` the gradient of :math:`L_i` with respect to the shared representation
-    :math:`z` (through task ``i``'s head only), per element of :math:`z`:
-
-    .. math::
-
-        \mathcal P = \tfrac12\Big(1 + \frac{\sum_i \nabla_i}{\sum_i \lvert\nabla_i\rvert}\Big),
-        \quad
-        M_i = \mathbb 1[\mathcal P > U]\,\mathbb 1[\nabla_i > 0]
-            + \mathbb 1[\mathcal P \le U]\,\mathbb 1[\nabla_i < 0],
-        \quad
-        g_z = \sum_i \big(\ell_i + (1-\ell_i) M_i\big)\,\nabla_i
-
-    with :math:`U \sim \mathcal U(0, 1)` drawn per element (:func:`lightning_aw.functional.
-    graddrop`), and :math:`g_z` is backpropagated through the trunk. The module must mark its
+    :math:`z` (through task ``i``'s head only), the trunk receives the sign-dropout mixture
+    :math:`g_z = \sum_i \big(\ell_i + (1-\ell_i) M_i\big)\,\nabla_i` of
+    :func:`lightning_aw.functional.graddrop` (the sign purity :math:`\mathcal P` and the masks
+    :math:`M_i` are defined there), with :math:`U \sim \mathcal U(0, 1)` drawn per element, and
+    :math:`g_z` is backpropagated through the trunk. The module must mark its
     representation with :meth:`MultiTaskModule.shared_representation
     <lightning_aw.MultiTaskModule.shared_representation>`.
 

@@ -7,7 +7,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_aw._sharding import is_sharded
 from lightning_aw.functional import imtl_l_loss
 from lightning_aw.weighting._positive import PositiveLossWeighting
 
@@ -77,9 +76,7 @@ class IMTLL(PositiveLossWeighting, name="imtl_l", functional="imtl_l_loss", stat
     @property
     def log_scales(self) -> Tensor:
         """The learned :math:`s_i`, shape ``[T]``."""
-        if self.module is not None and is_sharded(self.module.log_scales):
-            return self._learned_value("log_scales")  # FSDP2: the full value (detached)
-        return self.module.log_scales  # type: ignore[union-attr,return-value]
+        return self._learned_param("log_scales")
 
     def weight_tensor(self) -> Tensor:
         return torch.exp(self.log_scales.detach())

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_aw._sharding import is_sharded
 from lightning_aw.weighting._base import LossWeighting
 
 
@@ -92,9 +91,7 @@ class UncertaintyWeighting(
     @property
     def log_vars(self) -> Tensor:
         """The learned :math:`s_i = \\log\\sigma_i^2`, shape ``[T]``."""
-        if self.module is not None and is_sharded(self.module.log_vars):
-            return self._learned_value("log_vars")  # FSDP2: the full value (detached)
-        return self.module.log_vars  # type: ignore[union-attr,return-value]
+        return self._learned_param("log_vars")
 
     @property
     def sigmas(self) -> dict[str, float]:
