@@ -189,5 +189,21 @@ def relobralo(
             )
     if not bool(torch.isfinite(previous_weights).all()):
         raise ValueError("Parameter `previous_weights` should be finite.")
+    return _relobralo(
+        losses, previous_losses, initial_losses, previous_weights, rho, alpha, temperature
+    )
+
+
+def _relobralo(
+    losses: Tensor,
+    previous_losses: Tensor,
+    initial_losses: Tensor,
+    previous_weights: Tensor,
+    rho: float | Tensor,
+    alpha: float,
+    temperature: float,
+) -> Tensor:
+    """:func:`relobralo` without the checks (no host synchronisation), for the callback, whose
+    losses the module has checked positive at every step."""
     hist = rho * previous_weights + (1 - rho) * _balance(losses, initial_losses, temperature)
     return alpha * hist + (1 - alpha) * _balance(losses, previous_losses, temperature)

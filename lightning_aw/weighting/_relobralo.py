@@ -10,7 +10,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_aw._utils import GeneratorState
-from lightning_aw.functional import relobralo
+from lightning_aw.functional._loss_rates import _relobralo
 from lightning_aw.weighting._base import Interval, LossWeighting
 
 
@@ -146,14 +146,18 @@ class ReLoBRaLo(LossWeighting, name="relobralo", stateful=True, stochastic=True)
         previous = torch.where(self._known, self._previous, current)
         self._known = self._known | window_present
         if self._num_updates >= 1:
-            rho = float(torch.rand((), generator=self._generator.generator) < self.expected_rho)
-            self._weights = relobralo(
+            # a 0-dim CPU tensor: multiplies device tensors without any host conversion
+            u = torch.rand((), generator=self._generator.generator)
+            rho = (u < self.expected_rho).to(torch.float32)
+            # the twin :func:`~lightning_aw.functional.relobralo` without its checks (a host
+            # synchronisation per update): the module checks every step's losses are positive
+            self._weights = _relobralo(
                 current,
                 previous,
                 self._initial,
                 self._weights,
-                rho=rho,
-                alpha=self.alpha,
-                temperature=self.temperature,
+                rho,
+                self.alpha,
+                self.temperature,
             )
         self._previous = current
