@@ -50,6 +50,7 @@ FUZZ_TESTS = {
     "imtl_l_loss": ["test_imtl_l_loss"],
     "famo_logit_grad": ["test_famo_logit_grad"],
     "softadapt": ["test_softadapt"],
+    "relobralo": ["test_relobralo"],
     "gram_matrix": ["test_gram_matrix"],
     "db_mtl": ["test_db_mtl"],
     "graddrop": ["test_graddrop"],

@@ -74,6 +74,10 @@ PAPERS: dict[str, str] = {
         'Yu, Kumar, Gupta, Levine, Hausman & Finn, "Gradient Surgery for Multi-Task '
         'Learning", NeurIPS 2020, https://arxiv.org/abs/2001.06782'
     ),
+    "relobralo": (
+        'Bischof & Kraus, "Multi-Objective Loss Balancing for Physics-Informed Deep Learning", '
+        "arXiv 2021, https://arxiv.org/abs/2110.09813"
+    ),
     "rlw": (
         'Lin, Ye, Zhang & Tsang, "Reasonable Effectiveness of Random Weighting: A Litmus Test '
         'for Multi-Task Learning", TMLR 2022, https://arxiv.org/abs/2111.10603'

@@ -384,6 +384,7 @@ _BUILTINS: dict[type[Weighting], dict[str, Any]] = {
     _loss.FAMO: {"lr": 0.05, "gamma": 0.01},
     _loss.SoftAdapt: {"beta": 5.0},
     _loss.STCH: {"mu": 0.5, "warmup_epochs": 1},
+    _loss.ReLoBRaLo: {"alpha": 0.9, "expected_rho": 0.5, "temperature": 1.0, "seed": 5},
     # gradient-based
     _grad.MGDA: {"normalization": "l2", "source": "representation"},
     _grad.PCGrad: {"reduction": "mean", "seed": 3},

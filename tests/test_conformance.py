@@ -666,6 +666,29 @@ def _ref_softadapt(m, rec):
     _close(m.weight_tensor().double(), _softmax(m.beta * (means[2] - means[1])))
 
 
+def _ref_relobralo(m, rec):
+    # per-step windows: L(0) the first step's losses, then with rho ~ Bernoulli(E[rho]) drawn
+    # (u < E[rho]) from a CPU generator seeded with `seed`, one draw per update after the first:
+    # bal(t, t') = T softmax(L(t) / (tau L(t'))), hist = rho w + (1 - rho) bal(t, 0),
+    # w = alpha hist + (1 - alpha) bal(t, t - 1); w = 1 before
+    assert m.interval == "step" and m.frequency == 1
+    gen = torch.Generator().manual_seed(m.seed)
+    losses = np.array(rec.losses)
+
+    def bal(a, b):
+        return 3 * _softmax(a / (m.temperature * b))
+
+    w = np.ones(3)
+    for k in range(6):
+        _close(rec.array("before")[k], w, rtol=1e-5, msg=f"step {k}")
+        if k > 0:
+            rho = float(torch.rand((), generator=gen).item() < m.expected_rho)
+            hist = rho * w + (1 - rho) * bal(losses[k], losses[0])
+            w = m.alpha * hist + (1 - m.alpha) * bal(losses[k], losses[k - 1])
+        _close(rec.array("after")[k], w, rtol=1e-5, msg=f"step {k}")
+    assert np.isclose(w.sum(), 3)
+
+
 def _ref_stch(m, rec):
     # warm-up epochs: sum log L (w = 1/L); then z = mean loss of the last warm-up epoch and
     # L = T mu logsumexp(log(L/z) / mu), so w_i = T softmax(log(L/z) / mu)_i / L_i
@@ -888,6 +911,7 @@ REFERENCES: dict[str, Callable[[Weighting, Recorder], None]] = {
     "famo": _ref_famo,
     "softadapt": _ref_softadapt,
     "stch": _ref_stch,
+    "relobralo": _ref_relobralo,
     "mgda": _gradient_reference(_mgda),
     "pcgrad": lambda m, rec: _ref_random_projections(m, rec, vaccine=False),
     "cagrad": _gradient_reference(_cagrad),
@@ -925,7 +949,7 @@ def test_every_builtin_has_a_pinned_reference():
     builtins = {
         *("equal", "uncertainty", "dwa", "gradnorm", "rlw", "gls", "scale_invariant", "imtl_l"),
         *("famo", "softadapt", "stch", "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl"),
-        *("aligned_mtl", "upgrad", "gradvac", "fairgrad", "con_fig"),
+        *("aligned_mtl", "upgrad", "gradvac", "fairgrad", "con_fig", "relobralo"),
     }
     assert builtins <= set(METHODS)
     assert builtins == set(REFERENCES)

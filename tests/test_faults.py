@@ -249,6 +249,7 @@ _FIRST_STEP = r"but got loss 0 for task 'b' at epoch 0, batch 0 \(global step 0\
 ZERO_LOSS_ERRORS = {
     "dwa": r"DWA needs positive mean losses, but task 'b' has mean 0",
     "gls": rf"GLS needs positive task losses .*, {_FIRST_STEP}",
+    "relobralo": rf"ReLoBRaLo needs positive task losses .*, {_FIRST_STEP}",
     "scale_invariant": rf"ScaleInvariant needs positive task losses .*, {_FIRST_STEP}",
     "imtl_l": rf"IMTLL needs positive task losses .*, {_FIRST_STEP}",
     "stch": rf"STCH needs positive task losses .*, {_FIRST_STEP}",

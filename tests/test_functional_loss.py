@@ -1,6 +1,6 @@
 """The maths of the loss-based weightings, without Lightning.
 
-Baselines (equal, RLW), loss rates (DWA, SoftAdapt), learned weights (uncertainty, GradNorm,
+Baselines (equal, RLW), loss rates (DWA, SoftAdapt, ReLoBRaLo), learned weights (uncertainty, GradNorm,
 IMTL-L, FAMO) and scalarisations (GLS, the log loss, STCH).
 """
 
@@ -52,6 +52,69 @@ def test_dwa_rejects_bad_temperature(tau):
 def test_dwa_rejects_shape_mismatch():
     with pytest.raises(ValueError, match="before_previous"):
         AF.dwa(torch.ones(2), torch.ones(3))
+
+
+def _np_relobralo(now, last, first, w, rho, alpha, tau):
+    import numpy as np
+
+    def bal(a, b):
+        z = a / (tau * b)
+        e = np.exp(z - z.max())
+        return len(a) * e / e.sum()
+
+    hist = rho * w + (1 - rho) * bal(now, first)
+    return alpha * hist + (1 - alpha) * bal(now, last)
+
+
+@pytest.mark.parametrize("rho", [0.0, 1.0])
+@pytest.mark.parametrize(("alpha", "tau"), [(0.999, 0.1), (0.5, 1.0), (0.0, 2.0)])
+def test_relobralo_hand_computation_and_total(rho, alpha, tau):
+    import numpy as np
+
+    now, last = np.array([0.3, 2.0, 0.9]), np.array([0.5, 1.5, 1.0])
+    first, w = np.array([1.0, 4.0, 2.0]), np.array([0.5, 1.5, 1.0])
+    expected = _np_relobralo(now, last, first, w, rho, alpha, tau)
+    t = [torch.tensor(x, dtype=torch.float64) for x in (now, last, first, w)]
+    out = AF.relobralo(*t, rho=rho, alpha=alpha, temperature=tau)
+    torch.testing.assert_close(out, torch.tensor(expected), rtol=1e-12, atol=1e-12)
+    assert out.sum().item() == pytest.approx(3.0)
+
+
+def test_relobralo_lookback_and_temperature():
+    now, last, first = torch.tensor([0.3, 2.0]), torch.tensor([0.5, 1.5]), torch.tensor([1.0, 4.0])
+    w = torch.tensor([0.2, 1.8])
+    # rho = 1 keeps the history (no lookback); alpha = 1 then keeps the weights unchanged
+    torch.testing.assert_close(AF.relobralo(now, last, first, w, 1.0, alpha=1.0), w)
+    # rho = 0 looks back: the history becomes the balance against L(0)
+    e = torch.softmax(now / (0.1 * first), 0) * 2
+    torch.testing.assert_close(AF.relobralo(now, last, first, w, 0.0, alpha=1.0), e)
+    # a huge temperature gives equal weights from the balance terms
+    out = AF.relobralo(now, last, first, torch.ones(2), 0.0, alpha=0.5, temperature=1e9)
+    torch.testing.assert_close(out, torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rho": 2.0}, "rho"),
+        ({"alpha": -0.1}, "alpha"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"losses": torch.tensor([0.0, 1.0])}, "losses"),
+        ({"initial_losses": torch.tensor([1.0, float("nan")])}, "initial_losses"),
+        ({"previous_losses": torch.ones(3)}, "previous_losses"),
+    ],
+)
+def test_relobralo_rejects_bad_input(kwargs, match):
+    args = {
+        "losses": torch.ones(2),
+        "previous_losses": torch.ones(2),
+        "initial_losses": torch.ones(2),
+        "previous_weights": torch.ones(2),
+        "rho": 1.0,
+        **kwargs,
+    }
+    with pytest.raises(ValueError, match=match):
+        AF.relobralo(**args)
 
 
 def test_uncertainty_forms():

@@ -42,6 +42,7 @@ METHOD_TWINS: dict[str, list[str]] = {
     "imtl_l": ["imtl_l_loss"],
     "famo": ["famo_loss", "famo_weights", "famo_logit_grad"],
     "softadapt": ["softadapt"],
+    "relobralo": ["relobralo"],
     "stch": ["stch_loss", "stch_weights", "scale_invariant_loss", "scale_invariant_weights"],
     "mgda": ["mgda", "mgda_from_gram", "gram_matrix"],
     "pcgrad": ["pcgrad", "pcgrad_from_gram", "gram_matrix"],
@@ -314,6 +315,26 @@ def test_softadapt(data, n):
     _sum_close(w, 1.0)
 
 
+@FUZZ
+@given(data=st.data(), n=tasks)
+def test_relobralo(data, n):
+    now, last, first = data.draw(losses(n)), data.draw(losses(n)), data.draw(losses(n))
+    weights = F.renormalize(data.draw(positive(n)), float(n))
+    rho = data.draw(st.sampled_from([0.0, 1.0]))
+    alpha = data.draw(st.floats(0.0, 1.0))
+    temperature = data.draw(st.floats(0.05, 20.0))
+    usable = all(bool((torch.isfinite(x) & (x > 0)).all()) for x in (now, last, first))
+    w = documented_error(
+        lambda: F.relobralo(now, last, first, weights, rho, alpha, temperature),
+        allowed=not usable,
+    )
+    assert usable == (w is not None)  # documented: a ValueError for non-positive losses
+    if w is not None:
+        _finite(w)
+        assert w.shape == (n,) and (w >= 0).all()
+        _sum_close(w, float(n))  # documented: sums to T when the previous weights do
+
+
 @pytest.mark.parametrize("fn", ["stch_loss", "stch_weights"])
 @FUZZ
 @given(data=st.data(), n=tasks)
@@ -502,6 +523,7 @@ FUZZED = {
     "famo_weights",
     "famo_logit_grad",
     "softadapt",
+    "relobralo",
     "stch_loss",
     "stch_weights",
     "gram_matrix",

@@ -24,6 +24,7 @@ from lightning_aw.functional import dwa as dwa_fn
 from lightning_aw.weighting._famo import FAMO
 from lightning_aw.weighting._gls import GLS, ScaleInvariant
 from lightning_aw.weighting._imtl_l import IMTLL
+from lightning_aw.weighting._relobralo import ReLoBRaLo
 from lightning_aw.weighting._rlw import RLW
 from lightning_aw.weighting._softadapt import SoftAdapt
 from lightning_aw.weighting._stch import STCH
@@ -226,6 +227,8 @@ METHODS = [
     STCH(warmup_epochs=1),
     STCH(warmup_epochs=3),
     STCH(reference=[1.0, 5.0, 0.1], logarithmic=False, mu=0.5),
+    ReLoBRaLo(seed=2),
+    ReLoBRaLo(alpha=0.5, expected_rho=0.0, temperature=2.0, interval="epoch", frequency=2),
 ]
 
 
@@ -298,6 +301,12 @@ BAD_HPARAMS = [
     (lambda: SoftAdapt(normalize="yes"), "Parameter `normalize`"),
     (lambda: SoftAdapt(interval="batch"), "Parameter `interval`"),
     (lambda: STCH(mu=0.0), "Parameter `mu`"),
+    (lambda: ReLoBRaLo(alpha=1.5), "Parameter `alpha`"),
+    (lambda: ReLoBRaLo(expected_rho=-0.1), "Parameter `expected_rho`"),
+    (lambda: ReLoBRaLo(expected_rho=True), "Parameter `expected_rho`"),
+    (lambda: ReLoBRaLo(temperature=0.0), "Parameter `temperature`"),
+    (lambda: ReLoBRaLo(temperature=float("inf")), "Parameter `temperature`"),
+    (lambda: ReLoBRaLo(seed=-2), "Parameter `seed`"),
     (lambda: STCH(warmup_epochs=-1), "Parameter `warmup_epochs`"),
     (lambda: STCH(warmup_epochs=0), "Parameter `warmup_epochs` should be >= 1 when no `reference`"),
     (lambda: STCH(reference=[1.0, -1.0, 1.0]), "Parameter `reference` should be positive"),
@@ -428,6 +437,92 @@ def test_rlw_reproducible_with_a_seed(tmp_path):
         runs[name] = rec.weights
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["c"]
+
+
+# ---------------------------------------------------------------------------------- ReLoBRaLo
+_WINDOWS = [
+    torch.tensor([1.0, 2.0, 4.0]),
+    torch.tensor([0.5, 2.2, 3.0]),
+    torch.tensor([0.4, 1.0, 3.5]),
+]
+
+
+def _relobralo_updates(method, windows=_WINDOWS):
+    """Drive ``update`` with the given window means (all tasks present); the weights after each."""
+    method.init_state(3)
+    method._generator.manual_seed(0 if method.seed is None else method.seed)
+    out = []
+    for k, mean in enumerate(windows):
+        method._num_updates = k
+        method.update(None, mean, torch.ones(3, dtype=torch.bool))
+        out.append(method.weight_tensor().clone())
+    return out
+
+
+def _bal(now, ref, tau):
+    return 3 * torch.softmax(now / (tau * ref), 0)
+
+
+def test_relobralo_first_window_is_the_reference_and_weights_start_at_one():
+    w = _relobralo_updates(ReLoBRaLo(seed=0))
+    torch.testing.assert_close(w[0], torch.ones(3))
+    for x in w:
+        assert float(x.sum()) == pytest.approx(3.0)
+
+
+def test_relobralo_expected_rho_one_never_looks_back():
+    # alpha = 1: only the history; rho = 1 always: the weights keep their start, 1
+    for x in _relobralo_updates(ReLoBRaLo(alpha=1.0, expected_rho=1.0, seed=0)):
+        torch.testing.assert_close(x, torch.ones(3))
+
+
+def test_relobralo_expected_rho_zero_always_looks_back():
+    # alpha = 1, rho = 0 always: the weights are the balance against the first window
+    w = _relobralo_updates(ReLoBRaLo(alpha=1.0, expected_rho=0.0, temperature=0.5, seed=0))
+    for k in (1, 2):
+        torch.testing.assert_close(w[k], _bal(_WINDOWS[k], _WINDOWS[0], 0.5))
+
+
+def test_relobralo_by_hand_with_the_seeded_draws():
+    m = ReLoBRaLo(alpha=0.7, expected_rho=0.5, temperature=0.3, seed=4)
+    w = _relobralo_updates(m)
+    gen, expected = torch.Generator().manual_seed(4), torch.ones(3)
+    for k in (1, 2):
+        rho = float(torch.rand((), generator=gen) < 0.5)
+        hist = rho * expected + (1 - rho) * _bal(_WINDOWS[k], _WINDOWS[0], 0.3)
+        expected = 0.7 * hist + 0.3 * _bal(_WINDOWS[k], _WINDOWS[k - 1], 0.3)
+        torch.testing.assert_close(w[k], expected)
+
+
+def test_relobralo_huge_temperature_gives_equal_weights():
+    for x in _relobralo_updates(ReLoBRaLo(alpha=0.5, expected_rho=0.5, temperature=1e9, seed=1)):
+        torch.testing.assert_close(x, torch.ones(3))
+
+
+def test_relobralo_absent_task_keeps_its_mean_and_first_seen_is_its_reference():
+    m = ReLoBRaLo(alpha=1.0, expected_rho=0.0, temperature=1.0, seed=0)
+    m.init_state(3)
+    m._generator.manual_seed(0)
+    present = torch.tensor([True, True, False])
+    m._num_updates = 0
+    m.update(None, torch.tensor([1.0, 2.0, 0.0]), present)
+    m._num_updates = 1
+    m.update(None, torch.tensor([0.5, 2.0, 7.0]), torch.ones(3, dtype=torch.bool))
+    # task c first seen now: its L(0) is 7, ratio 1
+    torch.testing.assert_close(
+        m.weight_tensor(), _bal(torch.tensor([0.5, 1.0, 1.0]), torch.ones(3), 1.0)
+    )
+
+
+def test_relobralo_trains_with_positive_losses_and_sums_to_t(tmp_path):
+    rec = WeightRecorder()
+    trainer(tmp_path, [ReLoBRaLo(alpha=0.9, expected_rho=0.5, seed=3), rec], max_epochs=2).fit(
+        TinyNet(), loader()
+    )
+    assert len(rec.weights) > 2 and rec.weights[0] == pytest.approx([1.0, 1.0, 1.0])
+    assert rec.weights[-1] != pytest.approx([1.0, 1.0, 1.0])
+    for w in rec.weights:
+        assert sum(w) == pytest.approx(3.0, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------- GLS / log

@@ -7,8 +7,9 @@ twin is named after its method's registry name (:func:`lightning_aw.registry.lis
 
 Layout, by concept (all names are re-exported here; the modules are private):
 
-* loss-based: ``_baseline`` (equal, RLW, renormalisation), ``_loss_rates`` (DWA, SoftAdapt),
-  ``_learned`` (uncertainty, GradNorm, IMTL-L, FAMO), ``_scalarization`` (GLS, log loss, STCH),
+* loss-based: ``_baseline`` (equal, RLW, renormalisation), ``_loss_rates`` (DWA, SoftAdapt,
+  ReLoBRaLo), ``_learned`` (uncertainty, GradNorm, IMTL-L, FAMO), ``_scalarization`` (GLS, log
+  loss, STCH),
   on the validation and masked numerics of ``_vectors``;
 * gradient-based: ``_gram`` (the Gram matrix, checks, shared numerics), ``_qp`` (exact simplex
   and non-negative QP solvers), ``_simplex`` (MGDA, CAGrad), ``_projection`` (PCGrad, GradVac,
@@ -40,7 +41,7 @@ from lightning_aw.functional._learned import (
     uncertainty_loss,
     uncertainty_weights,
 )
-from lightning_aw.functional._loss_rates import dwa, softadapt
+from lightning_aw.functional._loss_rates import dwa, relobralo, softadapt
 from lightning_aw.functional._projection import (
     gradvac,
     gradvac_from_gram,
@@ -90,6 +91,7 @@ __all__ = [
     "nash_mtl_from_gram",
     "pcgrad",
     "pcgrad_from_gram",
+    "relobralo",
     "renormalize",
     "rlw",
     "scale_invariant_loss",

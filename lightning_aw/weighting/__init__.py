@@ -8,6 +8,7 @@ from lightning_aw.weighting._gls import GLS, ScaleInvariant
 from lightning_aw.weighting._gradnorm import GradNorm
 from lightning_aw.weighting._imtl_l import IMTLL
 from lightning_aw.weighting._positive import PositiveLossWeighting
+from lightning_aw.weighting._relobralo import ReLoBRaLo
 from lightning_aw.weighting._rlw import RLW
 from lightning_aw.weighting._softadapt import SoftAdapt
 from lightning_aw.weighting._stch import STCH
@@ -24,6 +25,7 @@ __all__ = [
     "GradNorm",
     "LossWeighting",
     "PositiveLossWeighting",
+    "ReLoBRaLo",
     "ScaleInvariant",
     "SoftAdapt",
     "UncertaintyWeighting",
