@@ -43,6 +43,11 @@ class ReLoBRaLo(LossWeighting, name="relobralo", stateful=True, stochastic=True)
     ``seed=None``, with a seed drawn from rank 0's global torch generator and broadcast). The
     generator state, :math:`L(0)`, :math:`L(t-1)` and the weights are saved in checkpoints.
 
+    The defaults (:math:`\alpha = 0.999`, :math:`\mathbb{E}[\rho] = 0.9999`, :math:`\tau = 0.1`)
+    are the values reported for the paper's experiments, as the library's authors recall them;
+    they were not re-checked against the paper's text for this release (NVIDIA PhysicsNeMo's
+    implementation uses other defaults): set them explicitly when results must match a reference.
+
     Args:
         alpha: :math:`\alpha \in [0, 1]`, the weight of the history (default 0.999).
         expected_rho: :math:`\mathbb{E}[\rho] \in [0, 1]` (default 0.9999): 1 never looks back,
