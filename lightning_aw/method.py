@@ -179,7 +179,9 @@ class Weighting(StepMethod, Callback):
 
     def weight_tensor(self) -> Tensor:
         """The method's weights at the current step, shape ``[T]`` (detached)."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement `weight_tensor()` (its current weights [T])."
+        )
 
     def after_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
