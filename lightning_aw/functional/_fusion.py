@@ -138,8 +138,8 @@ def samme(
 
         >>> w, alpha, err = samme(torch.ones(4, dtype=torch.float64),
         ...                       torch.tensor([True, False, False, False]), num_classes=2)
-        >>> err.item(), round(alpha.item(), 4), w.tolist()
-        (0.25, 1.0986, [0.5, 0.16666666666666666, 0.16666666666666666, 0.16666666666666666])
+        >>> err.item(), round(alpha.item(), 4), w
+        (0.25, 1.0986, tensor([0.5000, 0.1667, 0.1667, 0.1667], dtype=torch.float64))
     """
     _check_weights("sample_weight", sample_weight)
     _check_num_classes(num_classes)
