@@ -73,9 +73,7 @@ class FusionNet(pl.LightningModule):
         return torch.stack(losses).sum()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        fused = self(x)
-        self.log("val_loss", F.cross_entropy(fused, y))
+        self(batch[0])  # the callbacks read the members' outputs
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.members.parameters(), lr=0.2)
