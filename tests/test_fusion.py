@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -363,5 +366,50 @@ def test_boosting_refuses_a_first_member_no_better_than_chance(tmp_path):
         Boosting(lambda m: Constant(), 2, 3, trainer_kwargs=TRAINER, root_dir=tmp_path).fit(
             TensorDataset(x, y)
         )
+    multi = {**TRAINER, "devices": 2, "strategy": "ddp"}
+    with pytest.raises(MisconfigurationException, match="devices=1"):
+        Boosting(lambda m: Classifier(), 2, 3, trainer_kwargs=multi, root_dir=tmp_path / "d").fit(
+            TensorDataset(x, torch.tensor([0, 1, 2] * 20))
+        )
     with pytest.raises(ValueError, match="num_members"):
         Boosting(lambda m: Classifier(), 0, 3)
+
+
+# -- README and example ----------------------------------------------------------------------
+
+
+def test_readme_fusion_module_trains(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Adaptive fusion and boosting\n", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block.split("\ntrainer = ")[0], "README.md", "exec"), namespace)
+    net = namespace["Fused"]()
+    callback = SAMMEWeights(num_classes=3)
+    _trainer(tmp_path, [callback], max_epochs=2).fit(net, class_loader(), class_loader(64, 1))
+    x, y = class_data(64, seed=1)
+    with torch.no_grad():
+        errors = np.array(
+            [float((m(x).argmax(1) != y).double().mean()) for m in net.members.values()]
+        )
+    expected = _samme_weights_by_hand(errors, 3)
+    np.testing.assert_allclose(list(net.ensemble.weights.values()), expected, rtol=1e-6)
+
+
+def test_example_runs_with_small_settings(tmp_path):
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    sys.path.insert(0, str(examples))
+    try:
+        example = importlib.import_module("boosting_quantiles")
+    finally:
+        sys.path.remove(str(examples))
+    args = ["--members", "3", "--epochs", "4", "--seeds", "0", "--estimators", "20"]
+    args += ["--logdir", str(tmp_path), "--png-dir", str(tmp_path), "--out", str(tmp_path / "r.md")]
+    out = example.main(args)
+    assert set(out["errors"]) == set(example.METHODS)
+    assert len(out["curves"]["neural boosting"]) == 3
+    assert len(out["curves"]["sklearn AdaBoost, stumps"]) == 20
+    # every ensemble of trained members does better than chance on the test split
+    assert all(e[0] < 2 / 3 for e in out["errors"].values())
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| neural boosting |" in (tmp_path / "r.md").read_text()

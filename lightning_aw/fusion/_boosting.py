@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
@@ -212,7 +213,10 @@ class Boosting:
             ``self``.
 
         Raises:
-            ValueError: when the first member is no better than chance (as scikit-learn).
+            ValueError: when the first member is no better than chance (as scikit-learn), or the
+                targets are not class indices ``0..K-1``.
+            MisconfigurationException: ``trainer_kwargs`` ask for several processes (DDP): each
+                round runs in this process (before the first round's fit).
         """
         self.root_dir.mkdir(parents=True, exist_ok=True)
         self._restore()
@@ -247,6 +251,12 @@ class Boosting:
             )
             loader = DataLoader(dataset, sampler=sampler, **loader_kwargs)
             trainer = pl.Trainer(**self._trainer_kwargs(m))
+            if trainer.world_size > 1:
+                raise MisconfigurationException(
+                    f"Boosting runs each round's fit in this process, but trainer_kwargs ask for "
+                    f"{trainer.world_size} processes (a multi-process launcher re-executes the "
+                    "script). Use one device per round (devices=1)."
+                )
             trainer.fit(member, train_dataloaders=loader, val_dataloaders=val)
             pred = self._member_predictions(member, dataset)
             incorrect = pred != y
