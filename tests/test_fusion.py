@@ -214,15 +214,34 @@ def test_samme_weights_refuse_learned_ensembles_and_missing_calls(tmp_path):
 def test_hedge_weights_follow_the_training_losses(tmp_path):
     net = FusionNet()
     eta = 0.7
-    _trainer(tmp_path, [HedgeWeights(eta=eta)], max_epochs=1).fit(net, class_loader())
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    t = _trainer(tmp_path, [HedgeWeights(eta=eta)], max_epochs=1, logger=logger)
+    t.fit(net, class_loader())
     losses = np.array(net.train_losses)  # recorded by the module, one row per batch
     assert losses.shape == (6, 3)
     w = np.full(3, 1 / 3)
+    history = []
     for row in losses:
         w = w * np.exp(-eta * row)
         w = w / w.sum()
+        history.append(w)
     np.testing.assert_allclose(list(net.ensemble.weights.values()), w, rtol=1e-5)
     assert w[2] > w[0]
+    # logged at the optimizer steps that are multiples of log_every_n_steps: with 50, none of the
+    # 6 steps; with 1, every step, with the weights of the replay above
+    acc = _events(logger.log_dir)
+    assert "fusion/m1" not in acc.Tags()["scalars"]
+    logger = TensorBoardLogger(tmp_path, name="tb", version=1)
+    net = FusionNet()
+    t = _trainer(
+        tmp_path, [HedgeWeights(eta=eta)], max_epochs=1, logger=logger, log_every_n_steps=1
+    )
+    t.fit(net, class_loader())
+    acc = _events(logger.log_dir)
+    for i, n in enumerate(MEMBERS):
+        events = acc.Scalars(f"fusion/{n}")
+        assert [e.step for e in events] == list(range(1, 7))
+        assert [e.value for e in events] == pytest.approx([h[i] for h in history], rel=1e-5)
 
 
 # -- resume ----------------------------------------------------------------------------------
@@ -342,14 +361,15 @@ def test_boosting_matches_samme_logs_and_resumes(tmp_path):
         "member_1",
         "member_2",
     }
-    # interrupted after two rounds, then resumed to three: the same third round
+    # interrupted after two rounds, then resumed to three (from a datamodule holding the same
+    # data, batch size 32 as for a dataset): the same third round
     Boosting(lambda m: Classifier(), 2, 3, trainer_kwargs=TRAINER, root_dir=tmp_path / "cut").fit(
         data
     )
     resumed = Boosting(
         lambda m: Classifier(), 3, 3, trainer_kwargs=TRAINER, root_dir=tmp_path / "cut"
     )
-    resumed.fit(data)
+    resumed.fit(pl.LightningDataModule.from_datasets(train_dataset=data, batch_size=32))
     assert resumed.alphas == full.alphas and resumed.errors == full.errors
     torch.testing.assert_close(resumed.sample_weight, full.sample_weight, rtol=0, atol=0)
     torch.testing.assert_close(resumed.predict(x), full.predict(x))
