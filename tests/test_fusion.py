@@ -375,7 +375,7 @@ def test_boosting_matches_samme_logs_and_resumes(tmp_path):
     torch.testing.assert_close(resumed.predict(x), full.predict(x))
 
 
-def test_boosting_refuses_a_first_member_no_better_than_chance(tmp_path):
+def test_boosting_stops_as_samme_and_refuses_bad_settings(tmp_path):
     class Constant(Classifier):
         def forward(self, x):
             return self.net(x) * 0 + torch.tensor([0.0, 0.0, 1.0])
@@ -386,6 +386,26 @@ def test_boosting_refuses_a_first_member_no_better_than_chance(tmp_path):
         Boosting(lambda m: Constant(), 2, 3, trainer_kwargs=TRAINER, root_dir=tmp_path).fit(
             TensorDataset(x, y)
         )
+    # a later member no better than chance is discarded and boosting stops, for good
+    with pytest.warns(UserWarning, match="member 1's weighted training error"):
+        later = Boosting(
+            lambda m: Classifier() if m == 0 else Constant(),
+            3,
+            3,
+            trainer_kwargs=TRAINER,
+            root_dir=tmp_path / "later",
+        ).fit(TensorDataset(x, y))
+    assert len(later.members) == 1 and later.stopped
+    again = Boosting(lambda m: Classifier(), 3, 3, trainer_kwargs=TRAINER, root_dir=later.root_dir)
+    assert len(again.fit(TensorDataset(x, y)).members) == 1
+
+    class Oracle(Classifier):  # a perfect member: alpha 1 (scikit-learn's convention), stop
+        def forward(self, x):
+            return self.net(x) * 0 + F.one_hot((x[:, 0] > 0).long(), 3).float()
+
+    perfect = Boosting(lambda m: Oracle(), 3, 3, trainer_kwargs=TRAINER, root_dir=tmp_path / "p")
+    perfect.fit(TensorDataset(x, (x[:, 0] > 0).long()))
+    assert perfect.alphas == [1.0] and perfect.errors == [0.0] and perfect.stopped
     multi = {**TRAINER, "devices": 2, "strategy": "ddp"}
     with pytest.raises(MisconfigurationException, match="devices=1"):
         Boosting(lambda m: Classifier(), 2, 3, trainer_kwargs=multi, root_dir=tmp_path / "d").fit(

@@ -179,8 +179,8 @@ class Boosting:
         )
 
     @staticmethod
-    def _targets(dataset: Dataset, n: int) -> Tensor:
-        loader = DataLoader(dataset, batch_size=max(n, 1), shuffle=False)
+    def _targets(dataset: Dataset) -> Tensor:
+        loader = DataLoader(dataset, batch_size=1024, shuffle=False)
         ys = [batch[1] for batch in loader]
         return torch.cat(ys).long()
 
@@ -223,7 +223,7 @@ class Boosting:
         dataset, loader_kwargs, val = self._train_set(data)
         val = val_dataloaders if val_dataloaders is not None else val
         n = len(dataset)  # type: ignore[arg-type]
-        y = self._targets(dataset, n)
+        y = self._targets(dataset)
         if y.shape != (n,) or bool((y < 0).any()) or bool((y >= self.num_classes).any()):
             raise ValueError(
                 f"Boosting needs class indices 0..{self.num_classes - 1} as the datasets' targets "
