@@ -204,8 +204,12 @@ def test_samme_weights_refuse_learned_ensembles_and_missing_calls(tmp_path):
         _trainer(tmp_path, [SAMMEWeights(3)], max_epochs=1).fit(
             NoCall(), class_loader(), class_loader(64)
         )
+    with pytest.warns(UserWarning, match="never updated the fusion weights"):
+        _trainer(tmp_path, [SAMMEWeights(3)], max_epochs=1).fit(FusionNet(), class_loader())
     with pytest.raises(ValueError, match="num_classes"):
         SAMMEWeights(num_classes=1)
+    with pytest.raises(ValueError, match="min_error"):
+        SAMMEWeights(num_classes=3, min_error=0.9)
 
 
 # -- HedgeWeights ----------------------------------------------------------------------------

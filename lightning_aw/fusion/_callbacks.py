@@ -265,6 +265,14 @@ class SAMMEWeights(_FusionCallback):
         self._log(trainer, weights, errors)
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.num_updates == 0:
+            rank_zero_warn(
+                f"{self!r} never updated the fusion weights: no validation epoch ran in this fit "
+                "(pass val_dataloaders and check limit_val_batches / check_val_every_n_epoch)."
+            )
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "errors": self.errors}
 
