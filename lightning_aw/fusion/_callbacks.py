@@ -208,9 +208,9 @@ class SAMMEWeights(_FusionCallback):
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        m = len(self.ensemble.names)
-        self._wrong = torch.zeros(m, dtype=torch.float64, device=pl_module.device)
-        self._count = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+        m = len(self.ensemble.names)  # integer counts: exact, and on every device (MPS: no f64)
+        self._wrong = torch.zeros(m, dtype=torch.int64, device=pl_module.device)
+        self._count = torch.zeros((), dtype=torch.int64, device=pl_module.device)
 
     @override
     def on_validation_batch_end(
@@ -236,8 +236,9 @@ class SAMMEWeights(_FusionCallback):
             return
         if self._wrong is None or self._count is None:
             return
-        wrong, count = all_reduce_sum(trainer, self._wrong, self._count)
+        wrong, count = all_reduce_sum(trainer, self._wrong, self._count)  # one all-reduce
         self._wrong = self._count = None
+        wrong, count = wrong.cpu().double(), count.cpu().double()  # the epoch's one host read
         if float(count) == 0:
             rank_zero_warn(f"{self!r}: no validation sample seen; the weights are unchanged.")
             return
@@ -300,9 +301,9 @@ class HedgeWeights(_FusionCallback):
     (:func:`~lightning_aw.functional.hedge`). The protocol is :class:`SAMMEWeights`', in
     ``training_step``: the module calls its :class:`WeightedEnsemble` (``weights="fixed"``) on
     the batch, the callback reads the detached member outputs and ``targets(batch)`` in
-    ``on_train_batch_end``. Weights are logged as ``fusion/<member>`` every
-    ``log_every_n_steps`` optimizer steps; they are the ensemble's buffer (in the module's
-    checkpoint), so a resumed fit continues from them.
+    ``on_train_batch_end`` (one host read of ``M`` losses per batch). Weights are logged as
+    ``fusion/<member>`` every ``log_every_n_steps`` optimizer steps; they are the ensemble's
+    buffer (in the module's checkpoint), so a resumed fit continues from them.
 
     Args:
         eta: the learning rate ``η >= 0`` of the update (per batch).
@@ -345,10 +346,10 @@ class HedgeWeights(_FusionCallback):
         batch_idx: int,
     ) -> None:
         out, y = self._member_outputs(batch, "training_step")
-        n = torch.tensor(float(y.shape[0]), dtype=torch.float64, device=out[0].device)
-        sums = torch.stack([self.loss_fn(o, y).detach().to(torch.float64) for o in out]) * n
-        sums, n = all_reduce_sum(trainer, sums, n)
-        losses = sums / n
+        n = torch.tensor(float(y.shape[0]), dtype=torch.float32, device=out[0].device)
+        sums = torch.stack([self.loss_fn(o, y).detach().float() for o in out]) * n
+        sums, n = all_reduce_sum(trainer, sums, n)  # one all-reduce
+        losses = (sums / n).cpu().double()  # the batch's one host read; Hedge in float64
         if not bool(torch.isfinite(losses).all()):
             rank_zero_warn(
                 f"{self!r}: non-finite member losses "
@@ -356,7 +357,7 @@ class HedgeWeights(_FusionCallback):
                 f"{trainer.global_step}; the weights are unchanged."
             )
             return
-        w = self.ensemble.fixed_weights.to(torch.float64)
+        w = self.ensemble.fixed_weights.detach().cpu().double()
         weights = hedge(w, losses, self.eta)
         self.ensemble.set_weights(weights)
         self.num_updates += 1
