@@ -360,6 +360,15 @@ def test_boosting_matches_samme_logs_and_resumes(tmp_path):
     acc = _events(tmp_path / "full" / "tb")
     assert [e.step for e in acc.Scalars("boosting/alpha")] == [0, 1, 2]
     assert [e.value for e in acc.Scalars("boosting/alpha")] == pytest.approx(alphas, rel=1e-6)
+    train_errors = [
+        (
+            sum(a * np.eye(3)[p] for a, p in zip(alphas[:k], preds[:k], strict=True)).argmax(1)
+            != y.numpy()
+        ).mean()
+        for k in (1, 2, 3)
+    ]
+    logged = [e.value for e in acc.Scalars("boosting/train_error")]
+    assert logged == pytest.approx(train_errors, rel=1e-6)
     assert {p.name for p in (tmp_path / "full" / "tb").iterdir() if p.is_dir()} == {
         "member_0",
         "member_1",

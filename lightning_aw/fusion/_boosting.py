@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -236,65 +237,82 @@ class Boosting:
                 f"The saved sample weights have {self.sample_weight.shape[0]} entries, the "
                 f"training set {n} samples: resume on the same data."
             )
+        # SAMME's vote on the training set, Σ α_m onehot(h_m(x)), for the logged ensemble error
+        votes = torch.zeros(n, self.num_classes, dtype=torch.float64)
+        for member, alpha in zip(self.members, self.alphas, strict=True):
+            votes += alpha * F.one_hot(self._member_predictions(member, dataset), self.num_classes)
         writer = self._writer()
-        chance = 1.0 - 1.0 / self.num_classes
-        for m in range(len(self.members), self.num_members):
-            if self.stopped:
-                break
-            pl.seed_everything(self.seed + m, verbose=False)
-            member = self.member_factory(m)
-            sampler = WeightedRandomSampler(
-                self.sample_weight,
-                num_samples=n,
-                replacement=True,
-                generator=torch.Generator().manual_seed(self.seed + m),
-            )
-            loader = DataLoader(dataset, sampler=sampler, **loader_kwargs)
-            trainer = pl.Trainer(**self._trainer_kwargs(m))
-            if trainer.world_size > 1:
-                raise MisconfigurationException(
-                    f"Boosting runs each round's fit in this process, but trainer_kwargs ask for "
-                    f"{trainer.world_size} processes (a multi-process launcher re-executes the "
-                    "script). Use one device per round (devices=1)."
-                )
-            trainer.fit(member, train_dataloaders=loader, val_dataloaders=val)
-            pred = self._member_predictions(member, dataset)
-            incorrect = pred != y
-            new_w, alpha, error = samme(
-                self.sample_weight, incorrect, self.num_classes, self.learning_rate
-            )
-            err = float(error)
-            if err >= chance:
-                if m == 0:
-                    raise ValueError(
-                        f"Boosting: the first member's weighted training error {err:.4g} is no "
-                        f"better than chance (1 - 1/K = {chance:.4g}); the ensemble cannot be "
-                        "fit. Train the member longer or make it larger."
-                    )
-                rank_zero_warn(
-                    f"Boosting: member {m}'s weighted training error {err:.4g} is no better than "
-                    f"chance; it is discarded and boosting stops (as SAMME)."
-                )
-                self.stopped = True
-                self._save()
-                break
-            trainer.save_checkpoint(self._member_ckpt(m))
-            self.members.append(member.eval())
-            self.alphas.append(float(alpha))
-            self.errors.append(err)
-            self.sample_weight = new_w
-            if err == 0.0:
-                self.stopped = True  # a perfect member: SAMME stops
-            self._save()
+        try:
+            for m in range(len(self.members), self.num_members):
+                if self.stopped:
+                    break
+                pred, alpha, err = self._round(m, dataset, loader_kwargs, val, y)
+                if pred is None:
+                    break
+                votes += alpha * F.one_hot(pred, self.num_classes)
+                if writer is not None:
+                    train_error = float((votes.argmax(dim=1) != y).double().mean())
+                    writer.add_scalar("boosting/alpha", alpha, m)
+                    writer.add_scalar("boosting/error", err, m)
+                    writer.add_scalar("boosting/train_error", train_error, m)
+                    writer.flush()
+        finally:
             if writer is not None:
-                ens_err = float((self._vote(pred_list=None, dataset=dataset) != y).double().mean())
-                writer.add_scalar("boosting/alpha", float(alpha), m)
-                writer.add_scalar("boosting/error", err, m)
-                writer.add_scalar("boosting/train_error", ens_err, m)
-                writer.flush()
-        if writer is not None:
-            writer.close()
+                writer.close()
         return self
+
+    def _round(
+        self, m: int, dataset: Dataset, loader_kwargs: dict[str, Any], val: Any, y: Tensor
+    ) -> tuple[Tensor | None, float, float]:
+        """Train member ``m`` and take its SAMME step; ``(None, 0, error)`` when it is discarded."""
+        if self.sample_weight is None:
+            raise RuntimeError("Boosting._round runs inside fit, after the sample weights are set.")
+        n = y.shape[0]
+        pl.seed_everything(self.seed + m, verbose=False)
+        member = self.member_factory(m)
+        sampler = WeightedRandomSampler(
+            self.sample_weight,
+            num_samples=n,
+            replacement=True,
+            generator=torch.Generator().manual_seed(self.seed + m),
+        )
+        loader = DataLoader(dataset, sampler=sampler, **loader_kwargs)
+        trainer = pl.Trainer(**self._trainer_kwargs(m))
+        if trainer.world_size > 1:
+            raise MisconfigurationException(
+                f"Boosting runs each round's fit in this process, but trainer_kwargs ask for "
+                f"{trainer.world_size} processes (a multi-process launcher re-executes the "
+                "script). Use one device per round (devices=1)."
+            )
+        trainer.fit(member, train_dataloaders=loader, val_dataloaders=val)
+        pred = self._member_predictions(member, dataset)
+        new_w, alpha, error = samme(
+            self.sample_weight, pred != y, self.num_classes, self.learning_rate
+        )
+        err = float(error)
+        chance = 1.0 - 1.0 / self.num_classes
+        if err >= chance:
+            if m == 0:
+                raise ValueError(
+                    f"Boosting: the first member's weighted training error {err:.4g} is no "
+                    f"better than chance (1 - 1/K = {chance:.4g}); the ensemble cannot be "
+                    "fit. Train the member longer or make it larger."
+                )
+            rank_zero_warn(
+                f"Boosting: member {m}'s weighted training error {err:.4g} is no better than "
+                f"chance; it is discarded and boosting stops (as SAMME)."
+            )
+            self.stopped = True
+            self._save()
+            return None, 0.0, err
+        trainer.save_checkpoint(self._member_ckpt(m))
+        self.members.append(member.eval())
+        self.alphas.append(float(alpha))
+        self.errors.append(err)
+        self.sample_weight = new_w
+        self.stopped = err == 0.0  # a perfect member: SAMME stops
+        self._save()
+        return pred, float(alpha), err
 
     def _trainer_kwargs(self, m: int) -> dict[str, Any]:
         kwargs = copy.copy(self.trainer_kwargs)
@@ -315,15 +333,9 @@ class Boosting:
     def _save(self) -> None:
         torch.save(self.state_dict(), self.root_dir / STATE_FILE)
 
-    def _vote(self, pred_list: Sequence[Tensor] | None, dataset: Dataset) -> Tensor:
-        preds = pred_list or [self._member_predictions(mb, dataset) for mb in self.members]
-        return self._decide(preds, len(preds)).argmax(dim=1)
-
     def _decide(self, preds: Sequence[Tensor], k: int) -> Tensor:
         alphas = torch.tensor(self.alphas[:k], dtype=torch.float64)
-        onehot = torch.stack(
-            [torch.nn.functional.one_hot(p, self.num_classes).double() for p in preds[:k]]
-        )  # [M, N, K]
+        onehot = torch.stack([F.one_hot(p, self.num_classes).double() for p in preds[:k]])
         return torch.einsum("m,mnk->nk", alphas, onehot) / alphas.sum()
 
     def decision_function(self, x: Tensor, num_members: int | None = None) -> Tensor:
