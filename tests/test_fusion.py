@@ -103,6 +103,33 @@ def test_ensemble_of_whole_models_learns_its_weights():
         ens.set_weights(torch.tensor([1.0, 0.0]))
 
 
+def test_learned_weights_go_to_the_weighting_group_of_a_multitask_module():
+    """The documented recipe: return ``fusion_parameters()`` from ``weighting_parameters()``."""
+    from lightning_aw import MultiTaskModule
+
+    class Net(MultiTaskModule):
+        def __init__(self):
+            super().__init__(
+                tasks=["cls"], optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}
+            )
+            self.members = nn.ModuleDict({n: nn.Linear(4, 3) for n in ("a", "b")})
+            self.ensemble = WeightedEnsemble(["a", "b"])
+
+        def weighting_parameters(self):
+            return self.ensemble.fusion_parameters()
+
+        def task_losses(self, batch, batch_idx):
+            x, y = batch
+            return {
+                "cls": F.cross_entropy(self.ensemble({n: m(x) for n, m in self.members.items()}), y)
+            }
+
+    net = Net()
+    groups = {g["name"]: g for g in net.configure_optimizers().param_groups}
+    assert groups["weighting"]["params"] == [net.ensemble.weight_logits]
+    assert groups["weighting"]["weight_decay"] == 0.0 and groups["other"]["weight_decay"] == 0.1
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
