@@ -15,6 +15,11 @@ Protocol between a module and the callbacks: the LightningModule holds one
 ``training_step`` (Hedge) or ``validation_step`` (SAMME); each call records the members' outputs
 (detached) in ``ensemble.last_member_outputs``, and the callback reads them with the batch's
 targets (``targets(batch)``, default ``batch[1]``) in the batch-end hook.
+
+TensorBoard: the callbacks write one custom-scalars layout (category ``lightning_aw fusion``,
+chart ``fusion weights``). TensorBoard shows one layout per run, so inside a
+:class:`~lightning_aw.MultiTaskModule`, which writes its own, only one of the two grouped charts
+appears (every scalar is still logged).
 """
 
 from lightning_aw.fusion._boosting import Boosting
