@@ -12,7 +12,8 @@ Cases (``python tests/ddp_script.py --list`` prints them):
   reach their code path (another interval, source or ``ddp_sync``, an unseeded RLW, an unmarked
   representation);
 - ``monitor``, ``step_monitor``: the monitors of ``test_monitor.py`` and ``test_step_monitor.py``
-  (their tests read what these write under ``OUT/<case>/``).
+  (their tests read what these write under ``OUT/<case>/``);
+- ``fusion``: SAMMEWeights and HedgeWeights of ``test_fusion.py``, ranks on different data.
 
 In the ``matrix`` and ``variant`` cases the ranks see different data (DistributedSampler), task
 "c" is absent from rank 1's odd batches and each rank's global generator is seeded differently
@@ -250,6 +251,49 @@ def run_step_monitor(out: Path, case: str) -> None:
     torch.save(trainer.optimizers[0].state_dict(), ddp_result_file(out, case, trainer.global_rank))
 
 
+def run_fusion(out: Path, case: str) -> None:
+    """SAMMEWeights on one WeightedEnsemble and HedgeWeights on another, rank r training and
+    validating on samples r, r + 2, ... (so the ranks' own errors and losses differ). Read by
+    ``test_fusion.py``."""
+    from _fusion_helpers import MEMBERS, FusionNet, class_data
+
+    from lightning_aw.fusion import HedgeWeights, SAMMEWeights
+
+    rank = _rank()
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=1,
+        logger=False,
+        callbacks=[SAMMEWeights(3, ensemble="ensemble"), HedgeWeights(0.5, ensemble="second")],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=out / case,
+    )
+    net = FusionNet(two=True)
+    x, y = class_data(64)
+    xv, yv = class_data(64, seed=1)
+    train = DataLoader(TensorDataset(x[rank::2], y[rank::2]), batch_size=16)
+    val = DataLoader(TensorDataset(xv[rank::2], yv[rank::2]), batch_size=16)
+    trainer.fit(net, train, val)
+    with torch.no_grad():
+        logits = net.member_logits(xv)
+    wrong = torch.stack([logits[n].argmax(1) != yv for n in MEMBERS]).double()
+    result = {
+        "samme": net.ensemble.fixed_weights.clone(),
+        "hedge": net.second.fixed_weights.clone(),
+        "global_errors": wrong.mean(1),
+        "local_errors": wrong[:, rank::2].mean(1),
+        "losses": net.train_losses,
+    }
+    torch.save(result, ddp_result_file(out, case, rank))
+
+
 def cases() -> dict[str, Callable[[Path, str], None]]:
     """Every case, by name, in the order a launch runs them."""
     out: dict[str, Callable[[Path, str], None]] = {
@@ -257,6 +301,7 @@ def cases() -> dict[str, Callable[[Path, str], None]]:
     }
     out["monitor"] = run_monitor
     out["step_monitor"] = run_step_monitor
+    out["fusion"] = run_fusion
     return out
 
 

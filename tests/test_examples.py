@@ -39,6 +39,7 @@ def _restore_logging_and_warnings():
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MODULES = (
     "_common",
+    "boosting_quantiles",
     "digits_table",
     "gradnorm_toy",
     "pareto_toy",

@@ -14,7 +14,8 @@ Layout, by concept (all names are re-exported here; the modules are private):
 * gradient-based: ``_gram`` (the Gram matrix, checks, shared numerics), ``_qp`` (exact simplex
   and non-negative QP solvers), ``_simplex`` (MGDA, CAGrad), ``_projection`` (PCGrad, GradVac,
   UPGrad), ``_balancing`` (IMTL-G, Nash-MTL, Aligned-MTL,
-  FairGrad, ConFIG), ``_direction`` (DB-MTL, GradDrop).
+  FairGrad, ConFIG), ``_direction`` (DB-MTL, GradDrop);
+* weights over several learners: ``_fusion`` (SAMME boosting, Hedge).
 """
 
 from lightning_aw.functional._balancing import (
@@ -31,6 +32,7 @@ from lightning_aw.functional._balancing import (
 )
 from lightning_aw.functional._baseline import equal, renormalize, rlw
 from lightning_aw.functional._direction import db_mtl, graddrop
+from lightning_aw.functional._fusion import hedge, samme, samme_alpha
 from lightning_aw.functional._gram import gram_matrix
 from lightning_aw.functional._learned import (
     famo_logit_grad,
@@ -82,6 +84,7 @@ __all__ = [
     "gradvac",
     "gradvac_from_gram",
     "gram_matrix",
+    "hedge",
     "imtl_g",
     "imtl_g_from_gram",
     "imtl_l_loss",
@@ -94,6 +97,8 @@ __all__ = [
     "relobralo",
     "renormalize",
     "rlw",
+    "samme",
+    "samme_alpha",
     "scale_invariant_loss",
     "scale_invariant_weights",
     "softadapt",
