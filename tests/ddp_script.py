@@ -286,7 +286,7 @@ def run_gate_monitor(out: Path, case: str) -> None:
 
     root = out / case
     pl.seed_everything(0, verbose=False)
-    local, monitor = Local(), GateMonitor()
+    local, monitor, balancer = Local(), GateMonitor(), AuxFreeBalancing(step_size=0.1)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -294,7 +294,7 @@ def run_gate_monitor(out: Path, case: str) -> None:
         max_steps=3,
         log_every_n_steps=1,
         logger=TensorBoardLogger(root, name="tb"),
-        callbacks=[AuxFreeBalancing(step_size=0.1), local, monitor],
+        callbacks=[balancer, local, monitor],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -306,7 +306,12 @@ def run_gate_monitor(out: Path, case: str) -> None:
     net = Net()
     trainer.fit(net, DataLoader(TensorDataset(x[rank::2], y[rank::2, :2]), batch_size=16))
     biases = {k: g.balance_bias.detach().clone() for k, g in net.moe.gates().items()}
-    result = {"stats": monitor.last_stats, "local": local.local, "biases": biases}
+    result = {
+        "stats": monitor.last_stats,
+        "local": local.local,
+        "biases": biases,
+        "load": dict(balancer.last_load),
+    }
     torch.save(result, ddp_result_file(out, case, rank))
 
 

@@ -186,7 +186,14 @@ def test_ddp_statistics_are_reduced_and_identical(ddp_results):
         top = F.one_hot(both.argmax(-1), both.shape[1]).double().mean(0)
         torch.testing.assert_close(r0["stats"][key]["utilisation"], top)
         assert r0["stats"][key]["count"].item() == both.shape[0]
-    # the aux-free biases moved, identically on both ranks
+    # the aux-free biases moved, identically on both ranks, from the loads of both ranks
     for name, bias in r0["biases"].items():
         assert bias.abs().sum() > 0
         torch.testing.assert_close(r1["biases"][name], bias, rtol=0, atol=0)
+    for key in r0["biases"]:
+        load = r0["load"][f"moe.gate.{key}"]
+        torch.testing.assert_close(r1["load"][f"moe.gate.{key}"], load, rtol=0, atol=0)
+        # the last step's selections (top-2) of both ranks together
+        selected = sum((r["local"][f"moe/{key}"] > 0).sum(0).float() for r in (r0, r1))
+        torch.testing.assert_close(load, selected)
+        assert load.sum().item() == 2 * 16 * 2

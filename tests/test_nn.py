@@ -340,3 +340,45 @@ def test_parameter_source_refuses_experts_behind_the_marked_representation(tmp_p
         trainer(tmp_path, [MGDA()], max_epochs=1).fit(
             MoENet(mark=True), DataLoader(TensorDataset(x, y), batch_size=16)
         )
+
+
+def test_readme_gated_experts_module_trains(tmp_path):
+    import re
+    from pathlib import Path
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Gated experts and attention") :]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block.split("\ntrainer = ")[0], "README.md", "exec"), namespace)
+    net = namespace["Net"]()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 32, generator=gen), torch.randint(0, 2, (64, 2), generator=gen).float()
+    from lightning_aw.monitor import GateMonitor
+
+    monitor = GateMonitor(heatmap=False)
+    t = trainer(tmp_path, [DWA(), monitor], logger=TensorBoardLogger(tmp_path), log_every_n_steps=2)
+    t.fit(net, DataLoader(TensorDataset(x, y), batch_size=16))
+    assert sorted(monitor.last_stats) == ["moe/ctr", "moe/cvr"]
+
+
+def test_blocks_copy_and_pickle_after_a_forward():
+    # the logits keep their graph: EMA/SWA callbacks deep-copy the model mid-training
+    import copy
+    import pickle
+
+    block = PLE(6, lambda d: nn.Linear(d, 4), ["a", "b"], 1, 2, hidden_dim=4, top_k=1, balance=True)
+    att = TaskAttention(["a"], channels=2)
+    block(torch.randn(3, 6)).values()
+    att(torch.randn(2, 2, 3, 3))
+    for module in (block, att):
+        clone = copy.deepcopy(module)
+        restored = pickle.loads(pickle.dumps(module))
+        for other in (clone, restored):
+            assert other.state_dict().keys() == module.state_dict().keys()
+            for k, v in module.state_dict().items():
+                torch.testing.assert_close(other.state_dict()[k], v)
+    assert "levels.0.gate.a.balance_bias" in block.state_dict()
+    assert copy.deepcopy(block).gate_weights == {}  # per-step scratch is not copied

@@ -190,7 +190,7 @@ class GateMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._find(pl_module)
-        self._pending, self._epoch, self._epoch_steps = None, None, []
+        self._pending, self._pending_step, self._epoch, self._epoch_steps = None, -1, None, []
         has_tensorboard = any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers)
         self._draw = self.heatmap and has_tensorboard
         if self._draw and require_matplotlib() is None:
@@ -212,6 +212,10 @@ class GateMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._logging = (trainer.global_step + 1) % max(int(trainer.log_every_n_steps), 1) == 0
+        if self._logging:
+            # every rank arms the same steps (global_step only), so every rank joins the
+            # reduction even if none of its forwards reached a gate
+            self._pending_step = trainer.global_step
         for _, block in self._blocks:
             block.record_gates(self._logging)
 
@@ -246,7 +250,6 @@ class GateMonitor(Callback):
         device = ref.device if ref is not None else pl_module.device
         stats = torch.cat([p.to(device) for p in parts])
         self._pending = stats if self._pending is None else self._pending + stats
-        self._pending_step = trainer.global_step
 
     @override
     def on_train_batch_end(
@@ -257,12 +260,16 @@ class GateMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self._pending is None or trainer.global_step == self._pending_step:
-            return  # nothing measured, or the optimizer step is not complete (accumulation)
-        (total,) = all_reduce_sum(trainer, self._pending)
-        self._pending = None
-        total = total.detach().to("cpu", torch.float64)
-        self._report(trainer, total, self._pending_step)
+        step = self._pending_step
+        if step < 0 or trainer.global_step == step:
+            return  # not a logging step, or its optimizer step is not complete (accumulation)
+        pending = self._pending
+        if pending is None:
+            size = sum(2 + 2 * len(experts) for _, _, experts in self._layout)
+            pending = torch.zeros(size, device=pl_module.device)
+        self._pending, self._pending_step = None, -1
+        (total,) = all_reduce_sum(trainer, pending)
+        self._report(trainer, total.detach().to("cpu", torch.float64), step)
 
     def _report(self, trainer: pl.Trainer, total: Tensor, step: int) -> None:
         stats: dict[str, dict[str, Tensor]] = {}
