@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_aw import DWA, MultiTaskModule
 from lightning_aw.monitor import GateMonitor
-from lightning_aw.nn import PLE, MMoE
+from lightning_aw.nn import PLE, CrossStitch, MMoE, TaskAttention
 
 
 class MoENet(MultiTaskModule):
@@ -197,3 +197,57 @@ def test_ddp_statistics_are_reduced_and_identical(ddp_results):
         selected = sum((r["local"][f"moe/{key}"] > 0).sum(0).float() for r in (r0, r1))
         torch.testing.assert_close(load, selected)
         assert load.sum().item() == 2 * 16 * 2
+
+
+class Columns(MultiTaskModule):
+    """A conv trunk with MTAN attention per task and a cross-stitch unit between the columns."""
+
+    def __init__(self) -> None:
+        super().__init__(tasks=("a", "b"), optimizer={"name": "sgd", "lr": 0.1})
+        torch.manual_seed(0)
+        self.trunk = nn.Conv2d(1, 3, 3, padding=1)
+        self.att = TaskAttention(self.tasks, channels=3)
+        self.stitch = CrossStitch(self.tasks, num_channels=3)
+        self.heads = nn.ModuleDict({t: nn.Linear(3, 1) for t in self.tasks})
+
+    def task_losses(self, batch, batch_idx):
+        x, y = batch
+        feats = self.stitch(self.att(self.trunk(x.view(-1, 1, 2, 3))))
+        return {
+            t: F.mse_loss(self.heads[t](feats[t].mean(dim=(2, 3))).squeeze(-1), y[:, i])
+            for i, t in enumerate(self.tasks)
+        }
+
+
+class MaskRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.masks: dict[int, dict[str, torch.Tensor]] = {}
+        self.alpha: dict[int, torch.Tensor] = {}
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        step = trainer.global_step
+        self.masks[step] = {t: a.clone() for t, a in pl_module.att.last.items()}
+        self.alpha[step] = pl_module.stitch.alpha.detach().clone()
+
+
+def test_attention_and_cross_stitch_are_logged(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    recorder = MaskRecorder()
+    t = trainer(tmp_path, [recorder, GateMonitor()], logger=logger, log_every_n_steps=2)
+    t.fit(Columns(), _data())
+    acc = _events(logger.log_dir)
+    assert [s for s, m in recorder.masks.items() if m] == [1, 3, 5, 7]
+    for step in (1, 5):
+        for task in ("a", "b"):
+            a = recorder.masks[step][task].double()
+            per_sample = [row.mean().item() for row in a]
+            opened = [(row > 0.5).double().mean().item() for row in a]
+            got = {e.step: e.value for e in acc.Scalars(f"gates/att/{task}/attention/mean")}
+            assert got[step] == pytest.approx(sum(per_sample) / len(per_sample), rel=1e-5)
+            got = {e.step: e.value for e in acc.Scalars(f"gates/att/{task}/attention/open")}
+            assert got[step] == pytest.approx(sum(opened) / len(opened), rel=1e-5)
+        # alpha of the step (before its update), averaged over the channels: row a, column b
+        got = {e.step: e.value for e in acc.Scalars("gates/stitch/a/alpha/b")}
+        assert got[step] == pytest.approx(recorder.alpha[step][:, 0, 1].mean().item(), rel=1e-5)
+    charts = _charts(acc)
+    assert len(charts["gates/att attention"]) == 4 and "gates/stitch/b alpha" in charts

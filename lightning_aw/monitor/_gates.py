@@ -24,12 +24,16 @@ from lightning_aw.monitor._plotting import (
     log_figure,
     require_matplotlib,
 )
+from lightning_aw.nn._attention import CrossStitch, TaskAttention
 from lightning_aw.nn._gate import GatedBlock
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["GateMonitor"]
+
+#: the statistics logged per TaskAttention mask
+_ATT = ("mean", "open")
 
 
 def gate_heatmap(
@@ -78,6 +82,13 @@ class GateMonitor(Callback):
     - ``<prefix>/<block>/<gate>/utilisation/<expert>``: the share of the samples whose largest
       gate value is that expert's (ties: the first).
 
+    Soft-sharing blocks are logged on the same steps: for every
+    :class:`~lightning_aw.nn.TaskAttention` and task, ``<prefix>/<block>/<task>/attention/mean``
+    (the mean mask value) and ``.../attention/open`` (the share of mask values above 0.5), both
+    averaged over the samples; for every :class:`~lightning_aw.nn.CrossStitch` and task,
+    ``<prefix>/<block>/<task>/alpha/<source>`` (its row of :math:`\alpha`, the mean over the
+    channels for a per-channel unit; parameters, so identical on every rank).
+
     The values are reduced over the samples of the whole step: under DDP the sums and counts of
     every rank are added in ONE all-reduce (all ranks then hold the same numbers,
     :attr:`last_stats`; rank 0 logs). TensorBoard gets one custom-scalars chart per gate for the
@@ -98,7 +109,8 @@ class GateMonitor(Callback):
 
     Raises:
         ValueError: ``prefix`` is empty or ends with ``/``.
-        MisconfigurationException: (at fit start) the module has no gated block.
+        MisconfigurationException: (at fit start) the module has no gated block, task attention
+            or cross-stitch unit.
 
     Example::
 
@@ -125,6 +137,9 @@ class GateMonitor(Callback):
         self.last_step = -1
         self._blocks: list[tuple[str, GatedBlock]] = []
         self._layout: list[tuple[str, str, list[str]]] = []  # block, gate key, expert names
+        self._attention: list[tuple[str, TaskAttention]] = []
+        self._stitch: list[tuple[str, CrossStitch]] = []
+        self._alpha: dict[str, dict[str, Tensor]] = {}  # the cross-stitch weights of the step
         self._pending: Tensor | None = None
         self._pending_step = -1
         self._logging = False
@@ -140,20 +155,21 @@ class GateMonitor(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_blocks"] = []  # references into the model: found again at fit start
+        state["_attention"], state["_stitch"] = [], []
         state["_pending"] = None
         return state
 
     # ------------------------------------------------------------------ discovery, layout
     def _find(self, pl_module: pl.LightningModule) -> None:
-        self._blocks = [
-            (name or "model", m)
-            for name, m in pl_module.named_modules()
-            if isinstance(m, GatedBlock)
-        ]
-        if not self._blocks:
+        named = [(name or "model", m) for name, m in pl_module.named_modules()]
+        self._blocks = [(n, m) for n, m in named if isinstance(m, GatedBlock)]
+        self._attention = [(n, m) for n, m in named if isinstance(m, TaskAttention)]
+        self._stitch = [(n, m) for n, m in named if isinstance(m, CrossStitch)]
+        if not (self._blocks or self._attention or self._stitch):
             raise MisconfigurationException(
                 f"{self!r} found no gated block (MMoE, CGC, PLE or another "
-                f"lightning_aw.nn.GatedBlock) in {type(pl_module).__name__}'s modules."
+                "lightning_aw.nn.GatedBlock), TaskAttention or CrossStitch in "
+                f"{type(pl_module).__name__}'s modules."
             )
         self._layout = [
             (name, key, block.expert_names(key))
@@ -164,7 +180,7 @@ class GateMonitor(Callback):
     def tensorboard_charts(self, pl_module: pl.LightningModule) -> dict[str, list[Any]]:
         """The custom-scalars charts of the logged gate statistics (title -> ``["Multiline",
         [tag patterns]]``); :class:`~lightning_aw.MultiTaskModule` adds them to its layout."""
-        if not self._layout:
+        if not (self._blocks or self._attention or self._stitch):
             self._find(pl_module)
 
         def exact(tags: list[str]) -> list[str]:
@@ -184,6 +200,13 @@ class GateMonitor(Callback):
         for block, _ in self._blocks:
             keys = [f"{self.prefix}/{b}/{k}/entropy" for b, k, _ in self._layout if b == block]
             charts[f"{self.prefix}/{block} entropy"] = ["Multiline", exact(keys)]
+        for block, att in self._attention:
+            tags = [f"{self.prefix}/{block}/{t}/attention/{s}" for t in att.tasks for s in _ATT]
+            charts[f"{self.prefix}/{block} attention"] = ["Multiline", exact(tags)]
+        for block, unit in self._stitch:
+            for t in unit.tasks:
+                tags = [f"{self.prefix}/{block}/{t}/alpha/{s}" for s in unit.tasks]
+                charts[f"{self.prefix}/{block}/{t} alpha"] = ["Multiline", exact(tags)]
         return charts
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -218,12 +241,19 @@ class GateMonitor(Callback):
             self._pending_step = trainer.global_step
         for _, block in self._blocks:
             block.record_gates(self._logging)
+        for _, att in self._attention:
+            att.record_gates(self._logging)
 
     @override
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
-        if not self._logging or not self._blocks:
+        if not self._logging:
+            return
+        for name, unit in self._stitch:
+            if name not in self._alpha:  # the weights the step's forward used
+                self._alpha[name] = {t: a.clone() for t, a in unit.gate_weights.items()}
+        if not (self._blocks or self._attention):
             return
         parts: list[Tensor] = []
         ref = None
@@ -247,6 +277,24 @@ class GateMonitor(Callback):
                         ]
                     )
                 )
+        for _, att in self._attention:
+            masks, att.last = att.last, {}  # counted once
+            for t in att.tasks:
+                a = masks.get(t)
+                if a is None:
+                    parts.append(torch.zeros(3))
+                    continue
+                per_sample = a.float().reshape(a.shape[0], -1)
+                ref = per_sample
+                parts.append(
+                    torch.stack(
+                        [
+                            per_sample.new_tensor(float(a.shape[0])),
+                            per_sample.mean(1).sum(),
+                            (per_sample > 0.5).float().mean(1).sum(),
+                        ]
+                    )
+                )
         device = ref.device if ref is not None else pl_module.device
         stats = torch.cat([p.to(device) for p in parts])
         self._pending = stats if self._pending is None else self._pending + stats
@@ -266,9 +314,11 @@ class GateMonitor(Callback):
         pending = self._pending
         if pending is None:
             size = sum(2 + 2 * len(experts) for _, _, experts in self._layout)
+            size += sum(3 * len(att.tasks) for _, att in self._attention)
             pending = torch.zeros(size, device=pl_module.device)
         self._pending, self._pending_step = None, -1
-        (total,) = all_reduce_sum(trainer, pending)
+        # cross-stitch only: nothing to reduce (parameters are identical on every rank)
+        (total,) = all_reduce_sum(trainer, pending) if pending.numel() else (pending,)
         self._report(trainer, total.detach().to("cpu", torch.float64), step)
 
     def _report(self, trainer: pl.Trainer, total: Tensor, step: int) -> None:
@@ -296,6 +346,25 @@ class GateMonitor(Callback):
             ):
                 metrics[f"{base}/weight/{e}"] = w
                 metrics[f"{base}/utilisation/{e}"] = u
+        for block, att in self._attention:
+            for t in att.tasks:
+                count = float(total[start])
+                if count > 0:
+                    entry = {"count": total[start], "mean": total[start + 1] / count}
+                    entry["open"] = total[start + 2] / count
+                    stats[f"{block}/{t}"] = entry
+                    for name in _ATT:
+                        metrics[f"{self.prefix}/{block}/{t}/attention/{name}"] = float(entry[name])
+                start += 3
+        alphas, self._alpha = self._alpha, {}
+        for block, unit in self._stitch:
+            for t, row in alphas.get(block, unit.gate_weights).items():
+                row = row.detach().float().cpu()
+                if row.ndim > 1:  # per channel: the mean over the channels
+                    row = row.mean(0)
+                stats[f"{block}/{t}"] = {"alpha": row}
+                for source, value in zip(unit.tasks, row.tolist(), strict=True):
+                    metrics[f"{self.prefix}/{block}/{t}/alpha/{source}"] = value
         self.last_stats, self.last_step = stats, step
         if self._draw:
             self._epoch = total if self._epoch is None else self._epoch + total
@@ -337,3 +406,5 @@ class GateMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for _, block in self._blocks:
             block.record_gates(True)  # back to the blocks' default
+        for _, att in self._attention:
+            att.record_gates(True)
