@@ -291,12 +291,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         >>> import contextlib, io, tempfile
         >>> d = tempfile.mkdtemp()
-        >>> with contextlib.redirect_stdout(io.StringIO()):
+        >>> with contextlib.redirect_stdout(io.StringIO()):  # doctest: +SKIP
         ...     out = main(["--steps", "4", "--collapse-steps", "4", "--num-train", "256",
         ...                 "--num-test", "64", "--correlations", "0.5", "--seeds", "1",
         ...                 "--logdir", d, "--out", d, "--png-dir", d])
-        >>> len(out["runs"]), len(out["collapse"])
+        >>> len(out["runs"]), len(out["collapse"])  # doctest: +SKIP
         (3, 3)
+
+        (Skipped in the doctests: ``tests/test_examples.py`` runs it with small sizes.)
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a ~1 min CPU budget")

@@ -41,6 +41,7 @@ MODULES = (
     "_common",
     "digits_table",
     "gradnorm_toy",
+    "mmoe_synthetic",
     "pareto_toy",
     "stress_scales",
     "uncertainty_noise",
