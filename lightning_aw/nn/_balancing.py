@@ -45,8 +45,10 @@ def importance_loss(gates: Tensor, weight: float = 0.1) -> Tensor:
     where :math:`G(x)` are the gate values ``[..., E]`` of the batch (after top-k) and
     :math:`\mathrm{CV} = \mathrm{std}/\mathrm{mean}` over the :math:`E` experts' importances.
     The std is the population one (divided by :math:`E`, not :math:`E - 1`): the paper defines
-    the CV of "the set of importance values", and its authors' reference code uses the
-    population variance. ``weight`` defaults to the paper's :math:`w_{importance} = 0.1`.
+    the CV of "the set of importance values", and its authors' implementation (Tensor2Tensor's
+    ``cv_squared``) divides the squared deviations by the number of experts. Ports that use
+    ``Tensor.var()`` (unbiased) get :math:`E / (E - 1)` times this value. ``weight`` defaults to
+    the paper's :math:`w_{importance} = 0.1`.
     Differentiable with respect to ``gates``. A uniform importance gives 0.
 
     Softmax gates have a positive mean importance (each row sums to 1); all-zero gates give NaN.
