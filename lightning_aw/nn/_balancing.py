@@ -51,6 +51,10 @@ def importance_loss(gates: Tensor, weight: float = 0.1) -> Tensor:
     the paper's :math:`w_{importance} = 0.1`.
     Differentiable with respect to ``gates``. A uniform importance gives 0.
 
+    With a block's gate ``g`` (``block.gates()[task]``) the differentiable gate values of its
+    last forward are ``route(g.logits, g.top_k, g.balance_bias)``
+    (:attr:`Gate.last <lightning_aw.nn.Gate.last>` is detached).
+
     Softmax gates have a positive mean importance (each row sums to 1); all-zero gates give NaN.
 
     Raises:
