@@ -382,3 +382,14 @@ def test_blocks_copy_and_pickle_after_a_forward():
                 torch.testing.assert_close(other.state_dict()[k], v)
     assert "levels.0.gate.a.balance_bias" in block.state_dict()
     assert copy.deepcopy(block).gate_weights == {}  # per-step scratch is not copied
+
+
+def test_balancing_terms_reach_the_router_of_a_block():
+    block = MMoE(6, _linear(), 4, ["a"], top_k=2)
+    block(torch.randn(8, 6))
+    g = block.gates()["a"]
+    values = route(g.logits, g.top_k, g.balance_bias)
+    torch.testing.assert_close(values.detach(), g.last)  # the gates the forward applied
+    loss = importance_loss(values) + switch_load_balancing_loss(g.logits) + router_z_loss(g.logits)
+    loss.backward()
+    assert g.linear.weight.grad is not None and g.linear.weight.grad.abs().sum() > 0
