@@ -647,6 +647,11 @@ class MultiTaskModule(pl.LightningModule):
         }
         if self.weighting is not None:
             charts["task weights"] = ["Multiline", tags("weights")]
+        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
+            # monitors with their own charts (GateMonitor): one layout per run is read
+            extra = getattr(callback, "tensorboard_charts", None)
+            if callable(extra):
+                charts.update(extra(self))
         for logger in self.trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars({"lightning_aw": charts})

@@ -13,7 +13,9 @@ Cases (``python tests/ddp_script.py --list`` prints them):
   representation);
 - ``monitor``, ``step_monitor``: the monitors of ``test_monitor.py`` and ``test_step_monitor.py``
   (their tests read what these write under ``OUT/<case>/``);
-- ``fusion``: SAMMEWeights and HedgeWeights of ``test_fusion.py``, ranks on different data.
+- ``fusion``: SAMMEWeights and HedgeWeights of ``test_fusion.py``, ranks on different data;
+- ``gate_monitor``: GateMonitor and AuxFreeBalancing of ``test_gate_monitor.py``, ranks on
+  different data.
 
 In the ``matrix`` and ``variant`` cases the ranks see different data (DistributedSampler), task
 "c" is absent from rank 1's odd batches and each rank's global generator is seeded differently
@@ -294,6 +296,71 @@ def run_fusion(out: Path, case: str) -> None:
     torch.save(result, ddp_result_file(out, case, rank))
 
 
+def run_gate_monitor(out: Path, case: str) -> None:
+    """GateMonitor and AuxFreeBalancing on a top-2 MMoE; rank r trains on samples r, r + 2, ...
+    (different data per rank). Each rank writes the monitor's reduced statistics of the last
+    logging step, its own gate values of that step and the balancing biases. Read by
+    ``test_gate_monitor.py``."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lightning_aw import MultiTaskModule
+    from lightning_aw.monitor import GateMonitor
+    from lightning_aw.nn import AuxFreeBalancing, MMoE
+
+    class Net(MultiTaskModule):
+        def __init__(self) -> None:
+            super().__init__(tasks=("a", "b"), optimizer={"name": "sgd", "lr": 0.05})
+            torch.manual_seed(0)
+            self.moe = MMoE(6, lambda: nn.Linear(6, 4), 3, self.tasks, top_k=2, balance=True)
+            self.towers = nn.ModuleDict({t: nn.Linear(4, 1) for t in self.tasks})
+
+        def task_losses(self, batch, batch_idx):
+            x, y = batch
+            mixed = self.moe(x)
+            return {
+                t: F.mse_loss(self.towers[t](mixed[t]).squeeze(-1), y[:, i])
+                for i, t in enumerate(self.tasks)
+            }
+
+    class Local(pl.Callback):  # before the monitor: this rank's gate values of every step
+        def __init__(self) -> None:
+            self.local: dict[str, torch.Tensor] = {}
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self.local = {f"moe/{k}": g.last.clone() for k, g in pl_module.moe.gates().items()}
+
+    root = out / case
+    pl.seed_everything(0, verbose=False)
+    local, monitor, balancer = Local(), GateMonitor(), AuxFreeBalancing(step_size=0.1)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=3,
+        log_every_n_steps=1,
+        logger=TensorBoardLogger(root, name="tb"),
+        callbacks=[balancer, local, monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        use_distributed_sampler=False,
+    )
+    rank = _rank()
+    x, y = regression_data(96)
+    net = Net()
+    trainer.fit(net, DataLoader(TensorDataset(x[rank::2], y[rank::2, :2]), batch_size=16))
+    biases = {k: g.balance_bias.detach().clone() for k, g in net.moe.gates().items()}
+    result = {
+        "stats": monitor.last_stats,
+        "local": local.local,
+        "biases": biases,
+        "load": dict(balancer.last_load),
+    }
+    torch.save(result, ddp_result_file(out, case, rank))
+
+
 def cases() -> dict[str, Callable[[Path, str], None]]:
     """Every case, by name, in the order a launch runs them."""
     out: dict[str, Callable[[Path, str], None]] = {
@@ -302,6 +369,7 @@ def cases() -> dict[str, Callable[[Path, str], None]]:
     out["monitor"] = run_monitor
     out["step_monitor"] = run_step_monitor
     out["fusion"] = run_fusion
+    out["gate_monitor"] = run_gate_monitor
     return out
 
 

@@ -42,6 +42,7 @@ MODULES = (
     "boosting_quantiles",
     "digits_table",
     "gradnorm_toy",
+    "mmoe_synthetic",
     "pareto_toy",
     "stress_scales",
     "uncertainty_noise",
@@ -341,3 +342,19 @@ def test_overhead_benchmark_covers_every_registered_method():
         covered |= {type(c) for c in callbacks}
     missing = sorted(n for n in list_methods() if get_method(n).cls not in covered)
     assert not missing, f"not benchmarked: {missing}"
+
+
+# ----------------------------------------------------------------- (f) MMoE and gate collapse
+def test_mmoe_synthetic_aux_free_bias_prevents_gate_collapse(tmp_path):
+    ex = _example("mmoe_synthetic")
+    args = ["--steps", "2", "--collapse-steps", "50", "--step-size", "0.05", "--num-train"]
+    args += ["6400", "--num-test", "512", "--correlations", "0.0", "--seeds", "1", "--jobs", "1"]
+    out = ex.main(
+        [*args, "--logdir", str(tmp_path), "--out", str(tmp_path), "--png-dir", str(tmp_path)]
+    )
+    shares = {r["balance"]: r["selected"] for r in out["collapse"]}
+    # the skewed start keeps experts 0-1 without balancing; the aux-free bias spreads the load
+    assert sum(shares["none"][:2]) > 0.6
+    assert max(shares["aux_free"]) < max(shares["none"]) - 0.1
+    assert all(abs(sum(s) - 1.0) < 1e-5 for s in shares.values())
+    assert (tmp_path / "results_mmoe.md").is_file()
