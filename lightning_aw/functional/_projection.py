@@ -25,6 +25,8 @@ from lightning_aw.functional._gram import (
 from lightning_aw.functional._qp import _NonnegQP
 
 __all__ = [
+    "dual_proj",
+    "dual_proj_from_gram",
     "gradvac",
     "gradvac_from_gram",
     "pcgrad",
@@ -332,3 +334,84 @@ def upgrad_from_gram(gram: Tensor) -> Tensor:
     """
     q, work = _check_gram(gram)
     return _finish(_upgrad(q, work), gram)
+
+
+# --------------------------------------------------------------------------------------------
+# DualProj (the mean gradient projected onto the dual cone)
+# --------------------------------------------------------------------------------------------
+
+
+def _dual_proj(q: Tensor, work: torch.dtype) -> Tensor:
+    num_tasks = q.shape[0]
+    qn, _ = _normalised(q)
+    mean = qn.new_full((num_tasks,), 1.0 / num_tasks)
+    # c = 1/T + u,  u = argmin_{u >= 0} 1/2 u^T K u + (K 1/T)^T u
+    u = _NonnegQP(qn, work).solve((qn @ mean).unsqueeze(0))[0]
+    return mean + u
+
+
+def dual_proj(grads: Tensor) -> Tensor:
+    r"""DualProj: the mean gradient projected onto the dual cone of the task gradients.
+
+    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024,
+    https://arxiv.org/abs/2406.16232 (the DualProj aggregator of their library torchjd; the
+    projection onto the dual cone follows Lopez-Paz & Ranzato, "Gradient Episodic Memory for
+    Continual Learning", NeurIPS 2017, https://arxiv.org/abs/1706.08840, Eq. 10-11).
+
+    The update is the vector closest to the mean gradient :math:`\bar g = \tfrac1T\sum_i g_i`
+    that conflicts with no task,
+
+    .. math::
+
+        d = \operatorname*{argmin}_{x:\ G x \ge 0} \lVert x - \bar g\rVert^2, \qquad
+        d = c^\top G, \quad c = \tfrac1T\mathbf 1 + u, \quad
+        u = \operatorname*{argmin}_{u \ge 0}\ \tfrac12 u^\top G G^\top u
+            + \bigl(G G^\top \tfrac1T\mathbf 1\bigr)^\top u
+
+    (the dual problem, in Gram space: :math:`c = \operatorname{argmin}_{v \ge \mathbf 1/T}
+    v^\top G G^\top v`). UPGrad (:func:`upgrad`) projects each :math:`g_i` and averages;
+    DualProj projects their average once.
+
+    Conventions: the *mean* gradient is projected (multiply ``c`` by ``T`` for the sum); so
+    :math:`c_i \ge 1/T` and :math:`\sum_i c_i \ge 1` (not normalised), with
+    :math:`c = \mathbf 1/T` exactly when the mean gradient conflicts with no task. The QP is
+    solved exactly on the Gram matrix normalised by its largest diagonal entry, in float64, with
+    no regularisation of the Gram matrix (torchjd adds ``reg_eps`` to its diagonal and solves
+    with ``quadprog``): support enumeration for ``T <= 10`` (candidates whose objective is
+    within :math:`16\,T\,\varepsilon` of the best, :math:`\varepsilon` the machine epsilon
+    of the working dtype, are averaged, so the answer is permutation-equivariant), a
+    Lawson-Hanson-type active-set method above (KKT tolerance ``1e-12``). ``c`` is invariant to
+    multiplying ``grads`` by a constant; all-zero gradients give :math:`c = \mathbf 1/T`.
+
+    Args:
+        grads: ``[T, P]`` per-task gradients.
+
+    Returns:
+        ``[T]`` coefficients, dtype and device of ``grads``.
+
+    Raises:
+        ValueError: on a malformed or non-finite ``grads``.
+
+    Example::
+
+        >>> grads = torch.tensor([[1.0, 0.0], [-2.0, 1.0]])  # the mean [-0.5, 0.5] conflicts
+        >>> c = dual_proj(grads)
+        >>> c
+        tensor([1.0000, 0.5000])
+        >>> grads @ (c @ grads)  # no task's loss increases to first order
+        tensor([0.0000, 0.5000])
+    """
+    q = _gram64(grads)
+    return _finish(_dual_proj(q, _work_dtype(grads.dtype)), grads)
+
+
+def dual_proj_from_gram(gram: Tensor) -> Tensor:
+    r""":func:`dual_proj` from the Gram matrix ``gram = grads @ grads.T`` (``[T, T]``).
+
+    Example::
+
+        >>> dual_proj_from_gram(torch.tensor([[1.0, -2.0], [-2.0, 5.0]]))
+        tensor([1.0000, 0.5000])
+    """
+    q, work = _check_gram(gram)
+    return _finish(_dual_proj(q, work), gram)
