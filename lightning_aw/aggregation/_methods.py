@@ -18,6 +18,7 @@ __all__ = [
     "AlignedMTL",
     "CAGrad",
     "ConFIG",
+    "DualProj",
     "FairGrad",
     "GradVac",
     "NashMTL",
@@ -602,3 +603,46 @@ class ConFIG(GradientWeighting, name="con_fig"):
 
     def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
         return G.con_fig_from_gram(gram)
+
+
+class DualProj(GradientWeighting, name="dual_proj"):
+    r"""DualProj: the mean gradient projected onto the dual cone of the task gradients.
+
+    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024,
+    https://arxiv.org/abs/2406.16232 (the DualProj aggregator of torchjd; the projection onto
+    the dual cone is that of Lopez-Paz & Ranzato's GEM, NeurIPS 2017).
+
+    The update is the vector closest to the mean gradient that conflicts with no task,
+    :math:`d = \operatorname{argmin}_{Gx \ge 0}\lVert x - \tfrac1T\sum_i g_i\rVert^2`, as
+    coefficients :math:`c = \operatorname{argmin}_{v \ge \mathbf 1/T} v^\top GG^\top v` from
+    the Gram matrix (:func:`lightning_aw.functional.dual_proj`: an exact non-negative QP in
+    float64, no regularisation). UPGrad projects every task gradient and averages; DualProj
+    projects the average once, so it is cheaper and equals the mean gradient whenever that
+    conflicts with no task. Not normalised (:math:`c_i \ge 1/T`, :math:`\sum_i c_i \ge 1`);
+    no hyperparameters; stateless.
+
+    Args:
+        source: ``"parameters"`` (gradients on ``shared_parameters()``, default) or
+            ``"representation"`` (on the tensor passed to ``shared_representation()``).
+        ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
+            (average the per-task gradients first, so the method acts on the global gradients).
+        frequency: recompute the coefficients every ``frequency`` optimizer steps (or epochs).
+        interval: ``"step"`` (default) or ``"epoch"``: with ``"epoch"`` the coefficients are
+            computed on the first optimizer step of every ``frequency``-th epoch and reused for
+            the rest of it.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import DualProj
+        >>> from lightning_aw.functional import dual_proj
+        >>> trainer = pl.Trainer(callbacks=[DualProj()], logger=False)
+        >>> grads = torch.tensor([[1.0, 0.0], [-2.0, 1.0]])  # the mean gradient conflicts
+        >>> d = dual_proj(grads) @ grads
+        >>> d, grads @ d  # the closest non-conflicting vector to the mean [-0.5, 0.5]
+        (tensor([0.0000, 0.5000]), tensor([0.0000, 0.5000]))
+    """
+
+    def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
+        return G.dual_proj_from_gram(gram)
