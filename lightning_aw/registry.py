@@ -399,7 +399,7 @@ _BUILTINS: dict[type[Weighting], dict[str, Any]] = {
     _grad.FairGrad: {"alpha": 1.5, "max_iter": 40, "frequency": 2},
     _grad.ConFIG: {"source": "representation"},
     # issue 17, part A: DualProj, ExcessMTL, MoCo, learning-rate annealing
-    _grad.DualProj: {"source": "representation"},
+    _grad.DualProj: {"preference": {"a": 1.0, "b": 0.0, "c": 0.0}, "source": "representation"},
     _loss.ExcessMTL: {"step_size": 0.5},
     _grad.MoCo: {"beta": 0.8, "gamma": 0.5, "rho": 0.01, "normalize": True},
     _loss.LRAnnealing: {"alpha": 0.5, "reference": "b", "statistic": "mean", "weighted": False},

@@ -901,9 +901,12 @@ def _gradient_reference(solve=None, check=None):
 
 # ---- issue 17, part A: DualProj, ExcessMTL, MoCo, learning-rate annealing
 def _dual_proj(m, G, losses):
-    # c = 1/T + argmin_{u >= 0} ||G^T (1/T + u)||^2 (a non-negative least-squares problem)
-    mean = np.full(len(G), 1 / len(G))
-    return mean + nnls(G.T, -G.T @ mean)[0]
+    # c = p + argmin_{u >= 0} ||G^T (p + u)||^2 (a non-negative least-squares problem), p the
+    # preference by task name (default 1/T)
+    p = np.full(len(G), 1 / len(G))
+    if m.preference is not None:
+        p = np.array([m.preference[t] for t in TASKS])
+    return p + nnls(G.T, -G.T @ p)[0]
 
 
 def _ref_excess_mtl(m, rec):

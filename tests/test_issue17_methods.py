@@ -95,6 +95,24 @@ def test_dual_proj_edge_cases():
         dual_proj(torch.tensor([[float("nan"), 1.0], [1.0, 0.0]]))
 
 
+def test_dual_proj_with_a_preference_projects_that_combination():
+    G = _rng_grads(7, 3)
+    p = np.array([1.0, 0.2, 0.0])
+    c = dual_proj(torch.tensor(G), preference=torch.tensor(p)).numpy()
+    np.testing.assert_allclose(c @ G, _primal_projection(G, p @ G), atol=1e-6)
+    np.testing.assert_allclose(c, p + nnls(G.T, -G.T @ p)[0], atol=1e-6)
+    with pytest.raises(ValueError, match="preference"):
+        dual_proj(torch.tensor(G), preference=torch.tensor([1.0, -1.0, 0.0]))
+    with pytest.raises(ValueError, match="every task name"):
+        DualProj(preference=[1.0, 0.0, 0.0])  # type: ignore[arg-type]
+
+
+def test_dual_proj_preference_must_name_the_tasks(tmp_path):
+    t = trainer(tmp_path, [DualProj(preference={"a": 1.0, "b": 1.0})], max_steps=1)
+    with pytest.raises(ValueError, match=r"missing \['c'\], unknown \[\]"):
+        t.fit(TinyNet(), loader(n=32))
+
+
 # ================================================================================== ExcessMTL
 def test_excess_mtl_matches_a_hand_written_recurrence():
     rng = np.random.default_rng(0)
@@ -320,7 +338,7 @@ def test_callbacks_validate_their_arguments():
         ExcessMTL(step_size=float("inf"))
     with pytest.raises(ValueError, match="`gamma`"):
         MoCo(gamma=-0.1)
-    assert repr(DualProj()) == "DualProj(source='parameters')"
+    assert repr(DualProj()) == "DualProj(preference=None, source='parameters')"
 
 
 # ================================================================================== CR-MOGM

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -618,10 +619,13 @@ class DualProj(GradientWeighting, name="dual_proj"):
     the Gram matrix (:func:`lightning_aw.functional.dual_proj`: an exact non-negative QP in
     float64, no regularisation). UPGrad projects every task gradient and averages; DualProj
     projects the average once, so it is cheaper and equals the mean gradient whenever that
-    conflicts with no task. Not normalised (:math:`c_i \ge 1/T`, :math:`\sum_i c_i \ge 1`);
-    no hyperparameters; stateless.
+    conflicts with no task. With ``preference`` :math:`p` (torchjd's ``pref_vector``) the
+    combination :math:`\sum_i p_i g_i` is projected instead of the mean (a task absent from a
+    step drops out with its :math:`p_i`). Not normalised (:math:`c_i \ge p_i`); stateless.
 
     Args:
+        preference: the non-negative weight :math:`p_i` of every task (by name) in the
+            projected combination (default ``None``: the mean, :math:`p_i = 1/T`).
         source: ``"parameters"`` (gradients on ``shared_parameters()``, default) or
             ``"representation"`` (on the tensor passed to ``shared_representation()``).
         ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
@@ -644,5 +648,52 @@ class DualProj(GradientWeighting, name="dual_proj"):
         (tensor([0.0000, 0.5000]), tensor([0.0000, 0.5000]))
     """
 
+    def __init__(
+        self,
+        preference: Mapping[str, float] | None = None,
+        *,
+        source: Source = "parameters",
+        ddp_sync: DDPSync = "gram",
+        frequency: int = 1,
+        interval: Interval = "step",
+    ) -> None:
+        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency, interval=interval)
+        if preference is not None:
+            ok = isinstance(preference, Mapping) and len(preference) > 0
+            ok = ok and all(
+                isinstance(k, str)
+                and isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and 0 <= v < float("inf")
+                for k, v in preference.items()
+            )
+            if not ok:
+                raise ValueError(
+                    "Parameter `preference` should map every task name to a non-negative "
+                    f"weight (e.g. {{'seg': 1.0, 'depth': 0.5}}), or be None. Found {preference!r}."
+                )
+            preference = {k: float(v) for k, v in preference.items()}
+        self.preference: dict[str, float] | None = preference
+        self._pref = torch.zeros(0, dtype=torch.float64)
+
+    def hparams_repr(self) -> dict[str, Any]:
+        return {"preference": self.preference, **super().hparams_repr()}
+
+    def init_state(self, num_tasks: int) -> None:
+        super().init_state(num_tasks)
+        if self.preference is None:
+            return
+        missing = [t for t in self.tasks if t not in self.preference]
+        unknown = [t for t in self.preference if t not in self.tasks]
+        if missing or unknown:
+            raise ValueError(
+                f"{self!r}: `preference` should name exactly the module's tasks {self.tasks}; "
+                f"missing {missing}, unknown {unknown}."
+            )
+        self._pref = torch.tensor([self.preference[t] for t in self.tasks], dtype=torch.float64)
+
     def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
-        return G.dual_proj_from_gram(gram)
+        pref = None
+        if self.preference is not None:
+            pref = self._pref.to(gram)[torch.tensor(self._present_idx, device=gram.device)]
+        return G.dual_proj_from_gram(gram, pref)

@@ -341,16 +341,31 @@ def upgrad_from_gram(gram: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _dual_proj(q: Tensor, work: torch.dtype) -> Tensor:
+def _check_preference(preference: Tensor | None, num_tasks: int) -> None:
+    if preference is None:
+        return
+    ok = isinstance(preference, Tensor) and preference.shape == (num_tasks,)
+    if not ok or not bool((torch.isfinite(preference) & (preference >= 0)).all()):
+        raise ValueError(
+            f"Parameter `preference` should be a [T] = [{num_tasks}] tensor of finite, "
+            f"non-negative weights. Found {preference!r}."
+        )
+
+
+def _dual_proj(q: Tensor, work: torch.dtype, preference: Tensor | None = None) -> Tensor:
     num_tasks = q.shape[0]
+    _check_preference(preference, num_tasks)
     qn, _ = _normalised(q)
-    mean = qn.new_full((num_tasks,), 1.0 / num_tasks)
+    if preference is None:
+        mean = qn.new_full((num_tasks,), 1.0 / num_tasks)
+    else:
+        mean = preference.detach().to(device=qn.device, dtype=qn.dtype)
     # c = 1/T + u,  u = argmin_{u >= 0} 1/2 u^T K u + (K 1/T)^T u
     u = _NonnegQP(qn, work).solve((qn @ mean).unsqueeze(0))[0]
     return mean + u
 
 
-def dual_proj(grads: Tensor) -> Tensor:
+def dual_proj(grads: Tensor, preference: Tensor | None = None) -> Tensor:
     r"""DualProj: the mean gradient projected onto the dual cone of the task gradients.
 
     Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024,
@@ -370,11 +385,14 @@ def dual_proj(grads: Tensor) -> Tensor:
 
     (the dual problem, in Gram space: :math:`c = \operatorname{argmin}_{v \ge \mathbf 1/T}
     v^\top G G^\top v`). UPGrad (:func:`upgrad`) projects each :math:`g_i` and averages;
-    DualProj projects their average once.
+    DualProj projects their average once. With a ``preference`` vector :math:`p` (torchjd's
+    ``pref_vector``) the combination :math:`p^\top G` is projected instead of the mean:
+    :math:`c = p + u`, :math:`u = \operatorname{argmin}_{u\ge0} \tfrac12 u^\top GG^\top u +
+    (GG^\top p)^\top u`.
 
-    Conventions: the *mean* gradient is projected (multiply ``c`` by ``T`` for the sum); so
-    :math:`c_i \ge 1/T` and :math:`\sum_i c_i \ge 1` (not normalised), with
-    :math:`c = \mathbf 1/T` exactly when the mean gradient conflicts with no task. The QP is
+    Conventions: by default the *mean* gradient is projected (multiply ``c`` by ``T`` for the
+    sum); so :math:`c_i \ge p_i` and :math:`\sum_i c_i \ge \sum_i p_i` (not normalised), with
+    :math:`c = p` exactly when :math:`p^\top G` conflicts with no task. The QP is
     solved exactly on the Gram matrix normalised by its largest diagonal entry, in float64, with
     no regularisation of the Gram matrix (torchjd adds ``reg_eps`` to its diagonal and solves
     with ``quadprog``): support enumeration for ``T <= 10`` (candidates whose objective is
@@ -385,12 +403,14 @@ def dual_proj(grads: Tensor) -> Tensor:
 
     Args:
         grads: ``[T, P]`` per-task gradients.
+        preference: ``[T]`` non-negative weights of the projected combination (default
+            :math:`\mathbf 1/T`, the mean).
 
     Returns:
         ``[T]`` coefficients, dtype and device of ``grads``.
 
     Raises:
-        ValueError: on a malformed or non-finite ``grads``.
+        ValueError: on a malformed or non-finite ``grads``, or a malformed ``preference``.
 
     Example::
 
@@ -402,10 +422,10 @@ def dual_proj(grads: Tensor) -> Tensor:
         tensor([0.0000, 0.5000])
     """
     q = _gram64(grads)
-    return _finish(_dual_proj(q, _work_dtype(grads.dtype)), grads)
+    return _finish(_dual_proj(q, _work_dtype(grads.dtype), preference), grads)
 
 
-def dual_proj_from_gram(gram: Tensor) -> Tensor:
+def dual_proj_from_gram(gram: Tensor, preference: Tensor | None = None) -> Tensor:
     r""":func:`dual_proj` from the Gram matrix ``gram = grads @ grads.T`` (``[T, T]``).
 
     Example::
@@ -414,4 +434,4 @@ def dual_proj_from_gram(gram: Tensor) -> Tensor:
         tensor([1.0000, 0.5000])
     """
     q, work = _check_gram(gram)
-    return _finish(_dual_proj(q, work), gram)
+    return _finish(_dual_proj(q, work, preference), gram)
