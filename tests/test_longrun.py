@@ -126,7 +126,10 @@ def _drive_loss_based(t: pl.Trainer, net: TinyNet, method: Weighting, steps: ran
         present_list = [True, True, step % 10 != 3]  # task "c" absent now and then
         present = torch.tensor(present_list)
         scale = torch.rand(3, generator=gen) * 2.0 + 0.1
-        losses = weight.sum().abs() * 0 + scale * (1 + weight.square().mean())  # has a graph
+        # (every shared parameter reaches the losses, for the methods that take per-task
+        # gradients on all of them: ExcessMTL, LRAnnealing)
+        reach = sum(p.sum() for p in net.trunk.parameters()) * 0
+        losses = reach + scale * (1 + weight.square().mean())  # has a graph
         losses = torch.where(present, losses, torch.zeros(()))
         net.record = _record(t, losses, present_list)
         method.on_train_batch_start(t, net, (x, y), step)
@@ -153,6 +156,8 @@ def _drive_gradient(t: pl.Trainer, net: TinyNet, method: GradientWeighting, step
         record = _record(t, losses, present_list)
         if get_method_name(method) == "db_mtl":
             method._direction(record, grads, losses, reduce=True)
+        elif get_method_name(method) == "moco":  # its direction, from the tracked gradients
+            method._direction(record, grads, losses)
         elif get_method_name(method) == "graddrop":
             method._generator.generator.manual_seed(step)  # its only state: a fixed-size generator
             lightning_aw.functional.graddrop(grads, 0.25, method._generator.generator)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_aw import functional as G
 from lightning_aw._utils import GeneratorState
@@ -679,8 +681,10 @@ class DualProj(GradientWeighting, name="dual_proj"):
     def hparams_repr(self) -> dict[str, Any]:
         return {"preference": self.preference, **super().hparams_repr()}
 
-    def init_state(self, num_tasks: int) -> None:
-        super().init_state(num_tasks)
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # checked here, after a checkpoint's own checks (its task list) and before any step
+        super().on_fit_start(trainer, pl_module)
         if self.preference is None:
             return
         missing = [t for t in self.tasks if t not in self.preference]
