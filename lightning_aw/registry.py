@@ -231,7 +231,7 @@ def list_methods(pattern: str | Sequence[str] | None = None) -> list[str]:
         >>> list_methods("imtl*")
         ['imtl_g', 'imtl_l']
         >>> list_methods(["dwa", "*_mtl"])
-        ['aligned_mtl', 'db_mtl', 'dwa', 'nash_mtl']
+        ['aligned_mtl', 'db_mtl', 'dwa', 'excess_mtl', 'nash_mtl']
     """
     names = sorted(_REGISTRY)
     if pattern is None:
