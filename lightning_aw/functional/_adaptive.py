@@ -172,6 +172,7 @@ def excess_mtl(
 
 def _project_simplex(v: Tensor) -> Tensor:
     """Euclidean projection of ``v`` [T] onto the probability simplex (no host sync)."""
+    v = v - v.max()  # translation-invariant; keeps the threshold exact for huge entries
     u, _ = torch.sort(v, descending=True)
     css = u.cumsum(0) - 1.0
     k = torch.arange(1, v.numel() + 1, device=v.device, dtype=v.dtype)
