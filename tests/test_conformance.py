@@ -110,6 +110,14 @@ VARIANTS: dict[str, tuple[str, Callable[[], Weighting]]] = {
         lambda: create_method("stch", reference=[1.0, 5.0, 0.1], logarithmic=False, mu=0.5),
     ),
     "db_mtl-representation": ("db_mtl", lambda: create_method("db_mtl", source="representation")),
+    # issue 17, part A: the defaults the example arguments do not reach
+    "dual_proj-mean": ("dual_proj", lambda: create_method("dual_proj", source="representation")),
+    "excess_mtl-epoch": (
+        "excess_mtl",
+        lambda: create_method("excess_mtl", step_size=2.0, interval="epoch"),
+    ),
+    "moco-raw": ("moco", lambda: create_method("moco")),  # raw gradients, the paper's defaults
+    "lr_annealing-max-weighted": ("lr_annealing", lambda: create_method("lr_annealing")),
 }
 #: every registered method (with its example arguments) and every variant
 CASES = [*METHODS, *VARIANTS]
