@@ -324,6 +324,46 @@ def test_lr_annealing_edge_cases():
         lr_annealing(w, G, statistic="median")  # type: ignore[arg-type]
 
 
+def test_loss_weightings_average_the_gradient_statistics_of_a_window(tmp_path):
+    """With accumulate_grad_batches=2: LRAnnealing averages each micro-batch's statistics and
+    ExcessMTL the micro-batches' gradients over the window, then update once per optimizer step
+    (the weights weigh the next window). Re-derived from per-micro-batch gradients recorded by an
+    independent probe."""
+    from test_conformance import PermNet, Recorder
+
+    for make in (
+        lambda: LRAnnealing(alpha=0.7, statistic="max", weighted=True),
+        lambda: ExcessMTL(step_size=0.8),
+    ):
+        method, rec = make(), Recorder(probe=True)
+        net = PermNet(optimizer={"name": "sgd", "lr": 0.05})
+        t = trainer(tmp_path, [method, rec], max_epochs=1, accumulate_grad_batches=2)
+        t.fit(net, loader(n=128, batch_size=32))  # 4 micro-batches, 2 optimizer steps
+        assert t.global_step == 2
+        w, acc, e0, after = np.ones(3), 0.0, None, []
+        for window in (rec.g_par[0:2], rec.g_par[2:4]):
+            if isinstance(method, LRAnnealing):
+                num = np.mean([np.abs(G[0]).max() for G in window])
+                mean_abs = np.mean([np.abs(G).mean(1) for G in window], axis=0)
+                w = 0.3 * w + 0.7 * num / (mean_abs * w)
+                w[0] = 1.0
+            else:
+                g = np.mean(window, axis=0)
+                acc = acc + g**2
+                e = (g**2 / np.sqrt(acc + 1e-7)).sum(1)
+                if e0 is None:
+                    e0 = e
+                else:
+                    w = w * np.exp(0.8 * e / e0)
+                    w = 3 * w / w.sum()
+            after.append(w.copy())
+        before = rec.array("before")
+        assert (before[1] == before[0]).all() and (before[3] == before[2]).all()
+        np.testing.assert_allclose(before[2], after[0], rtol=1e-5)
+        np.testing.assert_allclose(method.weight_tensor().double().numpy(), after[1], rtol=1e-5)
+        assert not np.allclose(w, 1.0)
+
+
 def test_lr_annealing_rejects_an_unknown_reference_task_before_the_first_step(tmp_path):
     t = trainer(tmp_path, [LRAnnealing(reference="pde")], max_steps=1)
     with pytest.raises(ValueError, match=r"reference task 'pde' is not one of .*\['a', 'b', 'c'\]"):
