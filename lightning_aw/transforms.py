@@ -158,7 +158,8 @@ class EMA(WeightTransform):
     the composite weights are the exponential
     average :math:`\lambda_t = \alpha\lambda_{t-1} + (1-\alpha)\hat\lambda_t` of the
     method's weights :math:`\hat\lambda_t`, so ``MGDA().transformed(EMA(decay=alpha))`` is
-    CR-MOGM around MGDA (any method: ``PCGrad``, ``CAGrad``, ...). The test suite pins it
+    CR-MOGM around MGDA (any method: ``PCGrad``, ``CAGrad``, ...; torchjd's
+    ``CRMOGMWeighting`` wraps a weighting the same way). The test suite pins it
     against a hand-written recurrence of :math:`\lambda_t` over several steps. Two conventions
     the paper may set differently, not checked against its text: :math:`\lambda_1 =
     \hat\lambda_1` here (no separate :math:`\lambda_0`), and a constant :math:`\alpha` (no

@@ -394,8 +394,9 @@ def dual_proj(grads: Tensor, preference: Tensor | None = None) -> Tensor:
     sum); so :math:`c_i \ge p_i` and :math:`\sum_i c_i \ge \sum_i p_i` (not normalised), with
     :math:`c = p` exactly when :math:`p^\top G` conflicts with no task. The QP is
     solved exactly on the Gram matrix normalised by its largest diagonal entry, in float64, with
-    no regularisation of the Gram matrix (torchjd adds ``reg_eps`` to its diagonal and solves
-    with ``quadprog``): support enumeration for ``T <= 10`` (candidates whose objective is
+    no regularisation of the Gram matrix (torchjd regularises it, ``reg_eps``, normalises it,
+    ``norm_eps``, and solves with ``quadprog``; arguments of its DualProj before v0.11, of its
+    projector since): support enumeration for ``T <= 10`` (candidates whose objective is
     within :math:`16\,T\,\varepsilon` of the best, :math:`\varepsilon` the machine epsilon
     of the working dtype, are averaged, so the answer is permutation-equivariant), a
     Lawson-Hanson-type active-set method above (KKT tolerance ``1e-12``). ``c`` is invariant to
