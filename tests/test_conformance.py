@@ -118,6 +118,10 @@ VARIANTS: dict[str, tuple[str, Callable[[], Weighting]]] = {
     ),
     "moco-raw": ("moco", lambda: create_method("moco")),  # raw gradients, the paper's defaults
     "lr_annealing-max-weighted": ("lr_annealing", lambda: create_method("lr_annealing")),
+    "lr_annealing-authors": (  # the authors' code: layerwise statistics, every 2nd step here
+        "lr_annealing",
+        lambda: create_method("lr_annealing", alpha=0.1, layerwise=True, frequency=2),
+    ),
 }
 #: every registered method (with its example arguments) and every variant
 CASES = [*METHODS, *VARIANTS]
@@ -967,6 +971,7 @@ def _ref_lr_annealing(m, rec):
     for k, G in enumerate(rec.g_par):
         _close(rec.array("before")[k], w, rtol=1e-5, msg=f"step {k}")
         absolute = np.abs(G)
+        assert not m.layerwise  # (layerwise: tests/test_issue17_methods.py)
         num = absolute[r].max() if m.statistic == "max" else absolute[r].mean()
         den = absolute.mean(1) * (w if m.weighted else 1.0)
         w = (1 - m.alpha) * w + m.alpha * num / den

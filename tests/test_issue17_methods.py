@@ -307,6 +307,34 @@ def test_lr_annealing_matches_the_formula_and_its_fixed_points():
     torch.testing.assert_close(out, torch.tensor([1.0, 8.0]))
 
 
+def test_lr_annealing_layerwise_is_the_authors_statistics(tmp_path):
+    """layerwise=True: max |grad L_r| over the weight matrices, the mean of their per-matrix
+    mean |grad (lambda_i L_i)|, as the authors' code; pinned over several steps on a Trainer, from
+    per-step gradients recorded by an independent probe (trunk: W0 [16x6], b0, W2 [16x16], b2)."""
+    from test_conformance import PermNet, Recorder
+
+    G = _rng_grads(4, 3, 10)
+    out = lr_annealing(
+        torch.ones(3, dtype=torch.float64), torch.tensor(G), alpha=1.0, blocks=[4, 6]
+    )
+    means = (np.abs(G[:, :4]).mean(1) + np.abs(G[:, 4:]).mean(1)) / 2
+    np.testing.assert_allclose(out.numpy()[1:], (np.abs(G[0]).max() / means)[1:], rtol=1e-12)
+    with pytest.raises(ValueError, match="blocks"):
+        lr_annealing(torch.ones(3), torch.tensor(G), blocks=[4, 5])
+
+    method, rec = LRAnnealing(alpha=0.1, layerwise=True), Recorder(probe=True)
+    net = PermNet(optimizer={"name": "sgd", "lr": 0.05})
+    trainer(tmp_path, [method, rec], max_epochs=2).fit(net, loader(n=96, batch_size=32))
+    w = np.ones(3)
+    for k, g in enumerate(rec.g_par):
+        blocks = [np.abs(g[:, 0:96]), np.abs(g[:, 112:368])]  # the two weight matrices
+        num = max(b[0].max() for b in blocks)
+        mean = np.mean([b.mean(1) for b in blocks], axis=0)
+        w = 0.9 * w + 0.1 * num / (mean * w)
+        w[0] = 1.0
+        np.testing.assert_allclose(rec.array("after")[k], w, rtol=1e-5)
+
+
 def test_lr_annealing_edge_cases():
     w = torch.tensor([1.0, 3.0, 2.0])
     # a zero gradient, an absent task, an absent reference: the weight stays

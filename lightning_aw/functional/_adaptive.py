@@ -298,6 +298,19 @@ def moco(
 # --------------------------------------------------------------------------------------------
 
 
+def _lr_annealing_statistics(
+    absolute: Tensor, reference: int, statistic: str, blocks: list[int] | None
+) -> tuple[Tensor, Tensor]:
+    """``(numerator, mean_abs)`` from ``|grads|`` ``[T, P]``: the max (or mean) of the
+    reference's row and every row's mean, over all entries or (``blocks``) as the mean of the
+    block means."""
+    ref = absolute[reference]
+    if blocks is None:
+        return (ref.amax() if statistic == "max" else ref.mean()), absolute.mean(1)
+    means = torch.stack([part.mean(1) for part in absolute.split(blocks, dim=1)], dim=1)
+    return (ref.amax() if statistic == "max" else means[reference].mean()), means.mean(1)
+
+
 def _lr_annealing(
     weights: Tensor,
     numerator: Tensor,
@@ -322,6 +335,7 @@ def lr_annealing(
     statistic: Statistic = "max",
     weighted: bool = True,
     present: Tensor | None = None,
+    blocks: list[int] | None = None,
 ) -> Tensor:
     r"""One learning-rate-annealing update of the loss weights of physics-informed networks.
 
@@ -346,8 +360,13 @@ def lr_annealing(
     :math:`\overline{\lvert\nabla L_i\rvert}` (the gradient of the unweighted loss, the form of
     the re-implementation of Bischof & Kraus, arXiv:2110.09813). ``statistic="max"`` (default,
     the paper) takes :math:`\max\lvert\nabla L_r\rvert` in the numerator, ``"mean"`` its mean
-    (the mean/mean variant of Bischof & Kraus's re-implementation). :math:`\alpha = 0.9` as
-    recommended in the paper. A task with a zero gradient (or absent, or with the reference
+    (the mean/mean variant of Bischof & Kraus's re-implementation). :math:`\alpha = 0.9` weighs
+    the new estimate (the library's default, not checked against the paper's text); the
+    authors' code (``GradientPathologiesPINNs``) weighs the *old* value by 0.9, i.e.
+    :math:`\alpha = 0.1` here, takes the gradient of
+    :math:`\lambda_i L_i` (``weighted=True``), the weight matrices only (no biases), the mean
+    of the per-layer means (``blocks``), and updates every 10 iterations.
+    A task with a zero gradient (or absent, or with the reference
     absent) keeps its weight. The weights are not normalised; the reference's is 1.
 
     Args:
@@ -358,6 +377,9 @@ def lr_annealing(
         statistic: ``"max"`` or ``"mean"`` of :math:`\lvert\nabla L_r\rvert`.
         weighted: whether the denominator is the gradient of :math:`\lambda_i L_i`.
         present: ``[T]`` mask of the tasks in this update (default: all).
+        blocks: sizes of consecutive column blocks of ``grads`` (one per layer, summing to
+            ``P``): the means are then the mean of the per-block means, as the authors' code
+            averages its per-layer means (default ``None``: the mean over all entries).
 
     Returns:
         The new weights ``[T]``.
@@ -385,10 +407,17 @@ def lr_annealing(
         )
     _check_finite("grads", grads)
     _check_finite("weights", weights)
+    if blocks is not None and (
+        not all(isinstance(b, int) and b > 0 for b in blocks) or sum(blocks) != grads.shape[1]
+    ):
+        raise ValueError(
+            f"Parameter `blocks` should be positive block sizes summing to P = {grads.shape[1]}. "
+            f"Found {blocks!r}."
+        )
     mask = _present(present, num, grads.device)
-    absolute = grads.abs()
-    ref = absolute[reference]
-    numerator = ref.amax() if statistic == "max" else ref.mean()
+    numerator, mean_abs = _lr_annealing_statistics(
+        grads.abs(), reference, statistic, None if blocks is None else list(blocks)
+    )
     return _lr_annealing(
-        weights, numerator, absolute.mean(1), mask, reference, float(alpha), bool(weighted)
+        weights, numerator, mean_abs, mask, reference, float(alpha), bool(weighted)
     )

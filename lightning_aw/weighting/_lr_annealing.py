@@ -7,10 +7,12 @@ from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_aw._utils import all_reduce_sum
-from lightning_aw.functional._adaptive import _lr_annealing
+from lightning_aw.functional._adaptive import _lr_annealing, _lr_annealing_statistics
 from lightning_aw.step import StepRecord
 from lightning_aw.weighting._base import Interval
 from lightning_aw.weighting._shared import SharedGradientWeighting
@@ -35,13 +37,23 @@ class LRAnnealing(SharedGradientWeighting, name="lr_annealing", stateful=True):
 
     Conventions:
 
-    - ``alpha`` :math:`= \alpha`, the weight of the *new* estimate (0.9, the paper's
-      recommendation); ``statistic="max"`` (the paper) or ``"mean"`` (mean/mean: the form of
+    - ``alpha`` :math:`= \alpha`, the weight of the *new* estimate (default 0.9, see
+      below); ``statistic="max"`` (the paper) or ``"mean"`` (mean/mean: the form of
       Bischof & Kraus's re-implementation); ``weighted=True`` divides by the gradient of
       :math:`\lambda_i L_i` with the current :math:`\lambda_i`, as Algorithm 1 is written,
       ``weighted=False`` by the gradient of :math:`L_i` (the fixed points differ:
       :math:`\lambda_i^2 = \max\lvert\nabla L_r\rvert/\overline{\lvert\nabla L_i\rvert}` against
       :math:`\lambda_i = \max\lvert\nabla L_r\rvert/\overline{\lvert\nabla L_i\rvert}`).
+      ``layerwise=False`` (default) takes the statistics over every entry of the shared
+      parameters, as Algorithm 1 reads; ``layerwise=True`` over the weight matrices only
+      (parameters of 2+ dimensions, no biases), the mean being the mean of the per-matrix means.
+    - Checked against the authors' code (``PredictiveIntelligenceLab/GradientPathologiesPINNs``,
+      ``Helmholtz2D_model_tf.py``): it divides by the gradient of :math:`\lambda_i L_i`
+      (``weighted=True``), uses the weight matrices and the mean of the per-layer means
+      (``layerwise=True``), updates every 10 iterations (``frequency=10``) and weighs the *old*
+      value by 0.9, i.e. ``alpha=0.1`` here. ``alpha=0.9`` (the default, weighing the new
+      estimate) was not checked against the paper's text: to reproduce the
+      authors' runs, use ``LRAnnealing(alpha=0.1, layerwise=True, frequency=10)``.
     - The statistics (:math:`\max\lvert\nabla L_r\rvert` or its mean, and
       :math:`\overline{\lvert\nabla L_i\rvert}`) are taken per micro-batch and averaged over the
       micro-batches of the update window where the task is present and over the DDP ranks (one
@@ -60,6 +72,8 @@ class LRAnnealing(SharedGradientWeighting, name="lr_annealing", stateful=True):
         reference: the name of the reference task (default: the first task).
         statistic: ``"max"`` or ``"mean"`` of :math:`\lvert\nabla L_r\rvert` in the numerator.
         weighted: whether the denominator is the gradient of :math:`\lambda_i L_i`.
+        layerwise: statistics over the weight matrices, averaging their means (the authors'
+            code), instead of over every entry.
         interval: ``"step"`` (default) or ``"epoch"``.
         frequency: update every ``frequency`` optimizer steps or epochs.
 
@@ -72,7 +86,7 @@ class LRAnnealing(SharedGradientWeighting, name="lr_annealing", stateful=True):
         >>> from lightning_aw import LRAnnealing
         >>> method = LRAnnealing(alpha=0.9, reference="pde")
         >>> method
-        LRAnnealing(alpha=0.9, reference='pde', statistic='max', weighted=True, interval='step', frequency=1)
+        LRAnnealing(alpha=0.9, reference='pde', statistic='max', weighted=True, layerwise=False, interval='step', frequency=1)
         >>> trainer = pl.Trainer(callbacks=[method], max_epochs=5, logger=False)
     """  # noqa: E501
 
@@ -86,6 +100,7 @@ class LRAnnealing(SharedGradientWeighting, name="lr_annealing", stateful=True):
         reference: str | None = None,
         statistic: Literal["max", "mean"] = "max",
         weighted: bool = True,
+        layerwise: bool = False,
         interval: Interval = "step",
         frequency: int = 1,
     ) -> None:
@@ -110,6 +125,11 @@ class LRAnnealing(SharedGradientWeighting, name="lr_annealing", stateful=True):
         self.reference = reference
         self.statistic = statistic
         self.weighted = weighted
+        if not isinstance(layerwise, bool):
+            raise ValueError(f"Parameter `layerwise` should be True or False. Found {layerwise!r}.")
+        self.layerwise = layerwise
+        self._columns: Tensor | None = None  # layerwise: the columns of the weight matrices
+        self._blocks: list[int] | None = None
         self._ref = 0
         self._weights = torch.ones(0)
         self._num_sum = torch.zeros(())
@@ -122,6 +142,7 @@ class LRAnnealing(SharedGradientWeighting, name="lr_annealing", stateful=True):
             "reference": self.reference,
             "statistic": self.statistic,
             "weighted": self.weighted,
+            "layerwise": self.layerwise,
             **super().hparams_repr(),
         }
 
@@ -143,13 +164,36 @@ class LRAnnealing(SharedGradientWeighting, name="lr_annealing", stateful=True):
     def weight_tensor(self) -> Tensor:
         return self._weights
 
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._columns = self._blocks = None
+        if not self.layerwise:
+            return
+        sizes = [p.numel() for p in self._params]
+        keep = [p.ndim >= 2 for p in self._params]
+        if not any(keep):
+            raise MisconfigurationException(
+                f"{self!r}: layerwise statistics use the weight matrices of "
+                "`shared_parameters()` (parameters of 2 or more dimensions), and there are none. "
+                "Use layerwise=False."
+            )
+        starts = [sum(sizes[:j]) for j in range(len(sizes))]
+        self._columns = torch.cat(
+            [torch.arange(a, a + n) for a, n, k in zip(starts, sizes, keep, strict=True) if k]
+        ).to(pl_module.device)
+        self._blocks = [n for n, k in zip(sizes, keep, strict=True) if k]
+
     def observe_gradients(self, step: StepRecord, grads: Tensor, finite: Tensor) -> None:
         absolute = grads.abs()
-        ref = absolute[self._ref]
-        numerator = ref.amax() if self.statistic == "max" else ref.mean()
+        if self._columns is not None:
+            absolute = absolute.index_select(1, self._columns.to(grads.device))
+        numerator, mean_abs = _lr_annealing_statistics(
+            absolute, self._ref, self.statistic, self._blocks
+        )
         mask = (step.present & finite).to(grads.dtype)
         self._num_sum = self._num_sum.to(grads.device) + numerator * mask[self._ref]
-        self._mean_sum = self._mean_sum.to(grads.device) + absolute.mean(1) * mask
+        self._mean_sum = self._mean_sum.to(grads.device) + mean_abs * mask
         self._count = self._count.to(grads.device) + mask
 
     def update(self, trainer: pl.Trainer, window_mean: Tensor, window_present: Tensor) -> None:
