@@ -52,13 +52,16 @@ class MoCo(GradientWeighting, name="moco", stateful=True):
     Conventions:
 
     - Defaults :math:`\beta = 0.5`, :math:`\gamma = 0.1`, :math:`\rho = 0`,
-      :math:`\sigma_\beta = \sigma_\gamma = 0.5`: the values of the authors' code as ported to
-      LibMTL (the paper's convergence analysis uses decaying step sizes of this form; its
-      per-experiment values were not checked for this release). :math:`Y(0) = 0` (as the
-      authors' code), :math:`\lambda(0) = \mathbf 1/T`. ``normalize=True`` replaces each
-      :math:`g_i` by :math:`L_i\,g_i/\lVert g_i\rVert` before tracking (the authors'
-      experiment code); the default follows Algorithm 1 (raw gradients). The step on
-      :math:`\lambda` is not invariant to the gradients' scale, as in the paper.
+      :math:`\sigma_\beta = \sigma_\gamma = 0.5`: the values of the authors' code as ported
+      to LibMTL (its ``config.py``; the paper's convergence analysis uses decaying step sizes of
+      this form; its per-experiment values were not checked for this release). That port
+      replaces the projection :math:`\Pi_\Delta` by a softmax and always normalises the
+      gradients; this class follows Algorithm 1 (the projection; ``normalize`` optional).
+      :math:`Y(0) = 0` (as the authors' code), :math:`\lambda(0) = \mathbf 1/T`.
+      ``normalize=True`` replaces each :math:`g_i` by :math:`L_i\,g_i/\lVert g_i\rVert`
+      before tracking (the authors' experiment code); the default follows Algorithm 1 (raw
+      gradients). The step on :math:`\lambda` is not invariant to the gradients' scale, as in
+      the paper.
     - ``weights`` are :math:`\lambda` and **sum to 1**. Absent tasks keep their tracked row,
       which still enters :math:`YY^\top` and :math:`d`.
     - The state advances once per training micro-batch (with ``accumulate_grad_batches=k`` a

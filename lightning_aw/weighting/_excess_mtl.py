@@ -52,9 +52,11 @@ class ExcessMTL(SharedGradientWeighting, name="excess_mtl", stateful=True):
     - :math:`\lambda(0) = 1`; the weights **sum to T**. The first update of each task only
       records :math:`e^{(0)}_i` (its exponent is 0 then); a task absent from a window keeps
       its accumulator row and takes exponent 0.
-    - :math:`\eta` = ``step_size`` (default 0.01; the value is the library's choice, not
+    - :math:`\eta` = ``step_size`` (default 0.01, LibMTL's default ``robust_step_size``; not
       checked against the paper's experiments), :math:`\epsilon = 10^{-7}` under the root (as
-      the authors' code, in squared gradient units). The factor :math:`\tfrac12` cancels.
+      the authors' code as ported to LibMTL, in squared gradient units). The factor
+      :math:`\tfrac12` cancels. The accumulation, the estimate, the normalisation by the first
+      estimate, the exponentiated step and the total ``T`` were checked against that port.
     - A micro-batch with non-finite gradients (fp16 overflow) is left out of the window; a
       window with none left changes nothing.
     - State (saved in checkpoints): the weights, :math:`e^{(0)}` and the accumulator
