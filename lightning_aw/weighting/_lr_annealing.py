@@ -53,7 +53,10 @@ class LRAnnealing(SharedGradientWeighting, name="lr_annealing", stateful=True):
       (``layerwise=True``), updates every 10 iterations (``frequency=10``) and weighs the *old*
       value by 0.9, i.e. ``alpha=0.1`` here. ``alpha=0.9`` (the default, weighing the new
       estimate) was not checked against the paper's text: to reproduce the
-      authors' runs, use ``LRAnnealing(alpha=0.1, layerwise=True, frequency=10)``.
+      authors' runs, use ``LRAnnealing(alpha=0.1, layerwise=True, frequency=10)``. NVIDIA
+      Modulus/PhysicsNeMo's ``LRAnnealing`` aggregator is configured with ``update_freq=1``,
+      ``alpha=0.01``, ``eps=1e-8`` and a ``ref_key`` (its documented config); its statistics
+      were not checked here.
     - The statistics (:math:`\max\lvert\nabla L_r\rvert` or its mean, and
       :math:`\overline{\lvert\nabla L_i\rvert}`) are taken per micro-batch and averaged over the
       micro-batches of the update window where the task is present and over the DDP ranks (one
