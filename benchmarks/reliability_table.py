@@ -54,6 +54,10 @@ FUZZ_TESTS = {
     "gram_matrix": ["test_gram_matrix"],
     "db_mtl": ["test_db_mtl"],
     "graddrop": ["test_graddrop"],
+    "excess_mtl": ["test_excess_mtl"],
+    "moco": ["test_moco"],
+    "project_simplex": ["test_project_simplex"],
+    "lr_annealing": ["test_lr_annealing"],
     **{
         f: [f"test_log_losses[{f}]"]
         for f in ("gls_loss", "gls_weights", "scale_invariant_loss", "scale_invariant_weights")
@@ -66,6 +70,7 @@ FUZZ_TESTS = {
         for f in (
             *("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad"),
             *("fairgrad", "con_fig"),
+            "dual_proj",
         )
     },
     **{
@@ -73,6 +78,7 @@ FUZZ_TESTS = {
         for f in (
             *("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad"),
             *("fairgrad", "con_fig"),
+            "dual_proj",
         )
     },
 }

@@ -22,9 +22,17 @@ PAPERS: dict[str, str] = {
         'Lin, Ye, Xu, Shi & Zhang, "Dual-Balancing for Multi-Task Learning", 2023, '
         "https://arxiv.org/abs/2308.12029"
     ),
+    "dual_proj": (
+        'Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024, '
+        "https://arxiv.org/abs/2406.16232"
+    ),
     "dwa": (
         'Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019, '
         "https://arxiv.org/abs/1803.10704"
+    ),
+    "excess_mtl": (
+        'He, Zhou, Zhang, Yun, Xu, Zeng, Chilimbi & Zhao, "Robust Multi-Task Learning with '
+        'Excess Risks", ICML 2024, https://openreview.net/forum?id=JzWFmMySpn'
     ),
     "fairgrad": (
         'Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024, '
@@ -62,9 +70,19 @@ PAPERS: dict[str, str] = {
         'Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task '
         'Learning", ICLR 2021, https://openreview.net/forum?id=IMPnRXEWpvr'
     ),
+    "lr_annealing": (
+        'Wang, Teng & Perdikaris, "Understanding and mitigating gradient pathologies in '
+        'physics-informed neural networks", SIAM J. Sci. Comput. 2021, '
+        "https://arxiv.org/abs/2001.04536"
+    ),
     "mgda": (
         'Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018, '
         "https://arxiv.org/abs/1810.04650"
+    ),
+    "moco": (
+        'Fernando, Shen, Liu, Chaudhury, Murugesan & Chen, "Mitigating Gradient Bias in '
+        'Multi-objective Learning: A Provably Convergent Approach", ICLR 2023, '
+        "https://openreview.net/forum?id=dLAYGdKTi2"
     ),
     "nash_mtl": (
         'Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, "Multi-Task Learning '

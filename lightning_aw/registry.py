@@ -231,7 +231,7 @@ def list_methods(pattern: str | Sequence[str] | None = None) -> list[str]:
         >>> list_methods("imtl*")
         ['imtl_g', 'imtl_l']
         >>> list_methods(["dwa", "*_mtl"])
-        ['aligned_mtl', 'db_mtl', 'dwa', 'nash_mtl']
+        ['aligned_mtl', 'db_mtl', 'dwa', 'excess_mtl', 'nash_mtl']
     """
     names = sorted(_REGISTRY)
     if pattern is None:
@@ -398,6 +398,11 @@ _BUILTINS: dict[type[Weighting], dict[str, Any]] = {
     _grad.DBMTL: {"beta": 0.5},
     _grad.FairGrad: {"alpha": 1.5, "max_iter": 40, "frequency": 2},
     _grad.ConFIG: {"source": "representation"},
+    # issue 17, part A: DualProj, ExcessMTL, MoCo, learning-rate annealing
+    _grad.DualProj: {"preference": {"a": 1.0, "b": 0.0, "c": 0.0}, "source": "representation"},
+    _loss.ExcessMTL: {"step_size": 0.5},
+    _grad.MoCo: {"beta": 0.8, "gamma": 0.5, "rho": 0.01, "normalize": True},
+    _loss.LRAnnealing: {"alpha": 0.5, "reference": "b", "statistic": "mean", "weighted": False},
 }
 for _cls, _example in _BUILTINS.items():
     register_method(MethodInfo.of(_cls, _example))

@@ -142,8 +142,31 @@ class EMA(WeightTransform):
 
     The smoothed weights keep the total of the inputs when every input has the same total.
 
+    Conventions: no bias correction, the average starts at the first weights
+    (:math:`\bar w_0 = w_0`); it advances once per optimizer step (with gradient accumulation
+    every micro-batch is smoothed against the same average, and the last micro-batch's weights
+    enter it); it is rolled back with the method's state on a step the fp16 GradScaler or
+    ``on_nonfinite="skip"`` skips, and saved in checkpoints. It smooths the weights the method
+    returns, after the method's own normalisation; for a gradient method those are the
+    coefficients applied to the task gradients, and the smoothed ones are both applied and
+    logged.
+
+    **CR-MOGM.** Around a gradient method this is the correlation-reduced stochastic
+    multi-objective gradient manipulation of Zhou, Zhang, Jiang, Zhong, Gu & Zhu, "On the
+    Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond", NeurIPS 2022,
+    https://papers.neurips.cc/paper_files/paper/2022/hash/f91bd64a3620aad8e70a27ad9cb3ca57-Abstract-Conference.html:
+    the composite weights are the exponential
+    average :math:`\lambda_t = \alpha\lambda_{t-1} + (1-\alpha)\hat\lambda_t` of the
+    method's weights :math:`\hat\lambda_t`, so ``MGDA().transformed(EMA(decay=alpha))`` is
+    CR-MOGM around MGDA (any method: ``PCGrad``, ``CAGrad``, ...; torchjd's
+    ``CRMOGMWeighting`` wraps a weighting the same way). The test suite pins it
+    against a hand-written recurrence of :math:`\lambda_t` over several steps. Two conventions
+    the paper may set differently, not checked against its text: :math:`\lambda_1 =
+    \hat\lambda_1` here (no separate :math:`\lambda_0`), and a constant :math:`\alpha` (no
+    schedule).
+
     Args:
-        decay: :math:`\beta \in [0, 1)` (0 = no smoothing).
+        decay: :math:`\beta \in [0, 1)` (0 = no smoothing); CR-MOGM's :math:`\alpha`.
 
     Example::
 

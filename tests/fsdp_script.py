@@ -43,6 +43,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).parent))
 from _helpers import TinyNet, ddp_result_file, loader
 
+from lightning_aw._introspect import init_args
 from lightning_aw.registry import create_method, get_method, list_methods
 
 EPOCHS = 2
@@ -156,8 +157,10 @@ def cases() -> dict[str, Case]:
     for name in list_methods():
         info = get_method(name)
         kwargs = dict(info.example_kwargs)
-        two_sources = info.needs_task_gradients and not info.needs_representation
-        if two_sources and name != "gradnorm":
+        # the methods that take a `source` (GradNorm, ExcessMTL, LRAnnealing and MoCo take
+        # per-task gradients on parameters only)
+        two_sources = "source" in init_args(info.cls).names and not info.needs_representation
+        if two_sources:
             for source in ("parameters", "representation"):
                 out[f"{name}-{source}"] = Case(name, {**kwargs, "source": source})
         else:

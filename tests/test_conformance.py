@@ -110,6 +110,18 @@ VARIANTS: dict[str, tuple[str, Callable[[], Weighting]]] = {
         lambda: create_method("stch", reference=[1.0, 5.0, 0.1], logarithmic=False, mu=0.5),
     ),
     "db_mtl-representation": ("db_mtl", lambda: create_method("db_mtl", source="representation")),
+    # issue 17, part A: the defaults the example arguments do not reach
+    "dual_proj-mean": ("dual_proj", lambda: create_method("dual_proj", source="representation")),
+    "excess_mtl-epoch": (
+        "excess_mtl",
+        lambda: create_method("excess_mtl", step_size=2.0, interval="epoch"),
+    ),
+    "moco-raw": ("moco", lambda: create_method("moco")),  # raw gradients, the paper's defaults
+    "lr_annealing-max-weighted": ("lr_annealing", lambda: create_method("lr_annealing")),
+    "lr_annealing-authors": (  # the authors' code: layerwise statistics, every 2nd step here
+        "lr_annealing",
+        lambda: create_method("lr_annealing", alpha=0.1, layerwise=True, frequency=2),
+    ),
 }
 #: every registered method (with its example arguments) and every variant
 CASES = [*METHODS, *VARIANTS]
@@ -899,6 +911,74 @@ def _gradient_reference(solve=None, check=None):
     return reference
 
 
+# ---- issue 17, part A: DualProj, ExcessMTL, MoCo, learning-rate annealing
+def _dual_proj(m, G, losses):
+    # c = p + argmin_{u >= 0} ||G^T (p + u)||^2 (a non-negative least-squares problem), p the
+    # preference by task name (default 1/T)
+    p = np.full(len(G), 1 / len(G))
+    if m.preference is not None:
+        p = np.array([m.preference[t] for t in TASKS])
+    return p + nnls(G.T, -G.T @ p)[0]
+
+
+def _ref_excess_mtl(m, rec):
+    # A += g^2, e = sum g^2 / sqrt(A + 1e-7); the first update records e0; then
+    # w <- T w exp(eta e / e0) / sum(...); per-step windows, the update after the step
+    assert m.interval == "step" and m.frequency == 1
+    w, acc, e0 = np.ones(3), 0.0, None
+    for k, G in enumerate(rec.g_par):
+        _close(rec.array("before")[k], w, rtol=1e-5, msg=f"step {k}")
+        acc = acc + G**2
+        e = (G**2 / np.sqrt(acc + 1e-7)).sum(1)
+        if e0 is None:
+            e0 = e
+        else:
+            w = w * np.exp(m.step_size * e / e0)
+            w = 3 * w / w.sum()
+        _close(rec.array("after")[k], w, rtol=1e-5, msg=f"step {k}")
+
+
+def _simplex_by_bisection(v):
+    # the projection onto the simplex is max(v - theta, 0) with sum 1: bisect on theta
+    lo, hi = v.min() - 1.0, v.max()
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.maximum(v - mid, 0).sum() > 1 else (lo, mid)
+    return np.maximum(v - (lo + hi) / 2, 0)
+
+
+def _ref_moco(m, rec):
+    # Y <- Y - beta_t (Y - g), lambda <- Proj(lambda - gamma_t (Y Y^T + rho I) lambda), with
+    # beta_t = beta / t^sigma, gamma_t = gamma / t^sigma; Y(0) = 0, lambda(0) = 1/T
+    Y, lam = 0.0, np.full(3, 1 / 3)
+    for k, (G, losses) in enumerate(zip(rec.g_par, rec.losses, strict=True)):
+        _close(rec.array("before")[k], lam, rtol=1e-5, atol=1e-7, msg=f"step {k}")
+        if m.normalize:
+            G = G / (np.linalg.norm(G, axis=1, keepdims=True) + 1e-8) * losses[:, None]
+        t = k + 1
+        Y = Y - m.beta / t**m.beta_sigma * (Y - G)
+        step = (Y @ Y.T + m.rho * np.eye(3)) @ lam
+        lam = _simplex_by_bisection(lam - m.gamma / t**m.gamma_sigma * step)
+        _close(rec.array("after")[k], lam, rtol=1e-5, atol=1e-7, msg=f"step {k}")
+
+
+def _ref_lr_annealing(m, rec):
+    # lambda_hat_i = stat|g_r| / mean|(lambda_i) g_i|, lambda_i <- (1 - a) lambda_i + a hat,
+    # lambda_r = 1; per-step windows, the update after the step
+    assert m.interval == "step" and m.frequency == 1
+    r = TASKS.index(m.reference) if m.reference is not None else 0
+    w = np.ones(3)
+    for k, G in enumerate(rec.g_par):
+        _close(rec.array("before")[k], w, rtol=1e-5, msg=f"step {k}")
+        absolute = np.abs(G)
+        assert not m.layerwise  # (layerwise: tests/test_issue17_methods.py)
+        num = absolute[r].max() if m.statistic == "max" else absolute[r].mean()
+        den = absolute.mean(1) * (w if m.weighted else 1.0)
+        w = (1 - m.alpha) * w + m.alpha * num / den
+        w[r] = 1.0
+        _close(rec.array("after")[k], w, rtol=1e-5, msg=f"step {k}")
+
+
 REFERENCES: dict[str, Callable[[Weighting, Recorder], None]] = {
     "equal": _ref_equal,
     "uncertainty": _ref_uncertainty,
@@ -922,6 +1002,10 @@ REFERENCES: dict[str, Callable[[Weighting, Recorder], None]] = {
     "gradvac": lambda m, rec: _ref_random_projections(m, rec, vaccine=True),
     "fairgrad": _gradient_reference(check=_check_fairgrad),
     "con_fig": _gradient_reference(_con_fig),
+    "dual_proj": _gradient_reference(_dual_proj),
+    "excess_mtl": _ref_excess_mtl,
+    "moco": _ref_moco,
+    "lr_annealing": _ref_lr_annealing,
 }
 
 
@@ -950,6 +1034,7 @@ def test_every_builtin_has_a_pinned_reference():
         *("equal", "uncertainty", "dwa", "gradnorm", "rlw", "gls", "scale_invariant", "imtl_l"),
         *("famo", "softadapt", "stch", "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl"),
         *("aligned_mtl", "upgrad", "gradvac", "fairgrad", "con_fig", "relobralo"),
+        *("dual_proj", "excess_mtl", "moco", "lr_annealing"),
     }
     assert builtins <= set(METHODS)
     assert builtins == set(REFERENCES)

@@ -56,6 +56,10 @@ METHOD_TWINS: dict[str, list[str]] = {
     "db_mtl": ["db_mtl"],
     "fairgrad": ["fairgrad", "fairgrad_from_gram", "gram_matrix"],
     "con_fig": ["con_fig", "con_fig_from_gram", "gram_matrix"],
+    "dual_proj": ["dual_proj", "dual_proj_from_gram", "gram_matrix"],
+    "excess_mtl": ["excess_mtl"],
+    "moco": ["moco", "project_simplex"],
+    "lr_annealing": ["lr_annealing"],
 }
 
 # ---------------------------------------------------------------------------------- strategies
@@ -363,6 +367,7 @@ COEFFICIENT_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
     "upgrad": F.upgrad,
     "fairgrad": F.fairgrad,
     "con_fig": F.con_fig,
+    "dual_proj": F.dual_proj,
 }
 
 
@@ -387,6 +392,8 @@ def _options(name: str, data, n: int) -> dict[str, Any]:
         return {"scale_mode": data.draw(st.sampled_from(["min", "median", "rmse"]))}
     if name == "fairgrad":
         return {"alpha": data.draw(st.sampled_from([0.0, 0.25, 1.0, 2.0, 10.0]))}
+    if name == "dual_proj":
+        return {"preference": data.draw(st.one_of(st.none(), positive(n)))}
     return {}
 
 
@@ -401,6 +408,10 @@ def _check_coefficients(name: str, c: torch.Tensor, g: torch.Tensor, options: di
     if name == "mgda" and options["normalization"] == "none":
         assert (c >= -1e-6).all()
         _sum_close(c, 1.0, rel=1e-3)
+    if name == "dual_proj":  # documented: c >= p (the projected combination's weights)
+        p = options.get("preference")
+        p = torch.full((n,), 1.0 / n) if p is None else p
+        assert (c.double() >= p.double() * (1 - 1e-6)).all()
 
 
 @pytest.mark.parametrize("name", sorted(COEFFICIENT_FUNCTIONS))
@@ -431,6 +442,97 @@ def test_coefficients_from_gram(name, data):
     assert c.shape == (g.shape[0],)
     if name in ("nash_mtl", "fairgrad"):
         assert (c > 0).all()
+
+
+@FUZZ
+@given(data=st.data())
+def test_excess_mtl(data):
+    g = data.draw(gradients(bad=True))
+    n, size = g.shape
+    weights = F.renormalize(data.draw(positive(n)), float(n)).to(g.dtype)
+    seed = data.draw(st.integers(0, 2**16))
+    acc = torch.rand(n, size, generator=torch.Generator().manual_seed(seed), dtype=g.dtype)
+    acc = acc * 10.0 ** data.draw(exponents)
+    initial = data.draw(positive(n)).to(g.dtype) * torch.tensor(
+        data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=n, max_size=n)), dtype=g.dtype
+    )
+    step = data.draw(st.sampled_from([0.0, 1e-3, 0.5, 10.0, 1e4]))
+    present = data.draw(masks(n))
+    finite = bool(torch.isfinite(g).all())
+    out = documented_error(
+        lambda: F.excess_mtl(weights, g, acc, initial, step, present), allowed=not finite
+    )
+    assert finite == (out is not None)  # documented: non-finite input raises
+    if out is not None:
+        w, new_acc, new_initial = out
+        _finite(w, new_acc, new_initial)
+        assert (w >= 0).all() and (new_acc >= acc).all() and (new_initial >= 0).all()
+        _sum_close(w, float(n))  # documented: sums to T
+
+
+@FUZZ
+@given(data=st.data())
+def test_project_simplex(data):
+    n = data.draw(tasks)
+    v = torch.tensor(
+        data.draw(st.lists(st.floats(-1e12, 1e12), min_size=n, max_size=n)), dtype=torch.float64
+    )
+    x = F.project_simplex(v)
+    _finite(x)
+    assert (x >= 0).all()
+    _sum_close(x, 1.0)
+
+
+@FUZZ
+@given(data=st.data())
+def test_moco(data):
+    g = data.draw(gradients(bad=True))
+    n = g.shape[0]
+    tracked = data.draw(st.one_of(st.just(torch.zeros_like(g)), gradients(n=n)))
+    if tracked.shape != g.shape:
+        tracked = torch.zeros_like(g)
+    tracked = tracked.to(g.dtype)
+    weights = F.project_simplex(data.draw(positive(n)).double()).to(g.dtype)
+    beta = data.draw(st.floats(0.0, 1.0))
+    gamma = data.draw(st.sampled_from([0.0, 1e-3, 0.1, 10.0]))
+    rho = data.draw(st.sampled_from([0.0, 0.1, 10.0]))
+    finite = bool(torch.isfinite(g).all())
+    out = documented_error(
+        lambda: F.moco(tracked, weights, g, beta, gamma, rho, data.draw(masks(n))),
+        allowed=not finite,
+    )
+    assert finite == (out is not None)
+    if out is not None:
+        y, lam = out
+        _finite(y, lam)
+        assert y.shape == g.shape and (lam >= 0).all()
+        _sum_close(lam, 1.0)  # documented: on the simplex
+
+
+@FUZZ
+@given(data=st.data())
+def test_lr_annealing(data):
+    g = data.draw(gradients(bad=True))
+    n = g.shape[0]
+    weights = data.draw(positive(n)).to(g.dtype)
+    reference = data.draw(st.integers(0, n - 1))
+    finite = bool(torch.isfinite(g).all())
+    out = documented_error(
+        lambda: F.lr_annealing(
+            weights,
+            g,
+            reference,
+            data.draw(st.floats(0.0, 1.0)),
+            data.draw(st.sampled_from(["max", "mean"])),
+            data.draw(st.booleans()),
+            data.draw(masks(n)),
+        ),
+        allowed=not finite,
+    )
+    assert finite == (out is not None)
+    if out is not None:
+        _finite(out)
+        assert out.shape == (n,) and (out >= 0).all() and out[reference] == 1
 
 
 @FUZZ
@@ -531,6 +633,10 @@ FUZZED = {
     "gradvac_from_gram",
     "db_mtl",
     "graddrop",
+    "excess_mtl",
+    "moco",
+    "project_simplex",
+    "lr_annealing",
     *COEFFICIENT_FUNCTIONS,
     *(f"{n}_from_gram" for n in COEFFICIENT_FUNCTIONS),
 }

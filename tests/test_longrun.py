@@ -34,6 +34,7 @@ import lightning_aw
 from lightning_aw import GradientWeighting, Weighting
 from lightning_aw.registry import create_method, get_method, list_methods
 from lightning_aw.step import StepRecord
+from lightning_aw.weighting._shared import SharedGradientWeighting
 
 METHODS = list_methods()
 LOSS_UPDATES = 10_000
@@ -126,7 +127,10 @@ def _drive_loss_based(t: pl.Trainer, net: TinyNet, method: Weighting, steps: ran
         present_list = [True, True, step % 10 != 3]  # task "c" absent now and then
         present = torch.tensor(present_list)
         scale = torch.rand(3, generator=gen) * 2.0 + 0.1
-        losses = weight.sum().abs() * 0 + scale * (1 + weight.square().mean())  # has a graph
+        # (every shared parameter reaches the losses, for the methods that take per-task
+        # gradients on all of them: ExcessMTL, LRAnnealing)
+        reach = sum(p.sum() for p in net.trunk.parameters()) * 0
+        losses = reach + scale * (1 + weight.square().mean())  # has a graph
         losses = torch.where(present, losses, torch.zeros(()))
         net.record = _record(t, losses, present_list)
         method.on_train_batch_start(t, net, (x, y), step)
@@ -153,6 +157,8 @@ def _drive_gradient(t: pl.Trainer, net: TinyNet, method: GradientWeighting, step
         record = _record(t, losses, present_list)
         if get_method_name(method) == "db_mtl":
             method._direction(record, grads, losses, reduce=True)
+        elif get_method_name(method) == "moco":  # its direction, from the tracked gradients
+            method._direction(record, grads, losses)
         elif get_method_name(method) == "graddrop":
             method._generator.generator.manual_seed(step)  # its only state: a fixed-size generator
             lightning_aw.functional.graddrop(grads, 0.25, method._generator.generator)
@@ -173,6 +179,9 @@ def test_state_stays_bounded(tmp_path, name):
     drive, total = (
         (_drive_gradient, GRADIENT_UPDATES) if gradient else (_drive_loss_based, LOSS_UPDATES)
     )
+    if isinstance(method, SharedGradientWeighting):  # per-task gradients on every shared
+        total = GRADIENT_UPDATES  # parameter each step (ExcessMTL, LRAnnealing): as many as
+        # the gradient methods get
     warmup = 210  # (both stretches end on a step with every task present)
     drive(t, net, method, range(warmup))
     early = state_sizes(method)

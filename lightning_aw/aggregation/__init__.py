@@ -8,12 +8,14 @@ from lightning_aw.aggregation._methods import (
     AlignedMTL,
     CAGrad,
     ConFIG,
+    DualProj,
     FairGrad,
     GradVac,
     NashMTL,
     PCGrad,
     UPGrad,
 )
+from lightning_aw.aggregation._moco import MoCo
 
 __all__ = [
     "DBMTL",
@@ -22,10 +24,12 @@ __all__ = [
     "AlignedMTL",
     "CAGrad",
     "ConFIG",
+    "DualProj",
     "FairGrad",
     "GradDrop",
     "GradVac",
     "GradientWeighting",
+    "MoCo",
     "NashMTL",
     "PCGrad",
     "UPGrad",

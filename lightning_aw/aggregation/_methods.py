@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_aw import functional as G
 from lightning_aw._utils import GeneratorState
@@ -18,6 +21,7 @@ __all__ = [
     "AlignedMTL",
     "CAGrad",
     "ConFIG",
+    "DualProj",
     "FairGrad",
     "GradVac",
     "NashMTL",
@@ -602,3 +606,98 @@ class ConFIG(GradientWeighting, name="con_fig"):
 
     def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
         return G.con_fig_from_gram(gram)
+
+
+class DualProj(GradientWeighting, name="dual_proj"):
+    r"""DualProj: the mean gradient projected onto the dual cone of the task gradients.
+
+    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024,
+    https://arxiv.org/abs/2406.16232 (the DualProj aggregator of torchjd; the projection onto
+    the dual cone is that of Lopez-Paz & Ranzato's GEM, NeurIPS 2017).
+
+    The update is the vector closest to the mean gradient that conflicts with no task,
+    :math:`d = \operatorname{argmin}_{Gx \ge 0}\lVert x - \tfrac1T\sum_i g_i\rVert^2`, as
+    coefficients :math:`c = \operatorname{argmin}_{v \ge \mathbf 1/T} v^\top GG^\top v` from
+    the Gram matrix (:func:`lightning_aw.functional.dual_proj`: an exact non-negative QP in
+    float64, no regularisation). UPGrad projects every task gradient and averages; DualProj
+    projects the average once, so it is cheaper and equals the mean gradient whenever that
+    conflicts with no task. With ``preference`` :math:`p` (torchjd's ``pref_vector``) the
+    combination :math:`\sum_i p_i g_i` is projected instead of the mean (a task absent from a
+    step drops out with its :math:`p_i`). Not normalised (:math:`c_i \ge p_i`); stateless.
+
+    Args:
+        preference: the non-negative weight :math:`p_i` of every task (by name) in the
+            projected combination (default ``None``: the mean, :math:`p_i = 1/T`).
+        source: ``"parameters"`` (gradients on ``shared_parameters()``, default) or
+            ``"representation"`` (on the tensor passed to ``shared_representation()``).
+        ddp_sync: ``"gram"`` (average the ranks' Gram matrices, default) or ``"gradients"``
+            (average the per-task gradients first, so the method acts on the global gradients).
+        frequency: recompute the coefficients every ``frequency`` optimizer steps (or epochs).
+        interval: ``"step"`` (default) or ``"epoch"``: with ``"epoch"`` the coefficients are
+            computed on the first optimizer step of every ``frequency``-th epoch and reused for
+            the rest of it.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> from lightning_aw import DualProj
+        >>> from lightning_aw.functional import dual_proj
+        >>> trainer = pl.Trainer(callbacks=[DualProj()], logger=False)
+        >>> grads = torch.tensor([[1.0, 0.0], [-2.0, 1.0]])  # the mean gradient conflicts
+        >>> d = dual_proj(grads) @ grads
+        >>> d, grads @ d  # the closest non-conflicting vector to the mean [-0.5, 0.5]
+        (tensor([0.0000, 0.5000]), tensor([0.0000, 0.5000]))
+    """
+
+    def __init__(
+        self,
+        preference: Mapping[str, float] | None = None,
+        *,
+        source: Source = "parameters",
+        ddp_sync: DDPSync = "gram",
+        frequency: int = 1,
+        interval: Interval = "step",
+    ) -> None:
+        super().__init__(source=source, ddp_sync=ddp_sync, frequency=frequency, interval=interval)
+        if preference is not None:
+            ok = isinstance(preference, Mapping) and len(preference) > 0
+            ok = ok and all(
+                isinstance(k, str)
+                and isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and 0 <= v < float("inf")
+                for k, v in preference.items()
+            )
+            if not ok:
+                raise ValueError(
+                    "Parameter `preference` should map every task name to a non-negative "
+                    f"weight (e.g. {{'seg': 1.0, 'depth': 0.5}}), or be None. Found {preference!r}."
+                )
+            preference = {k: float(v) for k, v in preference.items()}
+        self.preference: dict[str, float] | None = preference
+        self._pref = torch.zeros(0, dtype=torch.float64)
+
+    def hparams_repr(self) -> dict[str, Any]:
+        return {"preference": self.preference, **super().hparams_repr()}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # checked here, after a checkpoint's own checks (its task list) and before any step
+        super().on_fit_start(trainer, pl_module)
+        if self.preference is None:
+            return
+        missing = [t for t in self.tasks if t not in self.preference]
+        unknown = [t for t in self.preference if t not in self.tasks]
+        if missing or unknown:
+            raise ValueError(
+                f"{self!r}: `preference` should name exactly the module's tasks {self.tasks}; "
+                f"missing {missing}, unknown {unknown}."
+            )
+        self._pref = torch.tensor([self.preference[t] for t in self.tasks], dtype=torch.float64)
+
+    def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
+        pref = None
+        if self.preference is not None:
+            pref = self._pref.to(gram)[torch.tensor(self._present_idx, device=gram.device)]
+        return G.dual_proj_from_gram(gram, pref)

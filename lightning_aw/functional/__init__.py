@@ -13,11 +13,13 @@ Layout, by concept (all names are re-exported here; the modules are private):
   on the validation and masked numerics of ``_vectors``;
 * gradient-based: ``_gram`` (the Gram matrix, checks, shared numerics), ``_qp`` (exact simplex
   and non-negative QP solvers), ``_simplex`` (MGDA, CAGrad), ``_projection`` (PCGrad, GradVac,
-  UPGrad), ``_balancing`` (IMTL-G, Nash-MTL, Aligned-MTL,
-  FairGrad, ConFIG), ``_direction`` (DB-MTL, GradDrop);
+  UPGrad, DualProj), ``_balancing`` (IMTL-G, Nash-MTL, Aligned-MTL,
+  FairGrad, ConFIG), ``_direction`` (DB-MTL, GradDrop), ``_adaptive`` (ExcessMTL, MoCo,
+  learning-rate annealing: updates of state from per-task gradient statistics);
 * weights over several learners: ``_fusion`` (SAMME boosting, Hedge).
 """
 
+from lightning_aw.functional._adaptive import excess_mtl, lr_annealing, moco, project_simplex
 from lightning_aw.functional._balancing import (
     aligned_mtl,
     aligned_mtl_from_gram,
@@ -45,6 +47,8 @@ from lightning_aw.functional._learned import (
 )
 from lightning_aw.functional._loss_rates import dwa, relobralo, softadapt
 from lightning_aw.functional._projection import (
+    dual_proj,
+    dual_proj_from_gram,
     gradvac,
     gradvac_from_gram,
     pcgrad,
@@ -70,8 +74,11 @@ __all__ = [
     "con_fig",
     "con_fig_from_gram",
     "db_mtl",
+    "dual_proj",
+    "dual_proj_from_gram",
     "dwa",
     "equal",
+    "excess_mtl",
     "fairgrad",
     "fairgrad_from_gram",
     "famo_logit_grad",
@@ -88,12 +95,15 @@ __all__ = [
     "imtl_g",
     "imtl_g_from_gram",
     "imtl_l_loss",
+    "lr_annealing",
     "mgda",
     "mgda_from_gram",
+    "moco",
     "nash_mtl",
     "nash_mtl_from_gram",
     "pcgrad",
     "pcgrad_from_gram",
+    "project_simplex",
     "relobralo",
     "renormalize",
     "rlw",

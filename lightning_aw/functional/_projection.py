@@ -25,6 +25,8 @@ from lightning_aw.functional._gram import (
 from lightning_aw.functional._qp import _NonnegQP
 
 __all__ = [
+    "dual_proj",
+    "dual_proj_from_gram",
     "gradvac",
     "gradvac_from_gram",
     "pcgrad",
@@ -332,3 +334,105 @@ def upgrad_from_gram(gram: Tensor) -> Tensor:
     """
     q, work = _check_gram(gram)
     return _finish(_upgrad(q, work), gram)
+
+
+# --------------------------------------------------------------------------------------------
+# DualProj (the mean gradient projected onto the dual cone)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_preference(preference: Tensor | None, num_tasks: int) -> None:
+    if preference is None:
+        return
+    ok = isinstance(preference, Tensor) and preference.shape == (num_tasks,)
+    if not ok or not bool((torch.isfinite(preference) & (preference >= 0)).all()):
+        raise ValueError(
+            f"Parameter `preference` should be a [T] = [{num_tasks}] tensor of finite, "
+            f"non-negative weights. Found {preference!r}."
+        )
+
+
+def _dual_proj(q: Tensor, work: torch.dtype, preference: Tensor | None = None) -> Tensor:
+    num_tasks = q.shape[0]
+    _check_preference(preference, num_tasks)
+    qn, _ = _normalised(q)
+    if preference is None:
+        mean = qn.new_full((num_tasks,), 1.0 / num_tasks)
+    else:
+        mean = preference.detach().to(device=qn.device, dtype=qn.dtype)
+    # c = 1/T + u,  u = argmin_{u >= 0} 1/2 u^T K u + (K 1/T)^T u
+    u = _NonnegQP(qn, work).solve((qn @ mean).unsqueeze(0))[0]
+    return mean + u
+
+
+def dual_proj(grads: Tensor, preference: Tensor | None = None) -> Tensor:
+    r"""DualProj: the mean gradient projected onto the dual cone of the task gradients.
+
+    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024,
+    https://arxiv.org/abs/2406.16232 (the DualProj aggregator of their library torchjd; the
+    projection onto the dual cone follows Lopez-Paz & Ranzato, "Gradient Episodic Memory for
+    Continual Learning", NeurIPS 2017, https://arxiv.org/abs/1706.08840, Eq. 10-11).
+
+    The update is the vector closest to the mean gradient :math:`\bar g = \tfrac1T\sum_i g_i`
+    that conflicts with no task,
+
+    .. math::
+
+        d = \operatorname*{argmin}_{x:\ G x \ge 0} \lVert x - \bar g\rVert^2, \qquad
+        d = c^\top G, \quad c = \tfrac1T\mathbf 1 + u, \quad
+        u = \operatorname*{argmin}_{u \ge 0}\ \tfrac12 u^\top G G^\top u
+            + \bigl(G G^\top \tfrac1T\mathbf 1\bigr)^\top u
+
+    (the dual problem, in Gram space: :math:`c = \operatorname{argmin}_{v \ge \mathbf 1/T}
+    v^\top G G^\top v`). UPGrad (:func:`upgrad`) projects each :math:`g_i` and averages;
+    DualProj projects their average once. With a ``preference`` vector :math:`p` (torchjd's
+    ``pref_vector``) the combination :math:`p^\top G` is projected instead of the mean:
+    :math:`c = p + u`, :math:`u = \operatorname{argmin}_{u\ge0} \tfrac12 u^\top GG^\top u +
+    (GG^\top p)^\top u`.
+
+    Conventions: by default the *mean* gradient is projected (multiply ``c`` by ``T`` for the
+    sum); so :math:`c_i \ge p_i` and :math:`\sum_i c_i \ge \sum_i p_i` (not normalised), with
+    :math:`c = p` exactly when :math:`p^\top G` conflicts with no task. The QP is
+    solved exactly on the Gram matrix normalised by its largest diagonal entry, in float64, with
+    no regularisation of the Gram matrix (torchjd regularises it, ``reg_eps``, normalises it,
+    ``norm_eps``, and solves with ``quadprog``; arguments of its DualProj before v0.11, of its
+    projector since): support enumeration for ``T <= 10`` (candidates whose objective is
+    within :math:`16\,T\,\varepsilon` of the best, :math:`\varepsilon` the machine epsilon
+    of the working dtype, are averaged, so the answer is permutation-equivariant), a
+    Lawson-Hanson-type active-set method above (KKT tolerance ``1e-12``). ``c`` is invariant to
+    multiplying ``grads`` by a constant; all-zero gradients give :math:`c = \mathbf 1/T`.
+
+    Args:
+        grads: ``[T, P]`` per-task gradients.
+        preference: ``[T]`` non-negative weights of the projected combination (default
+            :math:`\mathbf 1/T`, the mean).
+
+    Returns:
+        ``[T]`` coefficients, dtype and device of ``grads``.
+
+    Raises:
+        ValueError: on a malformed or non-finite ``grads``, or a malformed ``preference``.
+
+    Example::
+
+        >>> grads = torch.tensor([[1.0, 0.0], [-2.0, 1.0]])  # the mean [-0.5, 0.5] conflicts
+        >>> c = dual_proj(grads)
+        >>> c
+        tensor([1.0000, 0.5000])
+        >>> grads @ (c @ grads)  # no task's loss increases to first order
+        tensor([0.0000, 0.5000])
+    """
+    q = _gram64(grads)
+    return _finish(_dual_proj(q, _work_dtype(grads.dtype), preference), grads)
+
+
+def dual_proj_from_gram(gram: Tensor, preference: Tensor | None = None) -> Tensor:
+    r""":func:`dual_proj` from the Gram matrix ``gram = grads @ grads.T`` (``[T, T]``).
+
+    Example::
+
+        >>> dual_proj_from_gram(torch.tensor([[1.0, -2.0], [-2.0, 5.0]]))
+        tensor([1.0000, 0.5000])
+    """
+    q, work = _check_gram(gram)
+    return _finish(_dual_proj(q, work, preference), gram)

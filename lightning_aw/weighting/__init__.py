@@ -3,10 +3,12 @@
 from lightning_aw.weighting._base import LossWeighting, Weighting
 from lightning_aw.weighting._dwa import DWA
 from lightning_aw.weighting._equal import EqualWeighting
+from lightning_aw.weighting._excess_mtl import ExcessMTL
 from lightning_aw.weighting._famo import FAMO
 from lightning_aw.weighting._gls import GLS, ScaleInvariant
 from lightning_aw.weighting._gradnorm import GradNorm
 from lightning_aw.weighting._imtl_l import IMTLL
+from lightning_aw.weighting._lr_annealing import LRAnnealing
 from lightning_aw.weighting._positive import PositiveLossWeighting
 from lightning_aw.weighting._relobralo import ReLoBRaLo
 from lightning_aw.weighting._rlw import RLW
@@ -22,7 +24,9 @@ __all__ = [
     "RLW",
     "STCH",
     "EqualWeighting",
+    "ExcessMTL",
     "GradNorm",
+    "LRAnnealing",
     "LossWeighting",
     "PositiveLossWeighting",
     "ReLoBRaLo",

@@ -43,10 +43,22 @@ class ReLoBRaLo(LossWeighting, name="relobralo", stateful=True, stochastic=True)
     ``seed=None``, with a seed drawn from rank 0's global torch generator and broadcast). The
     generator state, :math:`L(0)`, :math:`L(t-1)` and the weights are saved in checkpoints.
 
-    The defaults (:math:`\alpha = 0.999`, :math:`\mathbb{E}[\rho] = 0.9999`, :math:`\tau = 0.1`)
-    are the values reported for the paper's experiments, as the library's authors recall them;
-    they were not re-checked against the paper's text for this release (NVIDIA PhysicsNeMo's
-    implementation uses other defaults): set them explicitly when results must match a reference.
+    What was verified, and where: the update above (the :math:`\rho\alpha`,
+    :math:`(1-\rho)\alpha` and :math:`1-\alpha` terms; :math:`\lambda^{bal}` as ``T`` times
+    a softmax of :math:`L_i(t) / (\tau L_i(t'))`, the temperature dividing the loss *ratio*;
+    :math:`\rho = 1` with probability :math:`\mathbb{E}[\rho]`; :math:`L(0)` the first step's
+    losses; one draw per step) matches the authors' public code (``rbischof/relative_balancing``,
+    ``src/update_rules.py``, ``softadapt_rnd_lookback``). :math:`\alpha = 0.999` is that code's
+    default too (its script defaults are :math:`\tau = 1` and :math:`\mathbb{E}[\rho] = 1`, no
+    lookback, for its hyperparameter search). NVIDIA PhysicsNeMo's and neuraloperator's
+    ``Relobralo`` default to :math:`\alpha = 0.95`, :math:`\mathbb{E}[\rho] = 0.99` (their
+    ``beta``), :math:`\tau = 1`. Not verified (the paper's text could not be consulted):
+    :math:`\mathbb{E}[\rho] = 0.9999` and :math:`\tau = 0.1` as the paper's chosen values; set
+    them explicitly when results must match a reference. One known difference: the paper and
+    the authors' code weigh step :math:`t`'s losses with :math:`\lambda(t)`, computed from
+    those same losses; here, as for every window statistic of the library, :math:`\lambda(t)`
+    is computed after step :math:`t` (from its window mean, identical on every DDP rank) and
+    weighs step :math:`t+1`.
 
     Args:
         alpha: :math:`\alpha \in [0, 1]`, the weight of the history (default 0.999).
