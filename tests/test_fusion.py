@@ -493,3 +493,38 @@ def test_example_runs_with_small_settings(tmp_path):
     assert all(e[0] < 2 / 3 for e in out["errors"].values())
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| neural boosting |" in (tmp_path / "r.md").read_text()
+
+
+def test_fusion_chart_joins_a_multitask_modules_layout(tmp_path):
+    """TensorBoard reads one custom-scalars layout per run: in a MultiTaskModule the fusion chart
+    sits in the module's layout, next to its task charts, and draws the logged weights."""
+    from lightning_aw import MultiTaskModule
+
+    class Net(MultiTaskModule):
+        def __init__(self):
+            super().__init__(tasks=list(MEMBERS), optimizer={"name": "sgd", "lr": 0.2})
+            torch.manual_seed(0)
+            self.members = nn.ModuleDict({n: Member(int(n[1:])) for n in MEMBERS})
+            self.ensemble = WeightedEnsemble(list(MEMBERS), weights="fixed")
+
+        def task_losses(self, batch, batch_idx):
+            x, y = batch
+            logits = {n: m(x) for n, m in self.members.items()}
+            self.ensemble(logits)
+            return {n: F.cross_entropy(z, y) for n, z in logits.items()}
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = _trainer(
+        tmp_path, [HedgeWeights(0.5)], max_steps=3, logger=logger, log_every_n_steps=1
+    )
+    trainer.fit(Net(), class_loader())
+    acc = _events(logger.log_dir)
+    configs = acc.Tensors("custom_scalars__config__")
+    assert len(configs) == 1  # one layout, not one per writer
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(configs[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert {"task losses", "fusion weights"} <= charts.keys()
+    tags = set(acc.Tags()["scalars"])
+    drawn = [sorted(t for t in tags if re.search(p, t)) for p in charts["fusion weights"]]
+    assert drawn == [[f"fusion/{n}"] for n in MEMBERS]

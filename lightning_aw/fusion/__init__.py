@@ -16,10 +16,10 @@ Protocol between a module and the callbacks: the LightningModule holds one
 (detached) in ``ensemble.last_member_outputs``, and the callback reads them with the batch's
 targets (``targets(batch)``, default ``batch[1]``) in the batch-end hook.
 
-TensorBoard: the callbacks write one custom-scalars layout (category ``lightning_aw fusion``,
-chart ``fusion weights``). TensorBoard shows one layout per run, so inside a
-:class:`~lightning_aw.MultiTaskModule`, which writes its own, only one of the two grouped charts
-appears (every scalar is still logged).
+TensorBoard: the callbacks draw the weights in one custom-scalars chart, ``fusion weights``.
+TensorBoard reads one layout per run: in a plain LightningModule the callbacks write it (category
+``lightning_aw fusion``); a :class:`~lightning_aw.MultiTaskModule` adds the chart to its own
+layout (category ``lightning_aw``, next to the task losses and weights).
 """
 
 from lightning_aw.fusion._boosting import Boosting

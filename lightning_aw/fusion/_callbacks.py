@@ -113,14 +113,22 @@ class _FusionCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
+    def tensorboard_charts(self, pl_module: pl.LightningModule) -> dict[str, list[Any]]:
+        """The custom-scalars chart of the fusion weights (title -> ``["Multiline", [tag
+        patterns]]``); a :class:`~lightning_aw.MultiTaskModule` adds it to its own layout."""
+        tags = [f"^{re.escape(f'fusion/{n}')}$" for n in self.ensemble.names]
+        return {"fusion weights": ["Multiline", tags]}
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
+        from lightning_aw.module import MultiTaskModule
+
+        # TensorBoard reads one layout per run: a MultiTaskModule writes this chart in its own
+        if not trainer.is_global_zero or isinstance(pl_module, MultiTaskModule):
             return
-        tags = [f"^{re.escape(f'fusion/{n}')}$" for n in self.ensemble.names]
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                layout = {"fusion weights": ["Multiline", tags]}
+                layout = self.tensorboard_charts(pl_module)
                 logger.experiment.add_custom_scalars({"lightning_aw fusion": layout})
 
     @override
