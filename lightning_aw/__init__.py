@@ -20,8 +20,10 @@ if TYPE_CHECKING:  # imported on first use (`lightning-aw --version` needs no to
         GradDrop,
         GradientWeighting,
         GradVac,
+        MoDo,
         NashMTL,
         PCGrad,
+        SDMGrad,
         UPGrad,
     )
     from lightning_aw.module import MultiTaskModule, TaskOutput
@@ -64,10 +66,12 @@ __all__ = [
     "GradVac",
     "GradientWeighting",
     "LossWeighting",
+    "MoDo",
     "MultiTaskModule",
     "NashMTL",
     "PCGrad",
     "ReLoBRaLo",
+    "SDMGrad",
     "ScaleInvariant",
     "SoftAdapt",
     "TaskOutput",

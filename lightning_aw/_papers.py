@@ -30,6 +30,15 @@ PAPERS: dict[str, str] = {
         'Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024, '
         "https://arxiv.org/abs/2402.15638"
     ),
+    "modo": (
+        'Chen, Fernando, Ying & Chen, "Three-Way Trade-Off in Multi-Objective Learning: '
+        'Optimization, Generalization and Conflict-Avoidance", NeurIPS 2023, '
+        "https://arxiv.org/abs/2305.20057"
+    ),
+    "sdmgrad": (
+        'Xiao, Ban & Ji, "Direction-oriented Multi-objective Learning: Simple and Provable '
+        'Stochastic Algorithms", NeurIPS 2023, https://arxiv.org/abs/2305.18409'
+    ),
     "famo": (
         'Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023, '
         "https://arxiv.org/abs/2306.03792"

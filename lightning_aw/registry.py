@@ -398,6 +398,9 @@ _BUILTINS: dict[type[Weighting], dict[str, Any]] = {
     _grad.DBMTL: {"beta": 0.5},
     _grad.FairGrad: {"alpha": 1.5, "max_iter": 40, "frequency": 2},
     _grad.ConFIG: {"source": "representation"},
+    # gradient-based, multi-batch (three disjoint parts of each batch)
+    _grad.SDMGrad: {"lam": 0.3, "lr": 0.5, "niter": 2, "momentum": 0.0},
+    _grad.MoDo: {"gamma": 0.5, "rho": 0.05},
 }
 for _cls, _example in _BUILTINS.items():
     register_method(MethodInfo.of(_cls, _example))

@@ -14,6 +14,7 @@ from lightning_aw.aggregation._methods import (
     PCGrad,
     UPGrad,
 )
+from lightning_aw.aggregation._multibatch import MoDo, SDMGrad
 
 __all__ = [
     "DBMTL",
@@ -26,7 +27,9 @@ __all__ = [
     "GradDrop",
     "GradVac",
     "GradientWeighting",
+    "MoDo",
     "NashMTL",
     "PCGrad",
+    "SDMGrad",
     "UPGrad",
 ]

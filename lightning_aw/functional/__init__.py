@@ -14,7 +14,8 @@ Layout, by concept (all names are re-exported here; the modules are private):
 * gradient-based: ``_gram`` (the Gram matrix, checks, shared numerics), ``_qp`` (exact simplex
   and non-negative QP solvers), ``_simplex`` (MGDA, CAGrad), ``_projection`` (PCGrad, GradVac,
   UPGrad), ``_balancing`` (IMTL-G, Nash-MTL, Aligned-MTL,
-  FairGrad, ConFIG), ``_direction`` (DB-MTL, GradDrop).
+  FairGrad, ConFIG), ``_direction`` (DB-MTL, GradDrop), ``_multibatch`` (SDMGrad, MoDo: weights
+  from the cross Gram matrix of two independent mini-batches).
 """
 
 from lightning_aw.functional._balancing import (
@@ -42,6 +43,7 @@ from lightning_aw.functional._learned import (
     uncertainty_weights,
 )
 from lightning_aw.functional._loss_rates import dwa, relobralo, softadapt
+from lightning_aw.functional._multibatch import modo, project_simplex, sdmgrad
 from lightning_aw.functional._projection import (
     gradvac,
     gradvac_from_gram,
@@ -87,15 +89,18 @@ __all__ = [
     "imtl_l_loss",
     "mgda",
     "mgda_from_gram",
+    "modo",
     "nash_mtl",
     "nash_mtl_from_gram",
     "pcgrad",
     "pcgrad_from_gram",
+    "project_simplex",
     "relobralo",
     "renormalize",
     "rlw",
     "scale_invariant_loss",
     "scale_invariant_weights",
+    "sdmgrad",
     "softadapt",
     "stch_loss",
     "stch_weights",
