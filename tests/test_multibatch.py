@@ -233,7 +233,7 @@ def test_sharded_strategies_are_refused_before_the_first_step():
 def test_invalid_arguments_name_the_parameter():
     with pytest.raises(ValueError, match="`gamma` should be a finite number > 0"):
         MoDo(gamma=0.0)
-    with pytest.raises(ValueError, match="`momentum` should be a finite number >= 0.0 and < 1"):
+    with pytest.raises(ValueError, match=r"`momentum` should be a finite number >= 0\.0 and < 1"):
         SDMGrad(momentum=1.0)
     with pytest.raises(ValueError, match="`niter` should be an int >= 1"):
         SDMGrad(niter=0)
