@@ -239,7 +239,7 @@ class MoDo(_MultiBatch, name="modo", functional="modo", stateful=True):
         >>> from lightning_aw.functional import modo
         >>> trainer = pl.Trainer(callbacks=[MoDo(gamma=0.1)], logger=False)
         >>> modo(torch.tensor([[4.0, 0.0], [0.0, 1.0]]), torch.tensor([0.5, 0.5]), gamma=0.1)
-        tensor([0.3500, 0.6500])
+        tensor([0.4250, 0.5750])
     """
 
     total: ClassVar[str | float | None] = 1

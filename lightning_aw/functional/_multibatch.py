@@ -86,7 +86,7 @@ def modo(cross_gram: Tensor, weights: Tensor, gamma: float = 0.1, rho: float = 0
         >>> from lightning_aw.functional import modo
         >>> A = torch.tensor([[4.0, 0.0], [0.0, 1.0]])  # orthogonal tasks, |g_1| = 2, |g_2| = 1
         >>> modo(A, torch.tensor([0.5, 0.5]), gamma=0.1)  # weight moves to the smaller gradient
-        tensor([0.3500, 0.6500])
+        tensor([0.4250, 0.5750])
     """
     _check(cross_gram, weights)
     a = cross_gram.to(weights.dtype)
