@@ -305,17 +305,37 @@ class MultiTaskModule(pl.LightningModule):
         Returns:
             ``(losses, present)``: float32 losses ``[T]`` (0 for an absent task) and the boolean
             mask ``[T]`` of the tasks present. Methods that re-evaluate a batch (FAMO) use it,
-            under ``torch.no_grad()``; multi-batch methods (SDMGrad, MoDo) with gradients.
-            The representation a re-evaluation marks is not kept (the module holds no graph of
-            it after the call).
+            under ``torch.no_grad()``.
         """
+        losses, present_list, _ = self._evaluate(batch, batch_idx)
+        return losses, self._mask(present_list, losses.device)
+
+    def compute_task_losses(
+        self, batch: Any, batch_idx: int
+    ) -> tuple[tuple[Tensor | None, ...], tuple[bool, ...]]:
+        """Call :meth:`task_losses` and validate the result, as a training step does, one loss
+        per task.
+
+        Returns:
+            ``(task_losses, present)``: one float32 scalar per task, each with its own graph
+            (``None`` for an absent task), and the presence of each task on the host (known
+            without a device synchronisation). Multi-batch methods (SDMGrad, MoDo) take
+            per-task gradients of them.
+        """
+        _, present_list, values = self._evaluate(batch, batch_idx)
+        return values, tuple(present_list)
+
+    def _evaluate(
+        self, batch: Any, batch_idx: int
+    ) -> tuple[Tensor, list[bool], tuple[Tensor | None, ...]]:
+        """:meth:`task_losses`, validated and stacked, outside ``training_step``: the
+        representation it marks is not kept (the module holds no graph of it after the call)."""
         marked = self._marked, self._marked_graph
         try:
             outputs = self._call_task_losses(batch, batch_idx)
         finally:
             self._marked, self._marked_graph = marked
-        losses, present_list, _ = self._stack(outputs, batch_idx)
-        return losses, self._mask(present_list, losses.device)
+        return self._stack(outputs, batch_idx)
 
     def split_batch(self, batch: Any, parts: int) -> list[Any]:
         """Split ``batch`` into ``parts`` disjoint batches of the same structure.

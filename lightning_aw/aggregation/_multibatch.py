@@ -139,15 +139,15 @@ class _MultiBatch(GradientWeighting):
         engine = None
         for j, part in enumerate(parts[:2]):
             with trainer.precision_plugin.train_step_context():
-                part_losses, present = module.compute_losses(part, step.batch_idx)
-            present_list = tuple(bool(p) for p in present.tolist())
+                values, present_list = module.compute_task_losses(part, step.batch_idx)
             if not all(present_list):
                 self._refuse_absent(step, present_list, ("first", "second")[j])
+            part_losses = torch.stack(values)  # type: ignore[arg-type]
             record = dataclasses.replace(
                 step,
                 losses=part_losses,
-                task_losses=tuple(part_losses.unbind()),
-                present=present,
+                task_losses=values,
+                present=torch.ones_like(step.present),
                 present_list=present_list,
                 batch=part,
                 representation=None,
@@ -168,16 +168,22 @@ class _MultiBatch(GradientWeighting):
         if step.world_size > 1:
             # the mean over the ranks of an unbiased estimate is one: identical weights everywhere
             cross = all_reduce_sum(trainer, cross)[0] / step.world_size
-        cross64 = cross.to("cpu", torch.float64)
+        # the small T x T update runs on the host in float64 (one device-to-host copy)
+        coefs = self.coefficients(cross.to("cpu", torch.float64), step.losses.detach())
+        self._coefs = self._transformed(coefs.to(step.losses.device, torch.float32)).detach()
+
+    def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
+        """Update the simplex weights from the cross Gram matrix ``gram`` ``[T, T]`` (host,
+        float64) and return the coefficients of the direction's losses. A matrix or an update
+        that is not finite (an fp16 overflow, a NaN gradient) leaves the weights unchanged
+        (counted in ``aggregation/fallbacks``)."""
         simplex = self._simplex.to("cpu", torch.float64)
-        new = self.update(cross64, simplex) if torch.isfinite(cross64).all() else None
+        new = self.update(gram, simplex) if bool(torch.isfinite(gram).all()) else None
         if new is None or not bool(torch.isfinite(new).all()):
-            # an fp16 overflow or a NaN gradient: the weights stay (counted)
-            self._fallbacks = self._fallbacks.to(step.losses.device) + 1.0
-            return
-        device = step.losses.device
-        self._simplex = new.to(device, torch.float32)
-        self._coefs = self._transformed(self.coefficients_of(self._simplex)).detach()
+            self._fallbacks = self._fallbacks + 1.0
+            new = simplex
+        self._simplex = new.to(self._simplex.device, torch.float32)
+        return self.coefficients_of(self._simplex)
 
 
 class MoDo(_MultiBatch, name="modo", functional="modo", stateful=True):
