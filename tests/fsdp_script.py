@@ -126,6 +126,9 @@ REFUSED: dict[str, tuple[str, tuple[str, ...]]] = {
         "MisconfigurationException",
         ("ModelParallelStrategy", "['c']", "batch 1", "instead of None", "masked", "find_unused"),
     ),
+    # multi-batch methods (extra forwards on parts of the batch): refused, whatever the source
+    "refuse/sdmgrad": ("MisconfigurationException", ("ModelParallelStrategy", "SDMGrad", "parts")),
+    "refuse/modo": ("MisconfigurationException", ("ModelParallelStrategy", "MoDo", "parts")),
 }
 
 #: cases whose FSDP2 run is also interrupted and resumed (:attr:`Case.resume`)
@@ -157,7 +160,9 @@ def cases() -> dict[str, Case]:
         info = get_method(name)
         kwargs = dict(info.example_kwargs)
         two_sources = info.needs_task_gradients and not info.needs_representation
-        if two_sources and name != "gradnorm":
+        if info.cls.batch_parts > 1:  # multi-batch methods: refused under FSDP2 (REFUSED)
+            out[f"refuse/{name}"] = Case(name, kwargs)
+        elif two_sources and name != "gradnorm":
             for source in ("parameters", "representation"):
                 out[f"{name}-{source}"] = Case(name, {**kwargs, "source": source})
         else:
