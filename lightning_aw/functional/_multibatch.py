@@ -30,11 +30,20 @@ def _check(cross_gram: Tensor, weights: Tensor) -> None:
             f"Parameter `weights` should have shape [{cross_gram.shape[0]}] (one per task). "
             f"Found `weights.shape = {tuple(weights.shape)}`."
         )
+    if not bool(torch.isfinite(cross_gram).all()):
+        raise ValueError("Parameter `cross_gram` should be finite. Found NaN or inf entries.")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError(
+            f"Parameter `weights` should be finite and non-negative. Found {weights.tolist()}."
+        )
 
 
 def project_simplex(v: Tensor) -> Tensor:
     r"""The Euclidean projection of ``v`` ``[T]`` onto the probability simplex
     :math:`\{\lambda \ge 0, \sum_i \lambda_i = 1\}` (sort-based, exact).
+
+    Raises:
+        ValueError: ``v`` is not a non-empty finite vector.
 
     Example::
 
@@ -49,6 +58,11 @@ def project_simplex(v: Tensor) -> Tensor:
         raise ValueError(
             f"Parameter `v` should be a non-empty vector. Found shape {tuple(v.shape)}."
         )
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"Parameter `v` should be finite. Found {v.tolist()}.")
+    # the projection is invariant to a common shift: shifting the largest entry to 0 keeps the
+    # arithmetic exact at any scale (the "- 1" of the sum constraint is not lost next to 1e17)
+    v = v - v.max()
     u, _ = torch.sort(v, descending=True)
     css = torch.cumsum(u, 0) - 1.0
     k = torch.arange(1, v.numel() + 1, dtype=v.dtype, device=v.device)
@@ -79,6 +93,10 @@ def modo(cross_gram: Tensor, weights: Tensor, gamma: float = 0.1, rho: float = 0
 
     Returns:
         The new :math:`\lambda` ``[T]`` (non-negative, sums to 1), in ``weights``' dtype.
+
+    Raises:
+        ValueError: ``cross_gram`` is not a finite ``[T, T]`` matrix, or ``weights`` not a
+            finite non-negative ``[T]`` vector.
 
     Example::
 
@@ -130,6 +148,10 @@ def sdmgrad(
     Returns:
         The new :math:`w` ``[T]`` (non-negative, sums to 1), in ``weights``' dtype. The update
         direction is :math:`(G_3 w + \lambda g_{0,3}) / (1 + \lambda)` on a third batch.
+
+    Raises:
+        ValueError: ``cross_gram`` is not a finite ``[T, T]`` matrix, or ``weights`` not a
+            finite non-negative ``[T]`` vector.
 
     Example::
 
