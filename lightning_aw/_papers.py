@@ -10,6 +10,10 @@ PAPERS: dict[str, str] = {
         'Senushkin, Patakin, Kuznetsov & Konushin, "Independent Component Alignment for '
         'Multi-Task Learning", CVPR 2023, https://arxiv.org/abs/2305.19000'
     ),
+    "auto_lambda": (
+        'Liu, James, Davison & Johns, "Auto-Lambda: Disentangling Dynamic Task Relationships", '
+        "TMLR 2022, https://arxiv.org/abs/2202.03091"
+    ),
     "cagrad": (
         'Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for Multi-task '
         'Learning", NeurIPS 2021, https://arxiv.org/abs/2110.14048'

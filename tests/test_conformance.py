@@ -1089,6 +1089,7 @@ def test_list_methods_filters_with_wildcards():
         "gradnorm",
         "gradvac",
         "pcgrad",
+        "sdmgrad",
         "upgrad",
     ]
     assert list_methods(["imtl_?", "DWA"]) == ["dwa", "imtl_g", "imtl_l"]

@@ -56,6 +56,7 @@ METHOD_TWINS: dict[str, list[str]] = {
     "db_mtl": ["db_mtl"],
     "fairgrad": ["fairgrad", "fairgrad_from_gram", "gram_matrix"],
     "con_fig": ["con_fig", "con_fig_from_gram", "gram_matrix"],
+    "auto_lambda": ["auto_lambda_grad"],
     "modo": ["modo", "project_simplex"],
     "sdmgrad": ["sdmgrad", "project_simplex"],
 }
@@ -536,6 +537,7 @@ FUZZED = {
     "modo",
     "sdmgrad",
     "project_simplex",
+    "auto_lambda_grad",
     *COEFFICIENT_FUNCTIONS,
     *(f"{n}_from_gram" for n in COEFFICIENT_FUNCTIONS),
 }
@@ -569,6 +571,21 @@ def test_multibatch_weights(fn, data):
         _finite(out)
         assert out.shape == (n,) and (out >= 0).all()
         assert float(out.sum()) == pytest.approx(1.0, abs=1e-9)
+
+
+@FUZZ
+@given(data=st.data())
+def test_auto_lambda_grad(data):
+    g = data.draw(gradients(bad=True))
+    d = data.draw(gradients(n=1)).to(g.dtype)[0]
+    p = min(g.shape[1], d.shape[0])
+    g, d = g[:, :p], d[:p]
+    lr = data.draw(st.floats(1e-6, 1.0))
+    out = F.auto_lambda_grad(g, d, lr)  # no documented error: a linear map
+    assert out.shape == (g.shape[0],)
+    if bool(torch.isfinite(g).all()):
+        _finite(out)
+        torch.testing.assert_close(out, -(lr * g.double() @ d.double()).to(out.dtype))
 
 
 @FUZZ

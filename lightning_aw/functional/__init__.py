@@ -8,8 +8,8 @@ twin is named after its method's registry name (:func:`lightning_aw.registry.lis
 Layout, by concept (all names are re-exported here; the modules are private):
 
 * loss-based: ``_baseline`` (equal, RLW, renormalisation), ``_loss_rates`` (DWA, SoftAdapt,
-  ReLoBRaLo), ``_learned`` (uncertainty, GradNorm, IMTL-L, FAMO), ``_scalarization`` (GLS, log
-  loss, STCH),
+  ReLoBRaLo), ``_learned`` (uncertainty, GradNorm, IMTL-L, FAMO, Auto-Lambda),
+  ``_scalarization`` (GLS, log loss, STCH),
   on the validation and masked numerics of ``_vectors``;
 * gradient-based: ``_gram`` (the Gram matrix, checks, shared numerics), ``_qp`` (exact simplex
   and non-negative QP solvers), ``_simplex`` (MGDA, CAGrad), ``_projection`` (PCGrad, GradVac,
@@ -34,6 +34,7 @@ from lightning_aw.functional._baseline import equal, renormalize, rlw
 from lightning_aw.functional._direction import db_mtl, graddrop
 from lightning_aw.functional._gram import gram_matrix
 from lightning_aw.functional._learned import (
+    auto_lambda_grad,
     famo_logit_grad,
     famo_loss,
     famo_weights,
@@ -65,6 +66,7 @@ from lightning_aw.functional._simplex import cagrad, cagrad_from_gram, mgda, mgd
 __all__ = [
     "aligned_mtl",
     "aligned_mtl_from_gram",
+    "auto_lambda_grad",
     "cagrad",
     "cagrad_from_gram",
     "con_fig",
