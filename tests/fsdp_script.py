@@ -129,6 +129,11 @@ REFUSED: dict[str, tuple[str, tuple[str, ...]]] = {
     # multi-batch methods (extra forwards on parts of the batch): refused, whatever the source
     "refuse/sdmgrad": ("MisconfigurationException", ("ModelParallelStrategy", "SDMGrad", "parts")),
     "refuse/modo": ("MisconfigurationException", ("ModelParallelStrategy", "MoDo", "parts")),
+    # a virtual step of the whole model (its full parameters)
+    "refuse/auto_lambda": (
+        "MisconfigurationException",
+        ("ModelParallelStrategy", "AutoLambda", "virtual step"),
+    ),
 }
 
 #: cases whose FSDP2 run is also interrupted and resumed (:attr:`Case.resume`)
@@ -160,7 +165,7 @@ def cases() -> dict[str, Case]:
         info = get_method(name)
         kwargs = dict(info.example_kwargs)
         two_sources = info.needs_task_gradients and not info.needs_representation
-        if info.cls.batch_parts > 1:  # multi-batch methods: refused under FSDP2 (REFUSED)
+        if f"refuse/{name}" in REFUSED:  # methods refused under FSDP2 whatever their arguments
             out[f"refuse/{name}"] = Case(name, kwargs)
         elif two_sources and name != "gradnorm":
             for source in ("parameters", "representation"):
