@@ -110,6 +110,16 @@ VARIANTS: dict[str, tuple[str, Callable[[], Weighting]]] = {
         lambda: create_method("stch", reference=[1.0, 5.0, 0.1], logarithmic=False, mu=0.5),
     ),
     "db_mtl-representation": ("db_mtl", lambda: create_method("db_mtl", source="representation")),
+    # the paper's plain projected SGD inner loop (no momentum, no scale normalisation)
+    "sdmgrad-plain": (
+        "sdmgrad",
+        lambda: create_method("sdmgrad", lr=0.05, niter=3, momentum=0.0, normalize=False),
+    ),
+    # validation batches from a DataLoader of its own (cycled, restarted every epoch)
+    "auto_lambda-dataloader": (
+        "auto_lambda",
+        lambda: create_method("auto_lambda", lr=0.01, val_data=loader(n=40, batch_size=16, seed=4)),
+    ),
 }
 #: every registered method (with its example arguments) and every variant
 CASES = [*METHODS, *VARIANTS]
