@@ -188,3 +188,22 @@ def test_refusals_and_invalid_arguments():
     fake = types.SimpleNamespace(strategy=type("ModelParallelStrategy", (), {})())
     with pytest.raises(MisconfigurationException, match="not supported under ModelParallel"):
         AutoLambda().on_fit_start(fake, TinyNet())  # type: ignore[arg-type]
+
+
+def test_fp16_gradscaler_steps_update_the_weights(tmp_path):
+    """The look-ahead's gradients are unscaled under the fp16 GradScaler (scaled, they overflowed
+    on every update of this run, and the weights never moved)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    method = AutoLambda(lr=0.01, init=0.5)
+    t = trainer(
+        tmp_path,
+        [method],
+        max_epochs=2,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.05,
+        plugins=[MixedPrecision("16-mixed", "cpu")],
+    )
+    t.fit(TinyNet(optimizer={"name": "adam", "lr": 0.01}), loader(n=128, batch_size=16))
+    steps = float(method._adam.step)  # Adam counts the finite hypergradients only
+    assert steps == t.global_step == 8

@@ -237,3 +237,22 @@ def test_invalid_arguments_name_the_parameter():
         SDMGrad(momentum=1.0)
     with pytest.raises(ValueError, match="`niter` should be an int >= 1"):
         SDMGrad(niter=0)
+
+
+@pytest.mark.parametrize("make", [lambda: MoDo(gamma=0.5), SDMGrad], ids=["modo", "sdmgrad"])
+def test_fp16_gradscaler_steps_update_the_weights(tmp_path, make):
+    """Under the fp16 GradScaler the parts' per-task gradients are taken unscaled: scaled by the
+    scale tuned for the step's backward they overflowed on most steps (found: 11 of 12)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    method = make()
+    t = trainer(
+        tmp_path,
+        [method],
+        max_epochs=2,
+        accumulate_grad_batches=2,
+        plugins=[MixedPrecision("16-mixed", "cpu")],
+    )
+    t.fit(TinyNet(optimizer={"name": "adam", "lr": 0.01}), loader(n=128, batch_size=16))
+    assert float(method._fallbacks) == 0.0
+    assert not torch.allclose(method.simplex_weights, torch.full((3,), 1.0 / 3))

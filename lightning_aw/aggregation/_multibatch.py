@@ -102,8 +102,6 @@ class _MultiBatch(GradientWeighting):
                 "gathered for the step's one forward). Train with DDP or on one device."
             )
         super().on_fit_start(trainer, pl_module)
-        if self._unsharder is not None:  # pragma: no cover - refused above
-            raise MisconfigurationException(f"{self!r} does not support sharded parameters.")
 
     @override
     def step_loss(self, step: StepRecord) -> Tensor:
@@ -136,13 +134,15 @@ class _MultiBatch(GradientWeighting):
             raise MisconfigurationException(f"{self!r} needs a MultiTaskModule run by a Trainer.")
         parts = module.split_batch(step.batch, self.batch_parts)
         rows = []
-        engine = None
         for j, part in enumerate(parts[:2]):
             with trainer.precision_plugin.train_step_context():
                 values, present_list = module.compute_task_losses(part, step.batch_idx)
             if not all(present_list):
                 self._refuse_absent(step, present_list, ("first", "second")[j])
             part_losses = torch.stack(values)  # type: ignore[arg-type]
+            # unscaled, also under fp16 (a record without a Trainer: no GradScaler, no
+            # accumulation): the GradScaler's scale is tuned for the step's weighted backward, and
+            # scaled per-task gradients of a part overflow where that backward does not
             record = dataclasses.replace(
                 step,
                 losses=part_losses,
@@ -152,19 +152,17 @@ class _MultiBatch(GradientWeighting):
                 batch=part,
                 representation=None,
                 representation_graph=None,
+                trainer=None,
             )
             engine = TaskGradients(record, self)
             rows.append(engine.on_parameters_scaled(self._params, names=self._shared_names()))
-        assert engine is not None
-        # A_ij = <g_i(part 1), g_j(part 2)>, layer by layer (no [T, P] copy), unscaled
+        # A_ij = <g_i(part 1), g_j(part 2)>, layer by layer (no [T, P] copy)
         first, second = rows
         cross = torch.zeros(step.num_tasks, step.num_tasks, device=step.losses.device)
         for layer in range(len(self._params)):
             b1 = torch.stack([r[layer].reshape(-1) for r in first]).float()  # type: ignore[index]
             b2 = torch.stack([r[layer].reshape(-1) for r in second]).float()  # type: ignore[index]
             cross = cross + b1 @ b2.T
-        if engine.scale is not None:
-            cross = cross / engine.scale.float().square()
         if step.world_size > 1:
             # the mean over the ranks of an unbiased estimate is one: identical weights everywhere
             cross = all_reduce_sum(trainer, cross)[0] / step.world_size
@@ -225,8 +223,10 @@ class MoDo(_MultiBatch, name="modo", functional="modo", stateful=True):
     - :math:`\lambda` is updated once per optimizer step, from the first micro-batch of an
       accumulation window; every micro-batch's direction uses its own last part.
     - The per-task gradients are those of the micro-batch's mean losses (not divided by
-      ``accumulate_grad_batches``); under the fp16 GradScaler they are unscaled; a step whose
-      gradients are not finite leaves :math:`\lambda` unchanged (``aggregation/fallbacks``).
+      ``accumulate_grad_batches``), taken unscaled also under the fp16 GradScaler (its scale is
+      tuned for the step's weighted backward; scaled, a part's per-task gradients overflow where
+      that backward does not); a step whose gradients are not finite leaves :math:`\lambda`
+      unchanged (``aggregation/fallbacks``).
     - DDP: the ranks average their cross Gram matrices (one ``T×T`` all-reduce), so
       :math:`\lambda` is identical on every rank.
     - Refused: tasks absent from a part (an error naming them), FSDP/FSDP2/DeepSpeed (the extra
