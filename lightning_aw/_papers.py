@@ -10,6 +10,10 @@ PAPERS: dict[str, str] = {
         'Senushkin, Patakin, Kuznetsov & Konushin, "Independent Component Alignment for '
         'Multi-Task Learning", CVPR 2023, https://arxiv.org/abs/2305.19000'
     ),
+    "auto_lambda": (
+        'Liu, James, Davison & Johns, "Auto-Lambda: Disentangling Dynamic Task Relationships", '
+        "TMLR 2022, https://arxiv.org/abs/2202.03091"
+    ),
     "cagrad": (
         'Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for Multi-task '
         'Learning", NeurIPS 2021, https://arxiv.org/abs/2110.14048'
@@ -37,6 +41,15 @@ PAPERS: dict[str, str] = {
     "fairgrad": (
         'Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024, '
         "https://arxiv.org/abs/2402.15638"
+    ),
+    "modo": (
+        'Chen, Fernando, Ying & Chen, "Three-Way Trade-Off in Multi-Objective Learning: '
+        'Optimization, Generalization and Conflict-Avoidance", NeurIPS 2023, '
+        "https://arxiv.org/abs/2305.20057"
+    ),
+    "sdmgrad": (
+        'Xiao, Ban & Ji, "Direction-oriented Multi-objective Learning: Simple and Provable '
+        'Stochastic Algorithms", NeurIPS 2023, https://arxiv.org/abs/2305.18409'
     ),
     "famo": (
         'Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023, '

@@ -307,15 +307,128 @@ class MultiTaskModule(pl.LightningModule):
             mask ``[T]`` of the tasks present. Methods that re-evaluate a batch (FAMO) use it,
             under ``torch.no_grad()``.
         """
-        losses, present_list, _ = self._stack(self._call_task_losses(batch, batch_idx), batch_idx)
+        losses, present_list, _ = self._evaluate(batch, batch_idx)
         return losses, self._mask(present_list, losses.device)
+
+    def compute_task_losses(
+        self, batch: Any, batch_idx: int
+    ) -> tuple[tuple[Tensor | None, ...], tuple[bool, ...]]:
+        """Call :meth:`task_losses` and validate the result, as a training step does, one loss
+        per task.
+
+        Returns:
+            ``(task_losses, present)``: one float32 scalar per task, each with its own graph
+            (``None`` for an absent task), and the presence of each task on the host (known
+            without a device synchronisation). Multi-batch methods (SDMGrad, MoDo) take
+            per-task gradients of them.
+        """
+        _, present_list, values = self._evaluate(batch, batch_idx)
+        return values, tuple(present_list)
+
+    def _evaluate(
+        self, batch: Any, batch_idx: int
+    ) -> tuple[Tensor, list[bool], tuple[Tensor | None, ...]]:
+        """:meth:`task_losses`, validated and stacked, outside ``training_step``: the
+        representation it marks is not kept (the module holds no graph of it after the call)."""
+        marked = self._marked, self._marked_graph
+        try:
+            outputs = self._call_task_losses(batch, batch_idx)
+        finally:
+            self._marked, self._marked_graph = marked
+        return self._stack(outputs, batch_idx)
+
+    def split_batch(self, batch: Any, parts: int) -> list[Any]:
+        """Split ``batch`` into ``parts`` disjoint batches of the same structure.
+
+        Multi-batch methods (:class:`~lightning_aw.SDMGrad`, :class:`~lightning_aw.MoDo`) need
+        independent mini-batches within one step: they split the step's batch with this hook.
+        The default splits every tensor along dimension 0 into contiguous parts of sizes as even
+        as possible (``torch.tensor_split``: the first parts get one more row when the size is
+        not a multiple of ``parts``), recursing into dicts, lists and tuples (named tuples
+        included). Override it for other batch types (e.g. a dataclass, or a batch whose
+        tensors are not indexed by sample along dimension 0).
+
+        Raises:
+            TypeError: a leaf of the batch is not a tensor (its type is named).
+            ValueError: the tensors disagree on the batch size, or the batch has fewer rows
+                than ``parts``.
+
+        Example::
+
+            >>> import torch
+            >>> from lightning_aw import MultiTaskModule
+            >>> batch = {"x": torch.arange(5.0), "y": (torch.zeros(5, 2), torch.ones(5))}
+            >>> first, second = MultiTaskModule.split_batch(None, batch, 2)
+            >>> first["x"], second["y"][1]
+            (tensor([0., 1., 2.]), tensor([1., 1.]))
+        """
+        if not isinstance(parts, int) or isinstance(parts, bool) or parts < 1:
+            raise ValueError(f"Parameter `parts` should be an int >= 1. Found {parts!r}.")
+        sizes: set[int] = set()
+
+        def size_of(x: Any, where: str) -> None:
+            if isinstance(x, Tensor):
+                if x.dim() == 0:
+                    raise ValueError(
+                        f"The batch holds a 0-d tensor at {where}, which cannot be split by "
+                        "sample. Override `MultiTaskModule.split_batch(batch, parts)`."
+                    )
+                sizes.add(x.shape[0])
+            elif isinstance(x, Mapping):
+                for k, v in x.items():
+                    size_of(v, f"{where}[{k!r}]")
+            elif isinstance(x, (list, tuple)):
+                for i, v in enumerate(x):
+                    size_of(v, f"{where}[{i}]")
+            else:
+                raise TypeError(
+                    f"A multi-batch method splits each training batch into {parts} parts, but "
+                    f"the batch holds a {type(x).__name__} at {where}; the default "
+                    "`split_batch` splits tensors, dicts, lists and tuples of them along "
+                    "dimension 0. Override `MultiTaskModule.split_batch(batch, parts)` for "
+                    "this batch type."
+                )
+
+        size_of(batch, "batch")
+        if len(sizes) != 1:
+            raise ValueError(
+                f"The batch's tensors have different sizes along dimension 0 ({sorted(sizes)}), "
+                "so it cannot be split by sample. Override "
+                "`MultiTaskModule.split_batch(batch, parts)`."
+            )
+        (size,) = sizes
+        if size < parts:
+            raise ValueError(
+                f"A multi-batch method splits each training batch into {parts} disjoint parts, "
+                f"but this batch has {size} row(s). Use batches of at least {parts} samples "
+                "(e.g. `DataLoader(..., drop_last=True)` with a batch size that is a multiple "
+                f"of {parts})."
+            )
+
+        def split(x: Any) -> list[Any]:
+            if isinstance(x, Tensor):
+                return list(torch.tensor_split(x, parts, dim=0))
+            if isinstance(x, Mapping):
+                items = {k: split(v) for k, v in x.items()}
+                return [type(x)({k: v[j] for k, v in items.items()}) for j in range(parts)]
+            cols = [split(v) for v in x]
+            rows = [[c[j] for c in cols] for j in range(parts)]
+            if isinstance(x, tuple) and hasattr(x, "_fields"):  # a named tuple
+                return [type(x)(*r) for r in rows]
+            return [type(x)(r) for r in rows]
+
+        return split(batch)
 
     # ------------------------------------------------------------------ steps
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         self._step_skipped = False
         self._step_record = self._marked = self._marked_graph = None
-        outputs = self._call_task_losses(batch, batch_idx)
+        weighting = self.weighting
+        parts = 1 if weighting is None else weighting.batch_parts
+        # a multi-batch method (SDMGrad, MoDo) takes its update direction from the last part
+        data = batch if parts == 1 else self.split_batch(batch, parts)[-1]
+        outputs = self._call_task_losses(data, batch_idx)
         losses, present_list, values = self._stack(outputs, batch_idx)
         present = self._mask(present_list, losses.device)
         if not all(present_list):
@@ -337,7 +450,6 @@ class MultiTaskModule(pl.LightningModule):
         )
         self._step_record = step
         self._marked = self._marked_graph = None
-        weighting = self.weighting
         if weighting is None:
             total = losses.sum()
         else:

@@ -11,7 +11,7 @@ Example::
 
     >>> from lightning_aw.registry import create_method, get_method, list_methods
     >>> list_methods("*grad*")
-    ['cagrad', 'fairgrad', 'graddrop', 'gradnorm', 'gradvac', 'pcgrad', 'upgrad']
+    ['cagrad', 'fairgrad', 'graddrop', 'gradnorm', 'gradvac', 'pcgrad', 'sdmgrad', 'upgrad']
     >>> info = get_method("dwa")
     >>> info.cls.__name__, info.total, info.default_interval
     ('DWA', 'T', 'epoch')
@@ -385,6 +385,8 @@ _BUILTINS: dict[type[Weighting], dict[str, Any]] = {
     _loss.SoftAdapt: {"beta": 5.0},
     _loss.STCH: {"mu": 0.5, "warmup_epochs": 1},
     _loss.ReLoBRaLo: {"alpha": 0.9, "expected_rho": 0.5, "temperature": 1.0, "seed": 5},
+    # loss-based, weights learned on a validation batch after a look-ahead step
+    _loss.AutoLambda: {"lr": 0.01, "init": 0.5, "primary_tasks": ["a", "b"], "frequency": 2},
     # gradient-based
     _grad.MGDA: {"normalization": "l2", "source": "representation"},
     _grad.PCGrad: {"reduction": "mean", "seed": 3},
@@ -403,6 +405,9 @@ _BUILTINS: dict[type[Weighting], dict[str, Any]] = {
     _loss.ExcessMTL: {"step_size": 0.5},
     _grad.MoCo: {"beta": 0.8, "gamma": 0.5, "rho": 0.01, "normalize": True},
     _loss.LRAnnealing: {"alpha": 0.5, "reference": "b", "statistic": "mean", "weighted": False},
+    # gradient-based, multi-batch (three disjoint parts of each batch)
+    _grad.SDMGrad: {"lam": 0.3, "lr": 0.5, "niter": 2, "momentum": 0.0},
+    _grad.MoDo: {"gamma": 0.5, "rho": 0.05},
 }
 for _cls, _example in _BUILTINS.items():
     register_method(MethodInfo.of(_cls, _example))

@@ -111,6 +111,11 @@ class StepMethod(ABC):
     cuts_representation: bool = False
     #: learnable parameters of the method (attached to the module as ``loss_weighting``)
     module: nn.Module | None = None
+    #: how many disjoint parts the method needs the step's batch split into (SDMGrad, MoDo: 3,
+    #: independent samples). With more than 1, ``training_step`` evaluates the task losses of the
+    #: record on the *last* part only (:meth:`MultiTaskModule.split_batch
+    #: <lightning_aw.MultiTaskModule.split_batch>`), and the method evaluates the others itself.
+    batch_parts: int = 1
 
     @abstractmethod
     def step_loss(self, step: StepRecord) -> Tensor:

@@ -127,6 +127,14 @@ REFUSED: dict[str, tuple[str, tuple[str, ...]]] = {
         "MisconfigurationException",
         ("ModelParallelStrategy", "['c']", "batch 1", "instead of None", "masked", "find_unused"),
     ),
+    # multi-batch methods (extra forwards on parts of the batch): refused, whatever the source
+    "refuse/sdmgrad": ("MisconfigurationException", ("ModelParallelStrategy", "SDMGrad", "parts")),
+    "refuse/modo": ("MisconfigurationException", ("ModelParallelStrategy", "MoDo", "parts")),
+    # a virtual step of the whole model (its full parameters)
+    "refuse/auto_lambda": (
+        "MisconfigurationException",
+        ("ModelParallelStrategy", "AutoLambda", "virtual step"),
+    ),
 }
 
 #: cases whose FSDP2 run is also interrupted and resumed (:attr:`Case.resume`)
@@ -160,7 +168,9 @@ def cases() -> dict[str, Case]:
         # the methods that take a `source` (GradNorm, ExcessMTL, LRAnnealing and MoCo take
         # per-task gradients on parameters only)
         two_sources = "source" in init_args(info.cls).names and not info.needs_representation
-        if two_sources:
+        if f"refuse/{name}" in REFUSED:  # methods refused under FSDP2 whatever their arguments
+            out[f"refuse/{name}"] = Case(name, kwargs)
+        elif two_sources:
             for source in ("parameters", "representation"):
                 out[f"{name}-{source}"] = Case(name, {**kwargs, "source": source})
         else:

@@ -122,6 +122,16 @@ VARIANTS: dict[str, tuple[str, Callable[[], Weighting]]] = {
         "lr_annealing",
         lambda: create_method("lr_annealing", alpha=0.1, layerwise=True, frequency=2),
     ),
+    # the paper's plain projected SGD inner loop (no momentum, no scale normalisation)
+    "sdmgrad-plain": (
+        "sdmgrad",
+        lambda: create_method("sdmgrad", lr=0.05, niter=3, momentum=0.0, normalize=False),
+    ),
+    # validation batches from a DataLoader of its own (cycled, restarted every epoch)
+    "auto_lambda-dataloader": (
+        "auto_lambda",
+        lambda: create_method("auto_lambda", lr=0.01, val_data=loader(n=40, batch_size=16, seed=4)),
+    ),
 }
 #: every registered method (with its example arguments) and every variant
 CASES = [*METHODS, *VARIANTS]
@@ -181,6 +191,9 @@ class Recorder(pl.Callback):
         self.g_par: list[np.ndarray] = []  # [T, P] gradients on the trunk's parameters
         self.g_rep: list[np.ndarray] = []  # [T, B*16] gradients on the trunk's output
         self.gn: list[np.ndarray] = []  # [T] norms of the gradients on trunk[2].weight
+        #: [3, T, P] trunk gradients on the three contiguous parts of the batch (np.array_split
+        #: sizes), what the multi-batch methods (SDMGrad, MoDo) see
+        self.g_thirds: list[np.ndarray] = []
 
     def _weights(self, pl_module) -> dict[str, float]:
         w = pl_module.weighting.weight_tensor()
@@ -211,6 +224,23 @@ class Recorder(pl.Callback):
                 par.append(torch.cat([g.reshape(-1) for g in gp]))
                 rep.append(gh.reshape(-1))
                 gn.append(gp[2].norm())  # trunk[2].weight: the last shared weight matrix
+            thirds = []
+            x, y = batch
+            for rows in np.array_split(np.arange(len(x)), 3):
+                ix = torch.as_tensor(rows)
+                part = _losses(net, (x[ix], y[ix]))
+                thirds.append(
+                    [
+                        torch.cat(
+                            [
+                                g.reshape(-1)
+                                for g in torch.autograd.grad(lp, params_, retain_graph=True)
+                            ]
+                        )
+                        for lp in part
+                    ]
+                )
+        self.g_thirds.append(np.array([[g.double().numpy() for g in r] for r in thirds]))
         self.losses.append(losses.detach().double().numpy())
         self.g_par.append(torch.stack(par).double().numpy())
         self.g_rep.append(torch.stack(rep).double().numpy())
@@ -896,6 +926,38 @@ def _ref_random_projections(m, rec, vaccine):
                 states.append(new)
 
 
+def _simplex_projection(v: np.ndarray) -> np.ndarray:
+    """Euclidean projection on the simplex by bisection on the threshold (not the sort-based
+    formula of the library)."""
+    lo, hi = v.min() - 1.0, v.max()
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.maximum(v - mid, 0).sum() > 1 else (lo, mid)
+    return np.maximum(v - (lo + hi) / 2, 0)
+
+
+def _ref_multibatch(m, rec):
+    """MoDo / SDMGrad: replay the weight update of every step from the first two thirds' trunk
+    gradients (the paper's algorithms, written here), then the coefficients."""
+    T = 3
+    lam = np.full(T, 1.0 / T)
+    for k, thirds in enumerate(rec.g_thirds):
+        A = thirds[0] @ thirds[1].T  # A_ij = <g_i(part 1), g_j(part 2)>
+        if m.name == "modo":
+            lam = _simplex_projection(lam - m.gamma * (A @ lam + m.rho * lam))
+            expected = lam
+        else:
+            if m.normalize:
+                A = A / np.mean(np.sqrt(np.maximum(np.diag(A), 0) + 1e-4)) ** 2
+            velocity = np.zeros(T)
+            for s in range(m.niter):  # projected heavy-ball SGD on 1/2|Gw + lam g0|^2
+                grad = A @ lam + m.lam * A @ np.full(T, 1.0 / T) + m.rho * lam
+                velocity = grad if s == 0 else m.momentum * velocity + grad
+                lam = _simplex_projection(lam - m.lr * velocity)
+            expected = (T * lam + m.lam) / (1 + m.lam)
+        _close(rec.array("after")[k], expected, rtol=1e-4, atol=1e-6, msg=f"step {k}")
+
+
 def _gradient_reference(solve=None, check=None):
     def reference(m, rec):
         after = rec.array("after")
@@ -1006,6 +1068,8 @@ REFERENCES: dict[str, Callable[[Weighting, Recorder], None]] = {
     "excess_mtl": _ref_excess_mtl,
     "moco": _ref_moco,
     "lr_annealing": _ref_lr_annealing,
+    "modo": _ref_multibatch,
+    "sdmgrad": _ref_multibatch,
 }
 
 
@@ -1035,6 +1099,7 @@ def test_every_builtin_has_a_pinned_reference():
         *("famo", "softadapt", "stch", "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl"),
         *("aligned_mtl", "upgrad", "gradvac", "fairgrad", "con_fig", "relobralo"),
         *("dual_proj", "excess_mtl", "moco", "lr_annealing"),
+        *("modo", "sdmgrad"),
     }
     assert builtins <= set(METHODS)
     assert builtins == set(REFERENCES)
@@ -1119,6 +1184,7 @@ def test_list_methods_filters_with_wildcards():
         "gradnorm",
         "gradvac",
         "pcgrad",
+        "sdmgrad",
         "upgrad",
     ]
     assert list_methods(["imtl_?", "DWA"]) == ["dwa", "imtl_g", "imtl_l"]

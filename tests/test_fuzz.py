@@ -60,6 +60,9 @@ METHOD_TWINS: dict[str, list[str]] = {
     "excess_mtl": ["excess_mtl"],
     "moco": ["moco", "project_simplex"],
     "lr_annealing": ["lr_annealing"],
+    "auto_lambda": ["auto_lambda_grad"],
+    "modo": ["modo", "project_simplex"],
+    "sdmgrad": ["sdmgrad", "project_simplex"],
 }
 
 # ---------------------------------------------------------------------------------- strategies
@@ -472,19 +475,6 @@ def test_excess_mtl(data):
 
 @FUZZ
 @given(data=st.data())
-def test_project_simplex(data):
-    n = data.draw(tasks)
-    v = torch.tensor(
-        data.draw(st.lists(st.floats(-1e12, 1e12), min_size=n, max_size=n)), dtype=torch.float64
-    )
-    x = F.project_simplex(v)
-    _finite(x)
-    assert (x >= 0).all()
-    _sum_close(x, 1.0)
-
-
-@FUZZ
-@given(data=st.data())
 def test_moco(data):
     g = data.draw(gradients(bad=True))
     n = g.shape[0]
@@ -637,9 +627,71 @@ FUZZED = {
     "moco",
     "project_simplex",
     "lr_annealing",
+    "modo",
+    "sdmgrad",
+    "auto_lambda_grad",
     *COEFFICIENT_FUNCTIONS,
     *(f"{n}_from_gram" for n in COEFFICIENT_FUNCTIONS),
 }
+
+
+@pytest.mark.parametrize("fn", ["modo", "sdmgrad"])
+@FUZZ
+@given(data=st.data())
+def test_multibatch_weights(fn, data):
+    """The cross Gram matrix of two independent gradient draws (not symmetric, any sign, any
+    scale): the new weights stay on the simplex; non-finite input is the documented error."""
+    g1 = data.draw(gradients(bad=True)).double()
+    n, p = g1.shape
+    g2 = data.draw(gradients(n=n)).double()
+    cross = g1 @ g2[:, :p].T if g2.shape[1] >= p else g1[:, : g2.shape[1]] @ g2.T
+    start = data.draw(st.lists(st.floats(0.0, 1.0), min_size=n, max_size=n))
+    weights = F.project_simplex(torch.tensor(start, dtype=torch.float64))
+    if fn == "modo":
+        kwargs = {"gamma": data.draw(st.floats(1e-3, 10.0)), "rho": data.draw(st.floats(0, 1))}
+    else:
+        kwargs = {
+            "lam": data.draw(st.floats(0.0, 5.0)),
+            "momentum": data.draw(st.floats(0.0, 0.9)),
+            "niter": data.draw(st.integers(1, 5)),
+            "normalize": data.draw(st.booleans()),
+        }
+    ok = bool(torch.isfinite(cross).all())
+    out = documented_error(lambda: getattr(F, fn)(cross, weights, **kwargs), allowed=not ok)
+    assert ok == (out is not None)
+    if out is not None:
+        _finite(out)
+        assert out.shape == (n,) and (out >= 0).all()
+        assert float(out.sum()) == pytest.approx(1.0, abs=1e-9)
+
+
+@FUZZ
+@given(data=st.data())
+def test_auto_lambda_grad(data):
+    g = data.draw(gradients(bad=True))
+    d = data.draw(gradients(n=1)).to(g.dtype)[0]
+    p = min(g.shape[1], d.shape[0])
+    g, d = g[:, :p], d[:p]
+    lr = data.draw(st.floats(1e-6, 1.0))
+    out = F.auto_lambda_grad(g, d, lr)  # no documented error: a linear map
+    assert out.shape == (g.shape[0],)
+    if bool(torch.isfinite(g).all()):
+        _finite(out)
+        torch.testing.assert_close(out, -(lr * g.double() @ d.double()).to(out.dtype))
+
+
+@FUZZ
+@given(data=st.data())
+def test_project_simplex(data):
+    v = data.draw(gradients(n=1, bad=True))[0].double()
+    ok = bool(torch.isfinite(v).all())
+    out = documented_error(lambda: F.project_simplex(v), allowed=not ok)
+    assert ok == (out is not None)
+    if out is not None:
+        _finite(out)
+        assert (out >= 0).all() and float(out.sum()) == pytest.approx(1.0, abs=1e-9)
+        # the largest entry keeps the most weight (the projection preserves the order)
+        assert out[v.argmax()] == out.max()
 
 
 def test_every_functional_twin_is_fuzzed():

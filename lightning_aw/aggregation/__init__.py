@@ -16,6 +16,7 @@ from lightning_aw.aggregation._methods import (
     UPGrad,
 )
 from lightning_aw.aggregation._moco import MoCo
+from lightning_aw.aggregation._multibatch import MoDo, SDMGrad
 
 __all__ = [
     "DBMTL",
@@ -30,7 +31,9 @@ __all__ = [
     "GradVac",
     "GradientWeighting",
     "MoCo",
+    "MoDo",
     "NashMTL",
     "PCGrad",
+    "SDMGrad",
     "UPGrad",
 ]

@@ -8,14 +8,15 @@ twin is named after its method's registry name (:func:`lightning_aw.registry.lis
 Layout, by concept (all names are re-exported here; the modules are private):
 
 * loss-based: ``_baseline`` (equal, RLW, renormalisation), ``_loss_rates`` (DWA, SoftAdapt,
-  ReLoBRaLo), ``_learned`` (uncertainty, GradNorm, IMTL-L, FAMO), ``_scalarization`` (GLS, log
-  loss, STCH),
+  ReLoBRaLo), ``_learned`` (uncertainty, GradNorm, IMTL-L, FAMO, Auto-Lambda),
+  ``_scalarization`` (GLS, log loss, STCH),
   on the validation and masked numerics of ``_vectors``;
 * gradient-based: ``_gram`` (the Gram matrix, checks, shared numerics), ``_qp`` (exact simplex
   and non-negative QP solvers), ``_simplex`` (MGDA, CAGrad), ``_projection`` (PCGrad, GradVac,
   UPGrad, DualProj), ``_balancing`` (IMTL-G, Nash-MTL, Aligned-MTL,
   FairGrad, ConFIG), ``_direction`` (DB-MTL, GradDrop), ``_adaptive`` (ExcessMTL, MoCo,
-  learning-rate annealing: updates of state from per-task gradient statistics);
+  learning-rate annealing: updates of state from per-task gradient statistics), ``_multibatch``
+  (SDMGrad, MoDo: weights from the cross Gram matrix of two independent mini-batches);
 * weights over several learners: ``_fusion`` (SAMME boosting, Hedge).
 """
 
@@ -37,6 +38,7 @@ from lightning_aw.functional._direction import db_mtl, graddrop
 from lightning_aw.functional._fusion import hedge, samme, samme_alpha
 from lightning_aw.functional._gram import gram_matrix
 from lightning_aw.functional._learned import (
+    auto_lambda_grad,
     famo_logit_grad,
     famo_loss,
     famo_weights,
@@ -46,6 +48,7 @@ from lightning_aw.functional._learned import (
     uncertainty_weights,
 )
 from lightning_aw.functional._loss_rates import dwa, relobralo, softadapt
+from lightning_aw.functional._multibatch import modo, sdmgrad
 from lightning_aw.functional._projection import (
     dual_proj,
     dual_proj_from_gram,
@@ -69,6 +72,7 @@ from lightning_aw.functional._simplex import cagrad, cagrad_from_gram, mgda, mgd
 __all__ = [
     "aligned_mtl",
     "aligned_mtl_from_gram",
+    "auto_lambda_grad",
     "cagrad",
     "cagrad_from_gram",
     "con_fig",
@@ -99,6 +103,7 @@ __all__ = [
     "mgda",
     "mgda_from_gram",
     "moco",
+    "modo",
     "nash_mtl",
     "nash_mtl_from_gram",
     "pcgrad",
@@ -111,6 +116,7 @@ __all__ = [
     "samme_alpha",
     "scale_invariant_loss",
     "scale_invariant_weights",
+    "sdmgrad",
     "softadapt",
     "stch_loss",
     "stch_weights",

@@ -22,6 +22,7 @@ from lightning_aw.functional._vectors import (
 )
 
 __all__ = [
+    "auto_lambda_grad",
     "famo_logit_grad",
     "famo_loss",
     "famo_weights",
@@ -352,3 +353,51 @@ def famo_logit_grad(
     delta = _safe_log(before, valid) - _safe_log(after, valid)
     z = _masked_softmax(logits.to(delta.dtype), valid)
     return z * (delta - (z * delta).sum())
+
+
+def auto_lambda_grad(train_grads: Tensor, val_grad: Tensor, lr: float | Tensor = 1.0) -> Tensor:
+    r"""Auto-Lambda's hypergradient of the task weights (Liu, James, Davison & Johns, TMLR 2022,
+    https://arxiv.org/abs/2202.03091).
+
+    After the virtual step :math:`\theta' = \theta - \alpha\,(\sum_i \lambda_i g_i + \dots)` on
+    the weighted training loss (:math:`g_i = \nabla_\theta L_i^{\text{train}}`; momentum and
+    weight decay do not depend on :math:`\lambda`), the gradient of the validation loss at
+    :math:`\theta'` with respect to the weights is, exactly,
+
+    .. math::
+
+        \frac{\partial L^{\text{val}}(\theta')}{\partial\lambda_i}
+        = -\alpha\,\bigl\langle g_i,\ \nabla_{\theta'} L^{\text{val}}(\theta')\bigr\rangle,
+
+    the mixed second derivative :math:`\nabla^2_{\lambda,\theta} L^{\text{train}} = G` being
+    the per-task gradients themselves (the authors' code approximates this inner product by a
+    central finite difference of the training losses along :math:`\nabla L^{\text{val}}`).
+
+    Args:
+        train_grads: per-task training gradients ``[T, P]`` at :math:`\theta` (zero rows for
+            tasks absent from the batch).
+        val_grad: the validation loss's gradient ``[P]`` at :math:`\theta'`.
+        lr: the virtual step size :math:`\alpha`: a number, or one per coordinate ``[P]``.
+
+    Returns:
+        The hypergradient ``[T]`` (an optimizer step on the weights descends it).
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_aw.functional import auto_lambda_grad
+        >>> G = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> auto_lambda_grad(G, torch.tensor([0.5, -1.0]), lr=0.1)  # task 1 helps: its weight grows
+        tensor([-0.0500,  0.2000])
+    """
+    if train_grads.dim() != 2:
+        raise ValueError(
+            "Parameter `train_grads` should be a [T, P] matrix. "
+            f"Found `train_grads.shape = {tuple(train_grads.shape)}`."
+        )
+    if val_grad.shape != (train_grads.shape[1],):
+        raise ValueError(
+            f"Parameter `val_grad` should have shape [{train_grads.shape[1]}]. "
+            f"Found `val_grad.shape = {tuple(val_grad.shape)}`."
+        )
+    return -(train_grads * lr) @ val_grad

@@ -1,5 +1,6 @@
 """Loss-based weighting callbacks: one Lightning callback per method, on :class:`LossWeighting`."""
 
+from lightning_aw.weighting._auto_lambda import AutoLambda
 from lightning_aw.weighting._base import LossWeighting, Weighting
 from lightning_aw.weighting._dwa import DWA
 from lightning_aw.weighting._equal import EqualWeighting
@@ -23,6 +24,7 @@ __all__ = [
     "IMTLL",
     "RLW",
     "STCH",
+    "AutoLambda",
     "EqualWeighting",
     "ExcessMTL",
     "GradNorm",
