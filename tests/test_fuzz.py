@@ -630,6 +630,10 @@ FUZZED = {
     "modo",
     "sdmgrad",
     "auto_lambda_grad",
+    # weights over several learners (lightning_aw.fusion), not a registered method's twin
+    "samme",
+    "samme_alpha",
+    "hedge",
     *COEFFICIENT_FUNCTIONS,
     *(f"{n}_from_gram" for n in COEFFICIENT_FUNCTIONS),
 }
@@ -694,7 +698,80 @@ def test_project_simplex(data):
         assert out[v.argmax()] == out.max()
 
 
+#: the fusion functions (no registered method calls them)
+FUSION = {"samme", "samme_alpha", "hedge"}
+
+
 def test_every_functional_twin_is_fuzzed():
     assert set(F.__all__) == FUZZED
     assert set(METHOD_TWINS) == set(list_methods())
-    assert {f for twins in METHOD_TWINS.values() for f in twins} == FUZZED
+    assert {f for twins in METHOD_TWINS.values() for f in twins} == FUZZED - FUSION
+
+
+@st.composite
+def sample_weights(draw, n: int) -> torch.Tensor:
+    """``[n]`` non-negative sample weights at any scale, with exact zeros (never all zero)."""
+    w = draw(positive(n)).double()
+    zeros = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    mask = torch.tensor(zeros)
+    mask[draw(st.integers(0, n - 1))] = False  # at least one positive weight
+    return torch.where(mask, torch.zeros_like(w), w).to(draw(st.sampled_from(DTYPES)))
+
+
+DTYPES = [torch.float32, torch.float64]
+
+
+@FUZZ
+@given(data=st.data())
+def test_samme(data):
+    n = data.draw(st.integers(1, 40))
+    w = data.draw(sample_weights(n))
+    incorrect = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    k = data.draw(st.integers(2, 10))
+    lr = data.draw(st.sampled_from([1e-3, 0.5, 1.0, 2.0]))
+    new, alpha, error = F.samme(w, incorrect, k, lr)
+    _finite(new, alpha, error)
+    assert new.shape == w.shape and new.dtype == w.dtype
+    assert (new >= 0).all() and ((new > 0) == (w > 0)).all()  # zero weights stay zero
+    _sum_close(new, 1.0)
+    assert 0.0 <= float(error) <= 1.0 and float(alpha) >= 0.0
+    chance = 1.0 - 1.0 / k
+    if 0 < float(error) < chance:  # a boosting step: the misclassified gain weight
+        # against scikit-learn's normalised weights, positive ones raised to machine epsilon
+        ref = (w / w.sum()).clamp_min(torch.finfo(w.dtype).eps) * (w > 0)
+        up, down = incorrect & (w > 0), ~incorrect & (w > 0)
+        if up.any() and down.any():
+            ratio = (new[up] / ref[up]).min() / (new[down] / ref[down]).max()
+            assert float(ratio) >= 1.0 - 1e-3
+
+
+@FUZZ
+@given(data=st.data())
+def test_samme_alpha(data):
+    n = data.draw(st.integers(1, 8))
+    e = torch.tensor(data.draw(st.lists(st.floats(-0.5, 1.5), min_size=n, max_size=n)))
+    e = e.to(data.draw(st.sampled_from(DTYPES)))
+    k = data.draw(st.integers(2, 10))
+    ok = bool(((e >= 0) & (e <= 1)).all())
+    out = documented_error(lambda: F.samme_alpha(e, k), allowed=not ok)
+    assert ok == (out is not None)
+    if out is not None:
+        _finite(out)
+        assert (out >= 0).all()
+        assert (out[e >= 1 - 1 / k] == 0).all() and (out[e == 0] == 1).all()
+
+
+@FUZZ
+@given(data=st.data())
+def test_hedge(data):
+    n = data.draw(tasks)
+    w = data.draw(sample_weights(n))
+    ell = data.draw(losses(n)).to(w.dtype)
+    eta = data.draw(st.sampled_from([0.0, 1e-3, 0.5, 10.0]))
+    ok = bool(torch.isfinite(ell).all())
+    out = documented_error(lambda: F.hedge(w, ell, eta), allowed=not ok)
+    assert ok == (out is not None)
+    if out is not None:
+        _finite(out)
+        assert ((out > 0) <= (w > 0)).all()  # a zero weight stays zero
+        _sum_close(out, 1.0)
