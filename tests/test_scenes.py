@@ -19,6 +19,7 @@ from lightning_aw.datasets import (
     flip_and_scale,
     make_two_digits,
 )
+from lightning_aw.metrics import NYUV2_HIGHER_IS_BETTER
 
 H, W = 24, 32
 
@@ -172,3 +173,60 @@ def test_nyuv2_reader_errors(tmp_path):
     (tmp_path / "train" / "normal" / "1.npy").unlink()
     with pytest.raises(FileNotFoundError, match=r"normal.1\.npy is missing"):
         NYUv2(tmp_path, "train")
+
+
+# ----------------------------------------------------------------------------- SceneNet
+def test_scenenet_losses_by_hand():
+    from lightning_aw.models import SceneNet
+
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])  # [1, 2 classes, 1, 2]
+    pred = {
+        "seg": logits,
+        "depth": torch.tensor([[[[1.0, 5.0]]]]),
+        "normal": torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]], [[0.0, 0.0]]]]),
+    }
+    batch = {
+        "segmentation": torch.tensor([[[0, -1]]]),  # the second pixel is ignored
+        "depth": torch.tensor([[[[3.0, 0.0]]]]),  # the second pixel has no depth
+        "normal": torch.tensor([[[[0.0, 0.0]], [[1.0, 0.0]], [[0.0, 0.0]]]]),  # 2nd: invalid
+    }
+    losses = SceneNet.dense_losses(pred, batch)
+    assert float(losses["seg"]) == pytest.approx(math.log(1 + math.exp(-2.0)))
+    assert float(losses["depth"]) == pytest.approx(2.0)
+    assert float(losses["normal"]) == pytest.approx(1.0)  # (1,0,0) against (0,1,0): cos 0
+    # nothing valid: 0, not NaN
+    empty = {k: torch.zeros_like(v) for k, v in batch.items()}
+    empty["segmentation"] = torch.full_like(batch["segmentation"], -1)
+    assert all(float(v) == 0.0 for v in SceneNet.dense_losses(pred, empty).values())
+
+
+def test_scenenet_trains_with_a_method_and_logs_the_nyuv2_metrics(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_aw.models import SceneNet
+    from lightning_aw.registry import create_method
+
+    torch.manual_seed(0)
+    dm = SyntheticScenesDataModule(num_train=8, num_val=4, height=16, width=24, batch_size=4)
+    net = SceneNet(channels=4)
+    before = [p.detach().clone() for p in net.trunk.parameters()]
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[create_method("upgrad", source="representation")],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(net, dm)
+    assert trainer.global_step == 4
+    logged = trainer.callback_metrics
+    names = [f"val/{t}/{m}" for t, ms in NYUV2_HIGHER_IS_BETTER.items() for m in ms]
+    assert all(math.isfinite(float(logged[n])) for n in names)
+    assert 0 <= float(logged["val/seg/miou"]) <= 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.trunk.parameters(), strict=True))
+    weights = net.task_weights
+    assert sorted(weights) == ["depth", "normal", "seg"]
+    assert all(math.isfinite(w) for w in weights.values())
