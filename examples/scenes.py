@@ -198,13 +198,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
     def delta(run: dict[str, Any]) -> float:
-        metric = MultiTaskDelta.nyuv2(baselines[run["seed"]])
+        try:
+            metric = MultiTaskDelta.nyuv2(baselines[run["seed"]])
+        except ValueError as err:  # a zero baseline (e.g. no pixel within 11.25° after a tiny run)
+            print(f"Δm% undefined for seed {run['seed']}: {err}")
+            return float("nan")
         metric.update(run["metrics"])
         return float(metric.compute())
 
     rows: dict[str, dict[str, Any]] = {
         "single-task": {
-            "metrics": {t: {n: [baselines[s][t][n] for s in args.seeds]} for t, n, _ in COLUMNS},
+            "metrics": {
+                t: {
+                    n: [baselines[s][t][n] for s in args.seeds] for n in baselines[args.seeds[0]][t]
+                }
+                for t in TASKS
+            },
             "delta": [0.0] * len(args.seeds),
             "seconds": [sum(r["seconds"] for r in of(m)) / len(args.seeds) for m in stl],
         }
@@ -212,7 +221,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for method in args.methods:
         mine = of(method)
         rows[method] = {
-            "metrics": {t: {n: [r["metrics"][t][n] for r in mine]} for t, n, _ in COLUMNS},
+            "metrics": {
+                t: {n: [r["metrics"][t][n] for r in mine] for n in mine[0]["metrics"][t]}
+                for t in TASKS
+            },
             "delta": [delta(r) for r in mine],
             "seconds": [r["seconds"] for r in mine],
         }
