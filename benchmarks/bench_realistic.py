@@ -3,7 +3,7 @@
     python benchmarks/bench_realistic.py [--rounds 3] [--steps 20] [--batch-size 8]
                                          [--height 72 --width 96] [--device cpu|cuda]
                                          [--only UPGrad MGDA] [--sources parameters]
-                                         [--threads 1] [--memory]
+                                         [--threads 1] [--baseline-every 4] [--memory]
 
 The workload is NYUv2-shaped: ``lightning_aw.models.SceneNet`` (a ResNet-style encoder-decoder,
 ≈108k parameters at ``--channels 16``, three dense heads: 13-class segmentation, depth, surface
@@ -11,11 +11,14 @@ normals) on ``lightning_aw.datasets.SyntheticScenes`` (rendered once before timi
 configuration trains for ``--steps`` optimizer steps; the configurations are interleaved over
 ``--rounds`` rounds, and each reports the p10 and the median of its step times
 (``on_train_batch_start`` -> ``on_train_batch_end``: forward, backward, optimizer step, the
-method's own work; all rounds pooled, the first steps of each run left out as warm-up) and their
-ratios to the baselines of the same run:
+method's own work; all rounds pooled, the first steps of each run left out as warm-up) and a
+paired ratio: each run's median step time over that of the reference runs just before and after
+it (the reference is run again after every ``--baseline-every`` configurations, so a change of
+the machine's load during a long round does not skew the ratios), the median over rounds.
+The configurations:
 
 - ``plain LightningModule``: the same network and losses in an ordinary LightningModule that
-  returns the summed loss (the reference of every ratio);
+  returns the summed loss (the reference of the ratios);
 - ``MultiTaskModule (no method)``: lightning_aw's module without a weighting callback;
 - every registered method (``lightning_aw.registry.list_methods()``, default arguments; the
   gradient methods with each of ``--sources``);
@@ -260,6 +263,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=1,
         help="CPU: intra-op threads (default 1: on a shared machine more threads mostly wait)",
     )
+    parser.add_argument(
+        "--baseline-every",
+        type=int,
+        default=4,
+        help="run the plain baseline again after this many configurations",
+    )
     parser.add_argument("--memory", action="store_true", help="CPU: peak RSS per configuration")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -292,20 +301,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for n in runners
         if args.only is None or n in baselines or any(n.startswith(o) for o in args.only)
     ]
+    order = _schedule(names, args.baseline_every)
     times: dict[str, list[float]] = {n: [] for n in names}
     peaks: dict[str, list[float]] = {n: [] for n in names}
+    paired: dict[str, list[float]] = {n: [] for n in names}
     skip = min(3, max(args.steps // 4, 1))  # warm-up steps
     begin = time.perf_counter()
     for _ in range(args.rounds):
-        for name in names:
+        run_medians: list[float] = []
+        for name in order:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
             steps = runners[name]()
             times[name].extend(steps[skip:])
+            run_medians.append(statistics.median(steps[skip:]))
             if device.type == "cuda":
                 peaks[name].append((torch.cuda.max_memory_allocated() - before) / 2**20)
+        for i, name in enumerate(order):
+            paired[name].append(run_medians[i] / _adjacent_reference(order, run_medians, i))
     elapsed = time.perf_counter() - begin
     rss = {n: _memory_probe(n, args) for n in names if n in configs} if args.memory else {}
 
@@ -321,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"SyntheticScenes {args.height}x{args.width}, batch {args.batch_size}; {args.steps} steps "
         f"x {args.rounds} rounds ({elapsed:.0f} s)"
     )
-    header = "| configuration | p10 ms/step | median ms/step | ratio (median) | ratio (p10) |"
+    header = "| configuration | p10 ms/step | median ms/step | ratio (paired) |"
     rule = "|---|---:|---:|---:|---:|"
     if device.type == "cuda":
         header += " peak MiB |"
@@ -331,10 +346,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rule += "---:|"
     rows = [header, rule]
     for name in names:
-        ref = "torch loop: plain sum" if name.startswith("torch") else "plain LightningModule"
         row = (
             f"| {name} | {1e3 * p10[name]:.1f} | {1e3 * med[name]:.1f} | "
-            f"{med[name] / med[ref]:.2f} | {p10[name] / p10[ref]:.2f} |"
+            f"{statistics.median(paired[name]):.2f} |"
         )
         if device.type == "cuda":
             row += f" {statistics.median(peaks[name]):.0f} |"
@@ -343,11 +357,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append(row)
     print("\n".join(rows))
     print(
-        "ratios: step time (median, p10) / the plain LightningModule's (torch-loop rows: / the "
-        "torch loop's plain sum)"
+        "ratio (paired): a run's median step time / that of the plain LightningModule runs just "
+        "before and after it (torch-loop rows: the torch loop's plain sum), median over rounds"
         + ("" if jd is not None else "; torchjd is not installed: its rows are left out")
     )
-    return {"median": med, "p10": p10, "rss": rss, "table": "\n".join(rows)}
+    ratio = {n: statistics.median(r) for n, r in paired.items()}
+    return {"median": med, "p10": p10, "ratio": ratio, "rss": rss, "table": "\n".join(rows)}
+
+
+def _reference_of(name: str) -> str:
+    return "torch loop: plain sum" if name.startswith("torch loop") else "plain LightningModule"
+
+
+def _schedule(names: list[str], every: int) -> list[str]:
+    """One round's run order: each reference (plain LightningModule, torch loop's plain sum)
+    is run again after every ``every`` configurations of its kind, and at the end."""
+    order: list[str] = []
+    for ref in ("plain LightningModule", "torch loop: plain sum"):
+        group = [n for n in names if _reference_of(n) == ref and n != ref]
+        if ref not in names:
+            continue
+        for i in range(0, max(len(group), 1), every):
+            order += [ref, *group[i : i + every]]
+        order.append(ref)
+    return order
+
+
+def _adjacent_reference(order: list[str], medians: list[float], i: int) -> float:
+    """The mean median step time of the reference runs just before and after run ``i``."""
+    ref = _reference_of(order[i])
+    before = next((medians[j] for j in range(i - 1, -1, -1) if order[j] == ref), None)
+    after = next((medians[j] for j in range(i + 1, len(order)) if order[j] == ref), None)
+    if order[i] == ref:
+        return medians[i]
+    found = [m for m in (before, after) if m is not None]
+    return sum(found) / len(found)
 
 
 def _quantile(values: list[float], q: float) -> float:

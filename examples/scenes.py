@@ -167,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--num-train", type=int, default=None)
     parser.add_argument("--num-val", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -175,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = dict(QUICK if args.quick else FULL)
-    for key in ("epochs", "num_train", "num_val"):
+    for key in ("epochs", "num_train", "num_val", "height", "width"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     stl = [f"stl_{t}" for t in TASKS]
