@@ -156,8 +156,9 @@ class SceneNet(MultiTaskModule):
     any valid pixel gives 0, not NaN. Validation logs the NYUv2 metric set of
     :func:`lightning_aw.metrics.nyuv2_metrics` as ``val/<task>/<metric>``.
 
-    With ``channels=16`` it has about 80k parameters; one training step on a batch of 8 scenes of
-    72×96 takes a few tens of milliseconds on a CPU core.
+    With ``channels=16`` it has about 108k parameters (101k in the trunk); a training step on a
+    batch of 8 scenes of 72×96 takes about 0.1 s on one CPU core (70-100 ms measured on a shared
+    machine, ``benchmarks/bench_realistic.py``).
 
     Args:
         num_classes: segmentation classes (13 for the NYUv2 protocol).
