@@ -24,9 +24,11 @@ from lightning_aw.datasets._augment import flip_and_scale
 
 __all__ = ["SCENE_CLASSES", "SyntheticScenes", "SyntheticScenesDataModule", "render_scene"]
 
-#: The 13 classes, in the order of NYUv2's 13-class protocol (Couprie et al. 2013; the labels
-#: of the preprocessed NYUv2 of MTAN / Nash-MTL / FAMO): index -> name. Label −1 marks pixels
-#: without a label (here: objects left unlabelled, as NYUv2's annotators left some).
+#: The 13 classes, index -> name: the names of NYUv2's 13-class protocol (Couprie et al. 2013,
+#: used by MTAN / Nash-MTL / FAMO) in the alphabetical order of its usual class mapping. Only the
+#: names are borrowed: nothing relies on the order matching the preprocessed NYUv2 labels. Label
+#: −1 marks pixels without a label (here: objects left unlabelled, as NYUv2's annotators left
+#: some).
 SCENE_CLASSES: tuple[str, ...] = (
     "bed",  # 0: a wide, low box
     "books",  # 1: a small box, often on a table
