@@ -225,3 +225,33 @@ def test_delta_default_sign_is_the_papers_drop():
     metric = MultiTaskDelta(base, hib)
     metric.update({"a": {"err": 1.1}})
     assert float(metric.compute()) == pytest.approx(10.0)
+
+
+# ----------------------------------------------------------------------------- DDP
+def test_ddp_validation_metrics_equal_one_process_over_all_scenes(ddp_results):
+    """The ``dense_metrics`` case of ``ddp_script.py``: two ranks validate half of the scenes
+    each; the synced metrics equal one process's over all of them."""
+    from torch.utils.data import DataLoader
+
+    from lightning_aw.datasets import SyntheticScenes
+    from lightning_aw.models import SceneNet
+
+    r0, r1 = ddp_results.load("dense_metrics")
+    assert r0["metrics"] == r1["metrics"]
+    torch.manual_seed(0)
+    net = SceneNet(channels=4).eval()
+    reference = {"seg": SegmentationMetric(13), "depth": DepthMetric(), "normal": NormalMetric()}
+    with torch.no_grad():
+        for batch in DataLoader(SyntheticScenes(8, 16, 24, seed=0, split="val"), batch_size=2):
+            pred = net(batch["image"])
+            reference["seg"].update(pred["seg"], batch["segmentation"])
+            reference["depth"].update(pred["depth"], batch["depth"])
+            reference["normal"].update(pred["normal"], batch["normal"])
+    expected = {
+        f"val/{task}/{name}": float(value)
+        for task, metric in reference.items()
+        for name, value in metric.compute().items()
+    }
+    assert set(r0["metrics"]) == set(expected)
+    for key, value in expected.items():
+        assert r0["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
