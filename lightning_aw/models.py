@@ -157,8 +157,8 @@ class SceneNet(MultiTaskModule):
     :func:`lightning_aw.metrics.nyuv2_metrics` as ``val/<task>/<metric>``.
 
     With ``channels=16`` it has about 108k parameters (101k in the trunk); a training step on a
-    batch of 8 scenes of 72×96 takes about 0.1 s on one CPU core (70-100 ms measured on a shared
-    machine, ``benchmarks/bench_realistic.py``).
+    batch of 8 scenes of 72×96 takes 60-100 ms on one CPU core (measured on a shared machine,
+    ``benchmarks/bench_realistic.py``).
 
     Args:
         num_classes: segmentation classes (13 for the NYUv2 protocol).
