@@ -11,7 +11,8 @@ cross-entropies), with the arguments of ``examples/digits.py`` (``make_weighting
 single-task models (the same network trained on one task each, through a one-hot weighting) give
 the reference metrics. Δm% (Maninis et al., 2019) is computed with
 ``lightning_aw.metrics.multitask_delta`` against the single-task means, for each seed, averaged
-over the three metrics; positive = better than single-task (``sign="improvement"``).
+over the three metrics, in the papers' convention (Nash-MTL, FAMO; ``sign="drop"``): the average
+relative drop, lower is better, negative = better than single-task.
 
 Runs are spread over ``--jobs`` processes (one thread each) and every run is seeded: the same
 command gives the same table up to floating-point non-determinism. TensorBoard logs under
@@ -161,8 +162,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def delta_m(metrics: dict[str, dict[str, float]], baselines: dict[str, dict[str, float]]) -> float:
-    """Δm% of one run against the single-task baselines (positive = better), averaged over the
-    three metrics.
+    """Δm% of one run against the single-task baselines, averaged over the three metrics, as the
+    average drop (lower is better, negative = better than single-task).
 
     Args:
         metrics: the run's ``{task: {metric: value}}``.
@@ -172,11 +173,11 @@ def delta_m(metrics: dict[str, dict[str, float]], baselines: dict[str, dict[str,
 
         >>> base = {"left": {"acc": 0.9}, "right": {"acc": 0.9}, "sum": {"mae": 1.0}}
         >>> run = {"left": {"acc": 0.99}, "right": {"acc": 0.9}, "sum": {"mae": 1.3}}
-        >>> round(delta_m(run, base), 6)  # (+10 % + 0 % - 30 %) / 3
-        -6.666667
+        >>> round(delta_m(run, base), 6)  # 10 % better, equal, 30 % worse: a 6.67 % drop
+        6.666667
     """
     higher = {task: {name: up} for task, name, up in METRICS}
-    return float(multitask_delta(metrics, baselines, higher, sign="improvement"))
+    return float(multitask_delta(metrics, baselines, higher, sign="drop"))
 
 
 def _machine() -> str:
@@ -284,11 +285,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "delta": [delta_m(r["metrics"], baselines) for r in mine],
             "seconds": [r["seconds"] for r in mine],
         }
-    order = ["single-task", *sorted(methods, key=lambda m: -statistics.fmean(rows[m]["delta"]))]
+    order = ["single-task", *sorted(methods, key=lambda m: statistics.fmean(rows[m]["delta"]))]
     headers = [
         "method",
         *[f"{t} {n} {'↑' if up else '↓'}" for t, n, up in METRICS],
-        "Δm% ↑",
+        "Δm% ↓",
         "s/run",
     ]
     cells = []
@@ -313,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     header = (
         f"DigitsNet on TwoDigitsDataModule: {pairs} training pairs, {args.val_pairs} validation "
         f"pairs, {epochs} epochs, batch 128, Adam 2e-3; seeds {seeds}; mean ± std over seeds. "
-        "Δm%: against the single-task models, averaged over the 3 metrics, positive = better."
+        "Δm%: the average relative drop against the single-task models over the 3 metrics (the "
+        "papers' convention, Nash-MTL/FAMO): lower is better, negative = better than single-task."
     )
     print(f"\n{header}  ({elapsed:.0f} s in {args.jobs} process(es))")
     print(table)

@@ -15,7 +15,9 @@ Cases (``python tests/ddp_script.py --list`` prints them):
   (their tests read what these write under ``OUT/<case>/``);
 - ``fusion``: SAMMEWeights and HedgeWeights of ``test_fusion.py``, ranks on different data;
 - ``gate_monitor``: GateMonitor and AuxFreeBalancing of ``test_gate_monitor.py``, ranks on
-  different data.
+  different data;
+- ``dense_metrics``: SceneNet's NYUv2 metrics of ``test_dense_metrics.py`` in a 2-process
+  validation.
 
 In the ``matrix`` and ``variant`` cases the ranks see different data (DistributedSampler), task
 "c" is absent from rank 1's odd batches and each rank's global generator is seeded differently
@@ -363,6 +365,35 @@ def run_gate_monitor(out: Path, case: str) -> None:
     torch.save(result, ddp_result_file(out, case, rank))
 
 
+def run_dense_metrics(out: Path, case: str) -> None:
+    """SceneNet's NYUv2 metrics in a 2-process validation: each rank sees half of 8 rendered
+    scenes (DistributedSampler) and the metric states are summed across the ranks. Each rank
+    writes the logged values. Read by ``test_dense_metrics.py``."""
+    from lightning_aw.datasets import SyntheticScenes
+    from lightning_aw.models import SceneNet
+
+    torch.manual_seed(0)
+    net = SceneNet(channels=4)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out / case,
+    )
+    data = SyntheticScenes(8, 16, 24, seed=0, split="val")
+    trainer.validate(net, DataLoader(data, batch_size=2))
+    values = {
+        k: float(v)
+        for k, v in trainer.callback_metrics.items()
+        if k.count("/") == 2 and not k.startswith("val/loss")
+    }
+    torch.save({"metrics": values}, ddp_result_file(out, case, _rank()))
+
+
 def cases() -> dict[str, Callable[[Path, str], None]]:
     """Every case, by name, in the order a launch runs them."""
     out: dict[str, Callable[[Path, str], None]] = {
@@ -372,6 +403,7 @@ def cases() -> dict[str, Callable[[Path, str], None]]:
     out["step_monitor"] = run_step_monitor
     out["fusion"] = run_fusion
     out["gate_monitor"] = run_gate_monitor
+    out["dense_metrics"] = run_dense_metrics
     return out
 
 

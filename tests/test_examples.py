@@ -44,6 +44,7 @@ MODULES = (
     "gradnorm_toy",
     "mmoe_synthetic",
     "pareto_toy",
+    "scenes",
     "stress_scales",
     "uncertainty_noise",
 )
@@ -264,8 +265,8 @@ def test_digits_table_has_every_method_and_finite_delta(tmp_path):
         if method == "single-task":
             continue
         m = row["metrics"]
-        by_hand = (
-            100
+        by_hand = (  # the papers' "drop": lower is better
+            -100
             / 3
             * (
                 (m["left"]["acc"][0] - base["left"]["acc"]) / base["left"]["acc"]
@@ -358,3 +359,68 @@ def test_mmoe_synthetic_aux_free_bias_prevents_gate_collapse(tmp_path):
     assert max(shares["aux_free"]) < max(shares["none"]) - 0.1
     assert all(abs(sum(s) - 1.0) < 1e-5 for s in shares.values())
     assert (tmp_path / "results_mmoe.md").is_file()
+
+
+# ----------------------------------------------------------------------------- scenes table
+def test_scenes_table_trains_logs_and_leaves_delta_undefined_on_a_zero_baseline(tmp_path):
+    ex = _example("scenes")
+    args = "--methods none --num-train 16 --num-val 8 --epochs 2 --height 16 --width 24"
+    out = ex.main([*args.split(), "--logdir", str(tmp_path)])
+    assert sorted(out["rows"]) == ["none", "single-task"]
+    assert "| none |" in out["out"].read_text()
+    assert "val/normal/median" in _scalars(tmp_path / "scenes" / "none" / "seed0")
+    base = out["rows"]["single-task"]["metrics"]
+    zero = any(v[0] == 0 for metrics in base.values() for v in metrics.values())
+    (delta,) = out["rows"]["none"]["delta"]
+    assert math.isnan(delta) == zero  # Δm% divides by every baseline
+
+
+def test_scenes_table_delta_by_hand(tmp_path, monkeypatch):
+    from lightning_aw.metrics import NYUV2_HIGHER_IS_BETTER
+
+    ex = _example("scenes")
+    names = [(t, n) for t in NYUV2_HIGHER_IS_BETTER for n in NYUV2_HIGHER_IS_BETTER[t]]
+    stl = {name: 1.0 + i for i, name in enumerate(names)}  # each task's own model
+    mtl = {name: 1.5 + 0.5 * i for i, name in enumerate(names)}  # the multi-task run
+
+    def fake_run(spec):  # the training is replaced: the table and Δm% are what is tested
+        values = stl if spec["method"].startswith("stl_") else mtl
+        metrics = {t: {n: values[(t, n)] for n in NYUV2_HIGHER_IS_BETTER[t]} for t, _ in names}
+        return {**spec, "metrics": metrics, "seconds": 1.0}
+
+    monkeypatch.setattr(ex, "run_one", fake_run)
+    out = ex.main(["--methods", "famo", "--quick", "--logdir", str(tmp_path)])
+    terms = [
+        (1 if NYUV2_HIGHER_IS_BETTER[t][n] else -1) * (mtl[(t, n)] - stl[(t, n)]) / stl[(t, n)]
+        for t, n in names
+    ]
+    (delta,) = out["rows"]["famo"]["delta"]
+    assert delta == pytest.approx(-100 * sum(terms) / 9, rel=1e-12)  # the papers' "drop"
+
+
+def test_realistic_benchmark_covers_every_method_and_runs(capsys):
+    """`benchmarks/bench_realistic.py` times every registered method on SceneNet; a tiny run."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_realistic.py"
+    spec = importlib.util.spec_from_file_location("_bench_realistic", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.argparse.Namespace(channels=4)
+    covered: set[type] = set()
+    for make in bench.lightning_configs(["parameters", "representation"]).values():
+        _, callbacks = make(args)
+        covered |= {type(c) for c in callbacks}
+    missing = sorted(n for n in list_methods() if get_method(n).cls not in covered)
+    assert not missing, f"not benchmarked: {missing}"
+    threads = torch.get_num_threads()
+    tiny = "--rounds 1 --steps 3 --height 16 --width 24 --channels 4 --batch-size 4 --only MGDA"
+    out = bench.main(tiny.split())
+    torch.set_num_threads(threads)
+    assert set(out["median"]) >= {
+        "plain LightningModule",
+        "MultiTaskModule (no method)",
+        "MGDA (para.)",
+        "MGDA (repr.)",
+    }
+    assert all(t > 0 for t in out["median"].values())
+    assert out["ratio"]["plain LightningModule"] == 1.0
+    assert "| MGDA (repr.) |" in capsys.readouterr().out

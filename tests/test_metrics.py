@@ -41,8 +41,12 @@ def test_task_average_by_hand():
     rel = [(m - s) / s * (1 if h else -1) for m, s, h in zip(FAMO, STL, flags, strict=True)]
     per_task = [sum(rel[0:2]) / 2, sum(rel[2:4]) / 2, sum(rel[4:9]) / 5]
     expected = 100 * sum(per_task) / 3
-    got = multitask_delta(nest(FAMO), nest(STL), HIB, average="tasks")
+    got = multitask_delta(nest(FAMO), nest(STL), HIB, sign="improvement", average="tasks")
     assert float(got) == pytest.approx(expected, rel=1e-12)
+    # the default sign is the papers' "drop" (lower is better)
+    assert float(multitask_delta(nest(FAMO), nest(STL), HIB, average="tasks")) == pytest.approx(
+        -expected, rel=1e-12
+    )
 
 
 def test_metric_averages_updates_and_merges_like_ddp():

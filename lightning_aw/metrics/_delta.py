@@ -9,10 +9,40 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["MultiTaskDelta", "multitask_delta"]
+__all__ = ["NYUV2_HIGHER_IS_BETTER", "NYUV2_SINGLE_TASK", "MultiTaskDelta", "multitask_delta"]
 
 Sign = Literal["improvement", "drop"]
 Average = Literal["metrics", "tasks"]
+
+#: Direction of each metric of the NYUv2 protocol (MTAN; Nash-MTL, FAMO), named as
+#: :func:`lightning_aw.metrics.nyuv2_metrics` logs them.
+NYUV2_HIGHER_IS_BETTER: dict[str, dict[str, bool]] = {
+    "seg": {"miou": True, "pix_acc": True},
+    "depth": {"abs_err": False, "rel_err": False},
+    "normal": {
+        "mean": False,
+        "median": False,
+        "within_11": True,
+        "within_22": True,
+        "within_30": True,
+    },
+}
+
+#: The published single-task baseline on NYUv2 (one MTAN network per task, 200 epochs) that
+#: Nash-MTL and FAMO compute their Δm% against (from CAGrad, Liu et al., NeurIPS 2021): mIoU,
+#: pixel accuracy and the within-threshold shares as fractions, depth errors in metres, angles in
+#: degrees, the scale of :func:`lightning_aw.metrics.nyuv2_metrics`.
+NYUV2_SINGLE_TASK: dict[str, dict[str, float]] = {
+    "seg": {"miou": 0.3830, "pix_acc": 0.6376},
+    "depth": {"abs_err": 0.6754, "rel_err": 0.2780},
+    "normal": {
+        "mean": 25.01,
+        "median": 19.21,
+        "within_11": 0.3014,
+        "within_22": 0.5720,
+        "within_30": 0.6915,
+    },
+}
 
 
 def _flatten(
@@ -79,22 +109,26 @@ def multitask_delta(
     values: Mapping[str, Mapping[str, float]],
     baselines: Mapping[str, Mapping[str, float]],
     higher_is_better: Mapping[str, Mapping[str, bool]],
-    sign: Sign = "improvement",
+    sign: Sign = "drop",
     average: Average = "metrics",
 ) -> Tensor:
     r"""Δm% of a multi-task model against single-task baselines (Maninis et al., CVPR 2019).
 
     .. math::
 
-        \Delta_m = \frac{100}{K}\sum_{k=1}^{K} (-1)^{l_k}\,\frac{M_k - M_k^{\text{STL}}}
-        {M_k^{\text{STL}}}, \qquad l_k = 1 \text{ when lower is better}
+        \Delta_m = \frac{100}{K}\sum_{k=1}^{K} (-1)^{h_k}\,\frac{M_k - M_k^{\text{STL}}}
+        {M_k^{\text{STL}}}, \qquad h_k = 1 \text{ when higher is better}
+
+    with the default ``sign="drop"``: lower is better, negative when the multi-task model beats
+    the single-task models on average (the papers' convention: Nash-MTL, FAMO).
 
     Args:
         values: the multi-task model's metrics, ``{task: {metric: value}}``.
         baselines: the single-task models' metrics, same layout (non-zero).
         higher_is_better: ``{task: {metric: bool}}``.
-        sign: ``"improvement"`` (positive = better than single-task, Maninis et al.; LibMTL) or
-            ``"drop"`` (the opposite sign, lower is better, as Nash-MTL and FAMO report it).
+        sign: ``"drop"`` (default: the average relative drop, lower is better, negative = better
+            than single-task, as Nash-MTL and FAMO report it) or ``"improvement"`` (the
+            opposite sign, positive = better, as Maninis et al. and LibMTL write it).
         average: ``"metrics"`` (over all K metrics, as Nash-MTL/FAMO) or ``"tasks"`` (within each
             task first, then over tasks, as LibMTL).
 
@@ -106,7 +140,9 @@ def multitask_delta(
         >>> base = {"seg": {"miou": 40.0}, "depth": {"abs_err": 0.5}}
         >>> hib = {"seg": {"miou": True}, "depth": {"abs_err": False}}
         >>> values = {"seg": {"miou": 44.0}, "depth": {"abs_err": 0.45}}
-        >>> round(float(multitask_delta(values, base, hib)), 6)  # (+10 % + 10 %) / 2
+        >>> round(float(multitask_delta(values, base, hib)), 6)  # 10 % better on both: a -10 % drop
+        -10.0
+        >>> round(float(multitask_delta(values, base, hib, sign="improvement")), 6)
         10.0
     """
     _check_options(sign, average)
@@ -124,7 +160,8 @@ class MultiTaskDelta(Metric):
     Args:
         baselines: single-task metrics, ``{task: {metric: value}}``.
         higher_is_better: ``{task: {metric: bool}}``.
-        sign: ``"improvement"`` (default) or ``"drop"``; see :func:`multitask_delta`.
+        sign: ``"drop"`` (default, lower is better) or ``"improvement"``; see
+            :func:`multitask_delta`.
         average: ``"metrics"`` (default) or ``"tasks"``.
 
     Example::
@@ -133,8 +170,8 @@ class MultiTaskDelta(Metric):
         >>> hib = {"seg": {"miou": True}, "depth": {"abs_err": False}}
         >>> metric = MultiTaskDelta(base, hib)
         >>> metric.update({"seg": {"miou": 42.0}, "depth": {"abs_err": 0.45}})
-        >>> round(float(metric.compute()), 4)
-        7.5
+        >>> round(float(metric.compute()), 4)  # (+5 % + 10 %) / 2 better: a -7.5 % drop
+        -7.5
     """
 
     full_state_update = False
@@ -144,7 +181,7 @@ class MultiTaskDelta(Metric):
         self,
         baselines: Mapping[str, Mapping[str, float]],
         higher_is_better: Mapping[str, Mapping[str, bool]],
-        sign: Sign = "improvement",
+        sign: Sign = "drop",
         average: Average = "metrics",
         **kwargs: Any,
     ) -> None:
@@ -158,6 +195,39 @@ class MultiTaskDelta(Metric):
             "value_sum", torch.zeros(len(self._keys), dtype=torch.float64), dist_reduce_fx="sum"
         )
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    @classmethod
+    def nyuv2(
+        cls,
+        baselines: Mapping[str, Mapping[str, float]] | None = None,
+        sign: Sign = "drop",
+        average: Average = "metrics",
+        **kwargs: Any,
+    ) -> MultiTaskDelta:
+        """Δm% over the 9 NYUv2 metrics (:data:`NYUV2_HIGHER_IS_BETTER`), as Nash-MTL and FAMO.
+
+        Args:
+            baselines: your single-task models' metrics in the layout of
+                :data:`NYUV2_HIGHER_IS_BETTER` (e.g. the ``val/<task>/<name>`` values that
+                :func:`~lightning_aw.metrics.nyuv2_metrics` logs). Default: the published
+                :data:`NYUV2_SINGLE_TASK` (only meaningful for the real NYUv2 protocol).
+            sign: ``"drop"`` (default) or ``"improvement"``.
+            average: ``"metrics"`` (default, over all 9 as the papers) or ``"tasks"``.
+            **kwargs: passed to ``Metric``.
+
+        Example::
+
+            >>> famo = {"seg": {"miou": 0.3888, "pix_acc": 0.6490},
+            ...         "depth": {"abs_err": 0.5474, "rel_err": 0.2194},
+            ...         "normal": {"mean": 25.06, "median": 19.57, "within_11": 0.2921,
+            ...                    "within_22": 0.5661, "within_30": 0.6898}}
+            >>> metric = MultiTaskDelta.nyuv2()
+            >>> metric.update(famo)
+            >>> round(float(metric.compute()), 2)  # FAMO's published Δm% on NYUv2
+            -4.1
+        """
+        base = NYUV2_SINGLE_TASK if baselines is None else baselines
+        return cls(base, NYUV2_HIGHER_IS_BETTER, sign=sign, average=average, **kwargs)
 
     def update(self, values: Mapping[str, Mapping[str, Any]]) -> None:  # type: ignore[override]
         v = _values(values, self._keys).to(self.value_sum.device)

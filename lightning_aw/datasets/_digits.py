@@ -1,4 +1,4 @@
-"""Small offline multi-task datasets for examples, tests and benchmarks."""
+"""The two-digit dataset: pairs of scikit-learn's 8×8 digits, two classifications and a sum."""
 
 from __future__ import annotations
 
