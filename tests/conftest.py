@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,19 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging_and_warnings():
+    """The examples quiet Lightning's loggers and warnings for their own run (tests of
+    test_examples.py and test_fusion.py call them); other tests rely on both (e.g. the module's
+    "no weighting callback" message), so every test restores them afterwards."""
+    names = ("lightning.pytorch", "lightning.fabric", "lightning")
+    levels = {n: logging.getLogger(n).level for n in names}
+    with warnings.catch_warnings():
+        yield
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
 
 
 @pytest.fixture(scope="session")

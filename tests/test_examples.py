@@ -10,10 +10,8 @@ from __future__ import annotations
 import doctest
 import importlib
 import importlib.util
-import logging
 import math
 import sys
-import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -22,19 +20,6 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_aw.registry import get_method, list_methods
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging_and_warnings():
-    """The examples quiet Lightning's loggers and warnings for their own run; other tests rely on
-    them (e.g. the module's "no weighting callback" message), so restore both afterwards."""
-    names = ("lightning.pytorch", "lightning.fabric", "lightning")
-    levels = {n: logging.getLogger(n).level for n in names}
-    with warnings.catch_warnings():
-        yield
-    for n, level in levels.items():
-        logging.getLogger(n).setLevel(level)
-
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MODULES = (
