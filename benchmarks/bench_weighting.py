@@ -183,12 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'configuration':<36}{'ms/step':>10}{'ratio':>8}")
     plain, bare = med["plain LightningModule"], med["plain LightningModule (no logging)"]
     for name in names:
-        if name.startswith("plain"):
-            ratio = med[name] / plain
-        elif name.startswith("MultiTask"):
-            ratio = med[name] / plain
-        else:
-            ratio = med[name] / base
+        ref = plain if name.startswith(("plain", "MultiTask")) else base
+        ratio = med[name] / ref
         extra = f"{med[name] / bare:>8.3f} vs no logging" if name.startswith("MultiTask") else ""
         print(f"{name:<36}{1e3 * med[name]:>10.2f}{ratio:>8.3f}{extra}")
     print(
