@@ -433,14 +433,36 @@ class TaskGradients:
         losses = self.step.task_losses
         zero = self.step.losses.new_zeros(())
         (param,) = self.forward_tensors([param])
-        norms = []
-        for i, here in enumerate(self.step.present_list):
-            if not here:
-                norms.append(zero)
-                continue
-            (grad,) = torch.autograd.grad(
-                self.scaled(losses[i]), param, retain_graph=True, allow_unused=True
+        index = [i for i, here in enumerate(self.step.present_list) if here]
+
+        def loop() -> list[Sequence[Tensor | None]]:
+            return [
+                torch.autograd.grad(
+                    self.scaled(losses[i]),  # type: ignore[arg-type]
+                    param,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                for i in index
+            ]
+
+        def batched() -> list[Sequence[Tensor | None]]:
+            stacked = torch.stack([self.scaled(losses[i]).reshape(()) for i in index])  # type: ignore[arg-type]
+            eye = torch.eye(len(index), dtype=stacked.dtype, device=stacked.device)
+            (grads,) = torch.autograd.grad(
+                stacked,
+                param,
+                grad_outputs=eye,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
             )
+            return [[None if grads is None else grads[k]] for k in range(len(index))]
+
+        raw = self._per_task(loop, batched, "layer", len(index))
+        norms = [zero] * len(self.step.present_list)
+        for k, i in enumerate(index):
+            grad = raw[k][0]
             if grad is None:
                 raise MisconfigurationException(
                     f"{self.owner!r}: the loss of task '{self.step.tasks[i]}' does not reach the "
@@ -448,7 +470,7 @@ class TaskGradients:
                     "is missing. Choose a shared layer every task goes through: override "
                     "`gradnorm_parameter()` or pass GradNorm(layer='name.of.weight')."
                 )
-            norms.append(torch.linalg.vector_norm(grad.float()))
+            norms[i] = torch.linalg.vector_norm(grad.float())
         return self.unscale(torch.stack(norms))
 
 

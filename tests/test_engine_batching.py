@@ -95,6 +95,24 @@ def test_batched_backward_equals_the_loop(cut, absent):
             torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize("absent", [None, 1])
+def test_batched_layer_norms_equal_the_loop(absent):
+    step, trunk = _step(False, absent)
+    norms = {}
+    for mode in ("loop", "batched"):
+        engine = TaskGradients(step, "test")
+        engine.batching = mode  # type: ignore[assignment]
+        norms[mode] = engine.layer_norms(trunk[2])
+    torch.testing.assert_close(norms["batched"], norms["loop"])
+    for i, value in enumerate(step.task_losses):  # independent: autograd, one task at a time
+        expected = (
+            0.0
+            if value is None
+            else torch.autograd.grad(value, trunk[2], retain_graph=True)[0].norm()
+        )
+        torch.testing.assert_close(norms["loop"][i], torch.as_tensor(expected))
+
+
 class _Owner:
     """A method stand-in the engine can remember a choice for."""
 
