@@ -484,13 +484,17 @@ class _BatchChoice:
     alternate the two untimed (the first call of each also checks that the batched backward
     works: an operation without a batching rule raises, and the loop is then used for good), the
     next ``2 * probes`` alternate them timed (synchronising the device around each: only then),
-    and the faster one (the minimum over its probes) is used from then on. Under DDP rank 0
+    and the batched one is used from then on only when it was clearly faster (its minimum over
+    the probes below ``margin`` times the loop's), else the loop. Under DDP rank 0
     decides and broadcasts the choice, so every rank runs the same code (the results agree to
     float rounding either way).
     """
 
     warmup = 2
-    probes = 2
+    probes = 3
+    #: the batched backward is kept only when it is at least this much faster (timing noise on
+    #: a shared machine must not trade the loop for a pass that is no faster)
+    margin = 0.9
     _registry: ClassVar[weakref.WeakKeyDictionary[Any, dict[tuple[str, int], _BatchChoice]]] = (
         weakref.WeakKeyDictionary()
     )
@@ -552,7 +556,7 @@ class _BatchChoice:
         _synchronize(device)
         self.times[which].append(time.perf_counter() - start)
         if call + 1 >= self.warmup + 2 * self.probes:
-            faster = min(self.times["batched"]) < min(self.times["loop"])
+            faster = min(self.times["batched"]) < self.margin * min(self.times["loop"])
             self._decide(step, "batched" if faster else "loop")
         return out
 
