@@ -1,14 +1,17 @@
 """Per-step cost of each weighting method against the plain summed loss, measured in one run.
 
     python benchmarks/bench_weighting.py [--steps 60] [--rounds 5] [--batch-size 128]
+                                         [--stat median|p10] [--only NAME ...]
 
-A fixed model (the two-digit CNN `lightning_aw.models.DigitsNet`, 3 tasks) is trained for ``--steps``
-optimizer steps per configuration; the configurations are interleaved over ``--rounds`` rounds
-and the median wall time of a training step (``on_train_batch_start`` -> ``on_train_batch_end``:
-forward, backward, optimizer, weighting) is compared with the baselines measured in the same run:
+A fixed model (the two-digit CNN `lightning_aw.models.DigitsNet`, 3 tasks) is trained for
+``--steps`` optimizer steps per configuration; the configurations are interleaved over
+``--rounds`` rounds and the median (or, with ``--stat p10``, the 10th percentile of all steps) wall
+time of a training step (``on_train_batch_start`` -> ``on_train_batch_end``: forward, backward,
+optimizer, weighting) is compared with the baselines measured in the same run:
 
 - ``plain LightningModule``: the same network and losses in an ordinary LightningModule that
   returns the sum and logs the task losses with one ``log_dict`` call per step;
+- ``plain LightningModule (no logging)``: the same, returning the sum without logging;
 - ``MultiTaskModule (no callback)``: lightning_aw's module with no weighting callback.
 
 Every method's ratio is against ``MultiTaskModule (no callback)``, which itself is compared with the
@@ -38,8 +41,9 @@ from lightning_aw.registry import create_method, get_method, list_methods
 class PlainNet(pl.LightningModule):
     """The DigitsNet network and losses in an ordinary LightningModule."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_losses: bool = True) -> None:
         super().__init__()
+        self.log_losses = log_losses
         ref = DigitsNet()
         self.trunk, self.heads = ref.trunk, ref.heads
 
@@ -52,7 +56,8 @@ class PlainNet(pl.LightningModule):
             "sum": F.mse_loss(self.heads["sum"](h).squeeze(-1), y[:, 2].float()),
         }
         total = sum(losses.values())
-        self.log_dict({**{f"loss/{k}": v for k, v in losses.items()}, "loss/total": total})
+        if self.log_losses:
+            self.log_dict({**{f"loss/{k}": v for k, v in losses.items()}, "loss/total": total})
         return total
 
     def configure_optimizers(self):
@@ -78,6 +83,7 @@ class _Metricless(DigitsNet):
 
 CONFIGS: dict[str, Callable[[], tuple[pl.LightningModule, list[pl.Callback]]]] = {
     "plain LightningModule": lambda: (PlainNet(), []),
+    "plain LightningModule (no logging)": lambda: (PlainNet(log_losses=False), []),
     "MultiTaskModule (no callback)": lambda: (_Metricless(), []),
 }
 # every registered method (gradient methods with both sources); epoch-interval methods are timed
@@ -108,7 +114,7 @@ CONFIGS["FAMO (frequency=4)"] = _method("famo", frequency=4)
 
 def measure(
     name: str, steps: int, batch_size: int, data, logdir: str, accelerator: str = "cpu"
-) -> float:
+) -> list[float]:
     model, callbacks = CONFIGS[name]()
     timer = _Timer()
     trainer = pl.Trainer(
@@ -126,7 +132,7 @@ def measure(
     )
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True)
     trainer.fit(model, loader)
-    return statistics.median(timer.times[5:])  # skip warm-up steps
+    return timer.times[5:]  # skip warm-up steps
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,6 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--only", nargs="*", default=None, help="subset of configurations")
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument(
+        "--stat",
+        choices=["median", "p10"],
+        default="median",
+        help="median: the median over rounds of each round's median step time; p10: the 10th "
+        "percentile of all step times (less sensitive to other jobs on a shared machine)",
+    )
     args = parser.parse_args(argv)
     import logging
 
@@ -147,27 +160,37 @@ def main(argv: list[str] | None = None) -> None:
         for n in CONFIGS
         if args.only is None or any(n.startswith(o) for o in [*args.only, "MultiTask", "plain"])
     ]
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[list[float]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as logdir:
         for _ in range(args.rounds):
             for name in names:
                 times[name].append(
                     measure(name, args.steps, args.batch_size, data, logdir, args.accelerator)
                 )
-    med = {n: statistics.median(t) for n, t in times.items()}
+    if args.stat == "p10":
+        med = {
+            n: statistics.quantiles([x for r in t for x in r], n=10)[0] for n, t in times.items()
+        }
+    else:
+        med = {n: statistics.median(statistics.median(r) for r in t) for n, t in times.items()}
     base = med["MultiTaskModule (no callback)"]
     where = (
         torch.cuda.get_device_name()
         if args.accelerator == "gpu"
         else f"CPU, {torch.get_num_threads()} threads"
     )
-    print(f"\ntorch {torch.__version__}, {where}, batch {args.batch_size}")
-    print(f"{'configuration':<32}{'ms/step':>10}{'ratio':>8}")
+    print(f"\ntorch {torch.__version__}, {where}, batch {args.batch_size}, {args.stat}")
+    print(f"{'configuration':<36}{'ms/step':>10}{'ratio':>8}")
+    plain, bare = med["plain LightningModule"], med["plain LightningModule (no logging)"]
     for name in names:
-        ref = med["plain LightningModule"] if name.startswith("MultiTask") else base
-        ratio = med[name] / ref if name != "plain LightningModule" else 1.0
-        print(f"{name:<32}{1e3 * med[name]:>10.2f}{ratio:>8.3f}")
-    print("ratios: MultiTaskModule vs plain LightningModule; methods vs MultiTaskModule")
+        ref = plain if name.startswith(("plain", "MultiTask")) else base
+        ratio = med[name] / ref
+        extra = f"{med[name] / bare:>8.3f} vs no logging" if name.startswith("MultiTask") else ""
+        print(f"{name:<36}{1e3 * med[name]:>10.2f}{ratio:>8.3f}{extra}")
+    print(
+        "ratios: the plain modules and MultiTaskModule vs plain LightningModule (and "
+        "MultiTaskModule vs the plain one without logging); methods vs MultiTaskModule"
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ averages it with the rest of the gradient (:meth:`TaskGradients.deliver`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -40,6 +42,8 @@ from lightning_aw._utils import all_reduce_sum, grad_scaler
 from lightning_aw.step import StepRecord
 
 __all__ = ["TaskGradients", "inject", "present_mean"]
+
+BatchMode = Literal["auto", "loop", "batched"]
 
 #: per-task scalar losses (``None`` for an absent task), each with its own graph
 TaskLosses = Sequence[Tensor | None]
@@ -80,6 +84,12 @@ class TaskGradients:
         >>> engine.layer_norms(w)
         tensor([2.0000, 4.2426])
     """
+
+    #: how per-task backward passes through the shared parameters run: ``"loop"`` (one
+    #: ``autograd.grad`` per task), ``"batched"`` (one ``autograd.grad(..., is_grads_batched=True)``
+    #: for all tasks: a vmap over the backward) or ``"auto"`` (default: timed once, see
+    #: :class:`_BatchChoice`). Set it on the class or on an instance before use.
+    batching: BatchMode = "auto"
 
     def __init__(self, step: StepRecord, owner: object, unsharder: Unsharder | None = None) -> None:
         self.step = step
@@ -211,6 +221,10 @@ class TaskGradients:
         losses = step.task_losses if losses is None else losses
         params = self.forward_tensors(params)
         leaf, graph = step.representation, step.representation_graph
+        if graph is None and names is None:
+            # no cut representation, and the check of which parameter each task reaches is done
+            # (it needs one backward per task): the passes may run batched
+            return self._on_parameters_direct(params, losses)
         raw: list[Sequence[Tensor | None] | None] = []
         for i, here in enumerate(step.present_list):
             if not here:
@@ -237,27 +251,110 @@ class TaskGradients:
             self.check_reached(raw, names)
         return [None if r is None else _filled(r, params) for r in raw]
 
+    def _on_parameters_direct(
+        self, params: Sequence[Tensor], losses: TaskLosses
+    ) -> list[list[Tensor] | None]:
+        """:meth:`on_parameters_scaled` without a cut representation, one backward per task or
+        one batched backward (:attr:`batching`)."""
+        present = self.step.present_list
+        index = [i for i, here in enumerate(present) if here]
+
+        def loop() -> list[Sequence[Tensor | None]]:
+            return [
+                torch.autograd.grad(
+                    self.scaled(losses[i]),  # type: ignore[arg-type]
+                    list(params),
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                for i in index
+            ]
+
+        def batched() -> list[Sequence[Tensor | None]]:
+            stacked = torch.stack([self.scaled(losses[i]).reshape(()) for i in index])  # type: ignore[arg-type]
+            eye = torch.eye(len(index), dtype=stacked.dtype, device=stacked.device)
+            grads = torch.autograd.grad(
+                stacked,
+                list(params),
+                grad_outputs=eye,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            return [[None if g is None else g[k] for g in grads] for k in range(len(index))]
+
+        raw = self._per_task(loop, batched, "parameters", len(index))
+        out: list[list[Tensor] | None] = [None] * len(present)
+        for k, i in enumerate(index):
+            if all(g is None for g in raw[k]):  # host-side: no path from the loss at all
+                raise self._missing(i, "the shared parameters")
+            out[i] = _filled(raw[k], params)
+        return out
+
     def through_representation_scaled(
         self, rows: Sequence[Tensor | None], targets: Sequence[Tensor]
     ) -> list[list[Tensor] | None]:
         """Chain per-task (scaled) representation gradients ``rows`` through the trunk's graph
-        onto ``targets`` (the parameters that produce the representation)."""
+        onto ``targets`` (the parameters that produce the representation).
+
+        The ``T`` backward passes through the trunk run one by one or as one batched backward
+        (:attr:`batching`); the results are the same (to float rounding).
+        """
         graph = self.step.representation_graph
         if graph is None:
             raise ValueError("through_representation_scaled needs a cut representation")
         targets = self.forward_tensors(targets)
-        out: list[list[Tensor] | None] = []
-        for i, r in enumerate(rows):
-            if r is None:
-                out.append(None)
-                continue
+        index = [i for i, r in enumerate(rows) if r is not None]
+        out: list[list[Tensor] | None] = [None] * len(rows)
+        if not index:
+            return out
+
+        def loop() -> list[Sequence[Tensor | None]]:
+            return [
+                torch.autograd.grad(
+                    graph, list(targets), grad_outputs=rows[i], retain_graph=True, allow_unused=True
+                )
+                for i in index
+            ]
+
+        def batched() -> list[Sequence[Tensor | None]]:
+            stacked = torch.stack([rows[i] for i in index])  # type: ignore[misc]
             grads = torch.autograd.grad(
-                graph, list(targets), grad_outputs=r, retain_graph=True, allow_unused=True
+                graph,
+                list(targets),
+                grad_outputs=stacked,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
             )
-            if all(g is None for g in grads):  # host-side: no path from the loss at all
+            return [[None if g is None else g[k] for g in grads] for k in range(len(index))]
+
+        raw = self._per_task(loop, batched, "through_representation", len(index))
+        for k, i in enumerate(index):
+            if all(g is None for g in raw[k]):  # host-side: no path from the loss at all
                 raise self._missing(i, "the parameters that produce the representation")
-            out.append(_filled(grads, targets))
+            out[i] = _filled(raw[k], targets)
         return out
+
+    def _per_task(
+        self,
+        loop: Callable[[], list[Sequence[Tensor | None]]],
+        batched: Callable[[], list[Sequence[Tensor | None]]],
+        kind: str,
+        num: int,
+    ) -> list[Sequence[Tensor | None]]:
+        """Run the per-task backward passes one by one (``loop``) or batched, as chosen for this
+        owner and ``kind`` (:class:`_BatchChoice`); a batched backward that fails (an operation
+        without a vmap rule) falls back to the loop, for good."""
+        mode = self.batching
+        if num < 2 or self.unsharder is not None or mode == "loop":
+            return loop()
+        if mode == "batched":
+            return batched()
+        choice = _BatchChoice.of(self.owner, kind, self.step.trainer)
+        if choice is None:
+            return loop()
+        return choice.run(loop, batched, self.step)
 
     def combined_on_representation_scaled(self, total: Tensor) -> Tensor:
         """The gradient of one (scaled) combined loss on the marked representation, in its dtype
@@ -336,14 +433,36 @@ class TaskGradients:
         losses = self.step.task_losses
         zero = self.step.losses.new_zeros(())
         (param,) = self.forward_tensors([param])
-        norms = []
-        for i, here in enumerate(self.step.present_list):
-            if not here:
-                norms.append(zero)
-                continue
-            (grad,) = torch.autograd.grad(
-                self.scaled(losses[i]), param, retain_graph=True, allow_unused=True
+        index = [i for i, here in enumerate(self.step.present_list) if here]
+
+        def loop() -> list[Sequence[Tensor | None]]:
+            return [
+                torch.autograd.grad(
+                    self.scaled(losses[i]),  # type: ignore[arg-type]
+                    param,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                for i in index
+            ]
+
+        def batched() -> list[Sequence[Tensor | None]]:
+            stacked = torch.stack([self.scaled(losses[i]).reshape(()) for i in index])  # type: ignore[arg-type]
+            eye = torch.eye(len(index), dtype=stacked.dtype, device=stacked.device)
+            (grads,) = torch.autograd.grad(
+                stacked,
+                param,
+                grad_outputs=eye,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
             )
+            return [[None if grads is None else grads[k]] for k in range(len(index))]
+
+        raw = self._per_task(loop, batched, "layer", len(index))
+        norms = [zero] * len(self.step.present_list)
+        for k, i in enumerate(index):
+            grad = raw[k][0]
             if grad is None:
                 raise MisconfigurationException(
                     f"{self.owner!r}: the loss of task '{self.step.tasks[i]}' does not reach the "
@@ -351,8 +470,106 @@ class TaskGradients:
                     "is missing. Choose a shared layer every task goes through: override "
                     "`gradnorm_parameter()` or pass GradNorm(layer='name.of.weight')."
                 )
-            norms.append(torch.linalg.vector_norm(grad.float()))
+            norms[i] = torch.linalg.vector_norm(grad.float())
         return self.unscale(torch.stack(norms))
+
+
+class _BatchChoice:
+    """Whether one owner's per-task backward passes of one kind run batched, decided once.
+
+    ``torch.autograd.grad(..., is_grads_batched=True)`` runs the ``T`` backward passes as one
+    (vmap over the backward): far fewer kernel launches and Python calls, which pays on an
+    accelerator and for small models, while on a CPU a large batched convolution backward can be
+    slower than ``T`` ordinary ones. So the first calls time both: the first ``warmup`` calls
+    alternate the two untimed (the first call of each also checks that the batched backward
+    works: an operation without a batching rule raises, and the loop is then used for good), the
+    next ``2 * probes`` alternate them timed (synchronising the device around each: only then),
+    and the batched one is used from then on only when it was clearly faster (its minimum over
+    the probes below ``margin`` times the loop's), else the loop. Under DDP rank 0
+    decides and broadcasts the choice, so every rank runs the same code (the results agree to
+    float rounding either way).
+    """
+
+    warmup = 2
+    probes = 3
+    #: the batched backward is kept only when it is at least this much faster (timing noise on
+    #: a shared machine must not trade the loop for a pass that is no faster)
+    margin = 0.9
+    _registry: ClassVar[weakref.WeakKeyDictionary[Any, dict[tuple[str, int], _BatchChoice]]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self) -> None:
+        self.mode: str | None = None  # "loop" or "batched" once decided
+        self.calls = 0
+        self.times: dict[str, list[float]] = {"loop": [], "batched": []}
+
+    @classmethod
+    def of(cls, owner: object, kind: str, trainer: Any) -> _BatchChoice | None:
+        """The choice of ``owner`` for ``kind`` under ``trainer``'s current module (``None`` when
+        ``owner`` cannot be remembered: then the loop is used)."""
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        try:
+            table = cls._registry.setdefault(owner, {})
+        except TypeError:  # not weak-referenceable (e.g. a string)
+            return None
+        key = (kind, id(module))
+        choice = table.get(key)
+        if choice is None:
+            choice = table[key] = cls()
+        return choice
+
+    def run(
+        self,
+        loop: Callable[[], list[Sequence[Tensor | None]]],
+        batched: Callable[[], list[Sequence[Tensor | None]]],
+        step: StepRecord,
+    ) -> list[Sequence[Tensor | None]]:
+        if self.mode == "loop":
+            return loop()
+        if self.mode == "batched":
+            try:
+                return batched()
+            except RuntimeError:  # an operation without a vmap rule appeared later
+                self._decide(step, "loop")
+                return loop()
+        call, self.calls = self.calls, self.calls + 1
+        which = "batched" if call % 2 else "loop"
+        if call < self.warmup:
+            if which == "loop":
+                return loop()
+            try:
+                return batched()
+            except RuntimeError:  # no vmap rule for an operation of this graph
+                self._decide(step, "loop")
+                return loop()
+        device = step.losses.device
+        _synchronize(device)
+        start = time.perf_counter()
+        try:
+            out = batched() if which == "batched" else loop()
+        except RuntimeError:
+            if which == "loop":
+                raise
+            self._decide(step, "loop")
+            return loop()
+        _synchronize(device)
+        self.times[which].append(time.perf_counter() - start)
+        if call + 1 >= self.warmup + 2 * self.probes:
+            faster = min(self.times["batched"]) < self.margin * min(self.times["loop"])
+            self._decide(step, "batched" if faster else "loop")
+        return out
+
+    def _decide(self, step: StepRecord, mode: str) -> None:
+        trainer = step.trainer
+        if trainer is not None and trainer.world_size > 1:
+            mode = trainer.strategy.broadcast(mode, src=0)
+        self.mode = mode
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _filled(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:

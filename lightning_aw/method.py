@@ -172,6 +172,7 @@ class Weighting(StepMethod, Callback):
         # refreshed on every rank after each optimizer step, so reading the weights never
         # communicates
         self._learned_full: dict[str, Tensor] = {}
+        self._state_key_cache: str | None = None  # see `state_key`
 
     # ------------------------------------------------------------------ template methods
     def init_state(self, num_tasks: int) -> None:
@@ -222,6 +223,7 @@ class Weighting(StepMethod, Callback):
             chain(EMA(decay=0.5), Clamp(min=0.2, max=5.0))
         """
         self.transform = as_transform(transforms)
+        self._state_key_cache = None
         return self
 
     def _transformed(self, weights: Tensor) -> Tensor:
@@ -267,12 +269,18 @@ class Weighting(StepMethod, Callback):
     @property
     @override
     def state_key(self) -> str:
+        # Lightning reads it at every hook call (its profiler's label): computed once per fit
+        # (from ``setup`` to ``teardown``, when the hyperparameters are fixed), else each time
+        cached = self.__dict__.get("_state_key_cache")
+        if cached is not None:
+            return cached
         extra = {} if self.transform is None else {"transform": repr(self.transform)}
         return self._generate_state_key(**self.hparams_repr(), **extra)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_bound"] = state["_trainer_ref"] = None
+        state["_state_key_cache"] = None
         return state
 
     @property
@@ -302,6 +310,8 @@ class Weighting(StepMethod, Callback):
                 f"`{type(pl_module).__name__}.automatic_optimization` is False."
             )
         self._trainer_ref = weakref.ref(trainer)
+        self._state_key_cache = None
+        self._state_key_cache = self.state_key
         if not self._first_setup(pl_module):
             return  # setup runs again for validate/test: initialise once
         self._bound = weakref.ref(pl_module)
@@ -375,6 +385,7 @@ class Weighting(StepMethod, Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._state_key_cache = None
         # Lightning moves the model back to the CPU at the end of fit: the state follows it, so
         # the weights read after training live where the model's (learnable) parameters do
         self._device = pl_module.device

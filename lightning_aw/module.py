@@ -454,7 +454,11 @@ class MultiTaskModule(pl.LightningModule):
             total = losses.sum()
         else:
             # the weighting's maths (exp, Gram matrices, solvers) runs in float32, not autocast
-            with torch.autocast(losses.device.type, enabled=False):
+            device_type = losses.device.type
+            if torch.is_autocast_enabled(device_type):
+                with torch.autocast(device_type, enabled=False):
+                    total = weighting.step_loss(step)
+            else:
                 total = weighting.step_loss(step)
         if self._should_log():
             self._log_train(losses.detach(), present_list, total.detach())
@@ -551,7 +555,10 @@ class MultiTaskModule(pl.LightningModule):
                         "Return the loss as computed from the model's output, or None when the "
                         "task has no label in this batch."
                     )
-                loss = loss.reshape(()).float()
+                if loss.dim() != 0:
+                    loss = loss.reshape(())
+                if loss.dtype != torch.float32:
+                    loss = loss.float()
             values.append(loss)
         present_list = [v is not None for v in values]
         if not any(present_list):
@@ -609,18 +616,30 @@ class MultiTaskModule(pl.LightningModule):
         """The step's one host synchronisation: non-finite losses (``on_nonfinite``) and losses
         at or below the weighting's floor (:meth:`StepMethod.loss_floor`: an error, whatever the
         policy), in one read."""
-        bad = (~torch.isfinite(losses)) & present
         weighting = self.weighting
         floor = None if weighting is None else weighting.loss_floor(losses)
-        low = None if floor is None else (losses.detach() <= floor) & present & ~bad
-        flags = bad.any() if low is None else torch.stack([bad.any(), low.any()])
         trainer = self._trainer
-        if (
+        # every rank must take the same decision (skip or raise), or DDP would hang
+        shared = (
             trainer is not None
             and trainer.world_size > 1
-            and (self.on_nonfinite == "skip" or low is not None)
-        ):
-            # every rank must take the same decision (skip or raise), or DDP would hang
+            and (self.on_nonfinite == "skip" or floor is not None)
+        )
+        if not shared and all(present_list):
+            # the usual case in two or three small kernels; only a failing check (which ends
+            # in an error or a skip) looks at the details below
+            values = losses.detach()
+            ok = (
+                torch.isfinite(values).all()
+                if floor is None
+                else ((values > floor) & (values < float("inf"))).all()
+            )
+            if bool(ok):  # the one host synchronisation per step
+                return True
+        bad = (~torch.isfinite(losses)) & present
+        low = None if floor is None else (losses.detach() <= floor) & present & ~bad
+        flags = bad.any() if low is None else torch.stack([bad.any(), low.any()])
+        if shared:
             flags = reduce_sum(trainer, flags.float()) > 0
         if not bool(flags.any()):  # the one host synchronisation per step
             return True

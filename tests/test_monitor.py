@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from lightning_aw import DWA, MGDA, GradNorm, MultiTaskModule, PCGrad, UPGrad
+from lightning_aw.engine import TaskGradients
 from lightning_aw.monitor import GradientConflictMonitor, WeightFigures, plot_weights
 
 TASKS = ("a", "b", "c")
@@ -187,6 +188,8 @@ def test_no_work_between_its_steps(tmp_path, monkeypatch, accumulate, expected):
         return grad(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    # one backward per task (the engine may otherwise run them as one batched call)
+    monkeypatch.setattr(TaskGradients, "batching", "loop")
     logger = TensorBoardLogger(tmp_path, name="tb")
     monitor = GradientConflictMonitor(every_n_steps=5)
     t = trainer(

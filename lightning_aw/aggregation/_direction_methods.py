@@ -350,38 +350,54 @@ class DBMTL(GradientWeighting, name="db_mtl", stateful=True):
         else:
             idx = step.present_index
         ix = self._index(idx, log_grads.device)
-        sub, sub_losses = log_grads[ix], losses[ix]
-        finite = torch.isfinite(sub)
-        safe = torch.where(finite, sub, 0.0)
+        everyone = len(idx) == num  # the usual case: no gathers and scatters of [T, P] rows
+        sub, sub_losses = (log_grads, losses) if everyone else (log_grads[ix], losses[ix])
         ema, seen = self._ema, self._seen.to(sub.device)
         if ema.shape != log_grads.shape:  # first step (or a representation of another shape)
             ema = torch.zeros(num, size, device=sub.device)
             seen = torch.zeros(num, dtype=torch.bool, device=sub.device)
         ema = ema.to(sub.device)
-        # a task seen before continues its EMA; a new one starts from its log-gradient
-        seen_rows = seen[ix][:, None]
-        new = torch.where(seen_rows, self.beta * ema[ix] + (1 - self.beta) * safe, safe)
-        d = G._db_mtl_direction(new)
+        # a task seen before continues its EMA, beta * ema + (1 - beta) * g; a new one starts
+        # from its log-gradient (weight 0: its EMA row is zero, and finite: it only ever takes
+        # finite values). One pass over [T', P].
+        seen_sub = seen if everyone else seen[ix]
+        weight = (seen_sub.to(sub.dtype) * self.beta)[:, None]
+        new = torch.lerp(sub, ema if everyone else ema[ix], weight)
+        # rows rescaled to the largest norm (norms computed safe from overflow), summed
+        tiny = torch.finfo(new.dtype).tiny
+        amax = new.abs().amax(dim=1)
+        norms = (new / amax.clamp_min(tiny)[:, None]).norm(dim=1) * amax
+        scales = torch.where(norms > 0, norms.max() / norms.clamp_min(tiny), 0.0)
+        d = scales @ new
         # not finite (an fp16 overflow, or an overflowing direction): keep the EMA and the
-        # coefficients, use the plain sum and let the scaler skip the step; no host sync
-        ok = finite.all() & torch.isfinite(d).all()
+        # coefficients, use the plain sum and let the scaler skip the step; no host sync. A
+        # non-finite entry of the gradients makes its column sum non-finite, so the sum (the
+        # fallback direction) doubles as the check; what the non-finite values reach below is
+        # discarded by the `where`s.
+        plain = sub.sum(0)
+        ok = torch.isfinite(plain).all() & torch.isfinite(d).all()
         self._last_ok = ok
         self._fallbacks = self._fallbacks.to(sub.device) + (~ok).float()
-        updated = ema.clone()
-        updated[ix] = new.to(ema.dtype)
-        seen_now = seen.clone().index_fill_(0, ix, True)  # (indexing with `= True` copies)
-        self._ema = torch.where(ok, updated, ema)
-        self._seen = torch.where(ok, seen_now, seen)
-        norms = new.norm(dim=1)
-        scales = torch.where(norms > 0, norms.max() / norms.clamp_min(1e-30), 0.0)
-        coefs = torch.zeros(num, device=sub.device).index_copy(0, ix, (scales / sub_losses).float())
-        scales_all = torch.zeros(num, device=sub.device).index_copy(0, ix, scales.float())
+        if everyone:
+            self._ema = torch.where(ok, new.to(ema.dtype), ema)
+            self._seen = ok | seen
+        else:
+            updated = ema.clone()
+            updated[ix] = new.to(ema.dtype)
+            seen_now = seen.clone().index_fill_(0, ix, True)  # (indexing with `= True` copies)
+            self._ema = torch.where(ok, updated, ema)
+            self._seen = torch.where(ok, seen_now, seen)
+        coefs = (scales / sub_losses).float()
+        scales_all = scales.float()
+        if not everyone:
+            coefs = torch.zeros(num, device=sub.device).index_copy(0, ix, coefs)
+            scales_all = torch.zeros(num, device=sub.device).index_copy(0, ix, scales_all)
         if self._coefs.shape == coefs.shape:
             coefs = torch.where(ok, coefs, self._coefs.to(coefs.device))
         if self._scales.shape == scales_all.shape:
             scales_all = torch.where(ok, scales_all, self._scales.to(coefs.device))
         self._coefs, self._scales = coefs, scales_all
-        return torch.where(ok, d, sub.sum(0))
+        return torch.where(ok, d, plain)
 
     def _index(self, idx: list[int], device: torch.device) -> Tensor:
         """The present tasks' indices as a tensor on ``device``, copied there once per pattern."""

@@ -84,6 +84,23 @@ class _SimplexQP:
         obj = self.objective(x, lin).unsqueeze(1)
         return _average_ties(x.unsqueeze(1), obj, self.tie).squeeze(0)
 
+    def solve_many(self, lin: Tensor) -> Tensor:
+        """:meth:`solve` for each row of ``lin`` (``[K, n]``), batched over the rows when the
+        supports are enumerated (one set of small kernels for all of them)."""
+        if self.enum is None or self.n == 1:
+            return torch.stack([self.solve(row) for row in lin])
+        m, kkt_pinv = self.enum
+        num = lin.shape[0]
+        rhs = torch.cat(
+            [-lin.unsqueeze(1) * m, m.new_ones(num, m.shape[0], 1)], dim=2
+        )  # [K, M, n + 1]
+        sol = (kkt_pinv @ rhs.unsqueeze(-1)).squeeze(-1)[..., : self.n] * m
+        x = sol.clamp_min(0.0)
+        total = x.sum(-1, keepdim=True)
+        x = torch.where(total > 1e-9, x / total.clamp_min(1e-300), m / m.sum(1, keepdim=True))
+        obj = self.objective(x, lin.unsqueeze(1))  # [K, M]
+        return _average_ties(x.transpose(0, 1), obj.T, self.tie)
+
     def _solve_on(self, support: Tensor, lin: Tensor) -> Tensor:
         idx = support.nonzero().squeeze(1)
         k = idx.numel()

@@ -163,9 +163,17 @@ def _cagrad(q: Tensor, work: torch.dtype, c: float, rescale: int) -> Tensor:
             return w, float((w @ qn @ w).clamp_min(0.0).sqrt())
 
         mu_lo, mu_hi = math.sqrt(torch.finfo(work).eps), 1.0
-        _, h_lo = weights(mu_lo)
+        direct = _cagrad_root(qp, qn, lin, radius, mu_lo)
+        if direct is not None:
+            h_lo, root = direct
+        else:
+            _, h_lo = weights(mu_lo)
+            root = None
         if h_lo <= mu_lo:
             coef = _cagrad_degenerate(qn, work, mean, radius)
+        elif root is not None:
+            best_w, best_h = root
+            coef = mean + (radius / max(best_h, mu_lo)) * best_w
         else:
             # V(mu) = min_w [w.g0 + radius (||g_w||^2/(2 mu) + mu/2)] is convex in mu and
             # V'(mu) has the sign of mu - ||g_w(mu)||, so f(s) = log ||g_w(e^s)|| - s is
@@ -195,6 +203,55 @@ def _cagrad(q: Tensor, work: torch.dtype, c: float, rescale: int) -> Tensor:
                     side = -1
             coef = mean + (radius / max(best_h, mu_lo)) * best_w
     return coef / {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
+
+
+#: tasks up to which CAGrad's root is found in closed form (one candidate per support)
+_CAGRAD_DIRECT_TASKS = 6
+
+
+def _cagrad_root(
+    qp: _SimplexQP, qn: Tensor, lin: Tensor, radius: float, mu_lo: float
+) -> tuple[float, tuple[Tensor, float] | None] | None:
+    r"""The root :math:`\mu = \lVert g_{w(\mu)}\rVert` of CAGrad's optimality condition in
+    closed form, verified; ``None`` when it does not apply (then the caller searches for it).
+
+    On a fixed support :math:`S` the simplex QP's KKT system is linear in its right-hand side, so
+    :math:`w_S(\mu) = x_0 + \mu x_1` is affine in :math:`\mu` and
+    :math:`\lVert g_{w_S(\mu)}\rVert^2 = \mu^2` is a quadratic equation. Its roots for every
+    support (the enumerated KKT pseudo-inverses of ``qp``) are the candidates; the exact QP is
+    then solved at all of them and at ``mu_lo`` in one batch, and the candidate whose solution
+    satisfies the condition to rounding (:math:`|\log\lVert g_w\rVert - \log\mu| \le
+    10^{-10}`) is the root: the same point the bracketing search converges to, without its
+    sequence of solves.
+
+    Returns:
+        ``(h_lo, root)``: :math:`\lVert g_{w(\mu_{lo})}\rVert` and ``(w, ||g_w||)`` at the
+        root (``None`` when no candidate passes the check).
+    """
+    if qp.enum is None or not 1 < qp.n <= _CAGRAD_DIRECT_TASKS:
+        return None
+    m, kkt_pinv = qp.enum
+    n = qp.n
+    x0 = kkt_pinv[:, :n, n] * m  # the solution's constant part (right-hand side [0, 1])
+    x1 = (kkt_pinv[:, :n, :n] @ (-(lin / radius) * m).unsqueeze(-1)).squeeze(-1) * m
+    a = ((x1 @ qn) * x1).sum(-1) - 1.0
+    b = ((x0 @ qn) * x1).sum(-1)
+    c = ((x0 @ qn) * x0).sum(-1)
+    disc = (b * b - a * c).clamp_min(0.0).sqrt()
+    safe_a = torch.where(a.abs() > 1e-300, a, torch.ones_like(a))
+    roots = torch.cat([(-b + disc) / safe_a, (-b - disc) / safe_a])
+    roots = roots[torch.isfinite(roots) & (roots > mu_lo) & (roots <= 1.0)]
+    mus = torch.cat([roots.new_full((1,), mu_lo), roots])
+    w = qp.solve_many(lin.unsqueeze(0) * (mus / radius).unsqueeze(1))
+    h = ((w @ qn) * w).sum(-1).clamp_min(0.0).sqrt()
+    h_lo = float(h[0])
+    if mus.numel() == 1:
+        return h_lo, None
+    err = (h[1:].clamp_min(1e-300).log() - mus[1:].log()).abs()
+    best = int(torch.argmin(err))
+    if float(err[best]) > 1e-10:
+        return h_lo, None
+    return h_lo, (w[1 + best], float(h[1 + best]))
 
 
 def _cagrad_degenerate(qn: Tensor, work: torch.dtype, mean: Tensor, radius: float) -> Tensor:

@@ -74,6 +74,16 @@ class LossWeighting(Weighting):
         """
         return (self.weight_tensor().to(losses.dtype) * losses).sum()
 
+    def combine_step(self, step: StepRecord) -> Tensor:
+        """The loss to backpropagate for a training step: :meth:`combine` of its losses.
+
+        The record's present losses were checked by the module (finite, above
+        :meth:`~lightning_aw.Weighting.loss_floor`), so a subclass may override this with a
+        cheaper form of :meth:`combine` for that case (fewer small kernels per step); it must
+        return what :meth:`combine` returns.
+        """
+        return self.combine(step.losses, step.present)
+
     def update(self, trainer: pl.Trainer, window_mean: Tensor, window_present: Tensor) -> None:
         """Recompute the weights; ``window_mean`` are the rank-reduced mean losses since the last
         update, ``window_present`` tells which tasks were seen in the window."""
@@ -101,7 +111,7 @@ class LossWeighting(Weighting):
         this step by the transformed ``w'`` in the network's gradient.
         """
         losses = step.losses
-        total = self.combine(losses, step.present)
+        total = self.combine_step(step)
         if self.transform is not None:
             raw = self.weight_tensor().to(losses)
             applied = self._transformed(raw)

@@ -195,6 +195,29 @@ class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", statef
         )
         return loss
 
+    def combine_step(self, step: StepRecord) -> Tensor:
+        if not all(step.present_list):
+            return super().combine_step(step)
+        # every loss present and checked above its minimum: every gap D_i = L_i - L_min + eps
+        # is positive, so `combine` without its masks (z the plain softmax of the logits)
+        losses = step.losses
+        gaps = losses - self._min.to(losses) + self.eps
+        z = torch.softmax(self._logits.to(losses.dtype), dim=0)
+        ratio = z / gaps.detach()
+        inv = ratio.sum()
+        loss = (z * torch.log(gaps)).sum() / inv
+        local = ratio / inv
+        loss, self._weights = self._shared_weights(
+            loss,
+            losses,
+            step.present,
+            local,
+            lambda mean, anywhere: famo_weights(
+                mean, self._logits, self._min, anywhere, eps=self.eps
+            ),
+        )
+        return loss
+
     def _updates_now(self, trainer: pl.Trainer) -> bool:
         if self.interval == "step":
             return self._optimizer_steps % self.frequency == 0

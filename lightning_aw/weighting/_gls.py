@@ -13,6 +13,7 @@ from lightning_aw.functional import (
     scale_invariant_loss,
     scale_invariant_weights,
 )
+from lightning_aw.step import StepRecord
 from lightning_aw.weighting._positive import PositiveLossWeighting
 
 
@@ -77,6 +78,17 @@ class GLS(PositiveLossWeighting, name="gls", functional="gls_weights"):
         )
         return loss
 
+    def combine_step(self, step: StepRecord) -> Tensor:
+        if not all(step.present_list):
+            return super().combine_step(step)
+        # every loss present and checked positive and finite: the geometric mean and its
+        # effective weights GLS / (T L_i) directly (what `combine` computes, without its masks)
+        losses = step.losses
+        loss = torch.exp(torch.log(losses).mean())
+        local = loss.detach() / (losses.numel() * losses.detach())
+        loss, self._weights = self._shared_weights(loss, losses, step.present, local, gls_weights)
+        return loss
+
 
 class ScaleInvariant(
     PositiveLossWeighting, name="scale_invariant", functional="scale_invariant_weights"
@@ -136,5 +148,16 @@ class ScaleInvariant(
         local = scale_invariant_weights(losses.detach(), usable)
         loss, self._weights = self._shared_weights(
             scale_invariant_loss(losses, usable), losses, usable, local, scale_invariant_weights
+        )
+        return loss
+
+    def combine_step(self, step: StepRecord) -> Tensor:
+        if not all(step.present_list):
+            return super().combine_step(step)
+        # every loss present and checked positive and finite: sum_i log L_i and 1 / L_i directly
+        losses = step.losses
+        local = torch.reciprocal(losses.detach())
+        loss, self._weights = self._shared_weights(
+            torch.log(losses).sum(), losses, step.present, local, scale_invariant_weights
         )
         return loss

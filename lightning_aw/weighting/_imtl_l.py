@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_aw.functional import imtl_l_loss
+from lightning_aw.step import StepRecord
 from lightning_aw.weighting._positive import PositiveLossWeighting
 
 
@@ -84,6 +85,12 @@ class IMTLL(PositiveLossWeighting, name="imtl_l", functional="imtl_l_loss", stat
     def combine(self, losses: Tensor, present: Tensor) -> Tensor:
         usable = present
         return imtl_l_loss(losses, self._learned("log_scales").float(), usable)
+
+    def combine_step(self, step: StepRecord) -> Tensor:
+        if not all(step.present_list):
+            return super().combine_step(step)
+        s = self._learned("log_scales").float()
+        return (torch.exp(s) * step.losses - s).sum()
 
     def log_items(self) -> dict[str, Tensor]:
         s = self.log_scales.detach()

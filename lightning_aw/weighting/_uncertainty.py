@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from lightning_aw.step import StepRecord
 from lightning_aw.weighting._base import LossWeighting
 
 
@@ -107,6 +108,12 @@ class UncertaintyWeighting(
         s = self._learned("log_vars").float()
         terms = self.module.coef * torch.exp(-s) * losses + 0.5 * s
         return (terms * present).sum()
+
+    def combine_step(self, step: StepRecord) -> Tensor:
+        if not all(step.present_list):
+            return super().combine_step(step)
+        s = self._learned("log_vars").float()
+        return (self.module.coef * torch.exp(-s) * step.losses + 0.5 * s).sum()
 
     def log_items(self) -> dict[str, Tensor]:
         log_vars = self.log_vars.detach()

@@ -1,0 +1,171 @@
+"""The engine's batched per-task backward passes (``is_grads_batched``) equal the loop's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import TinyNet, loader, params, trainer
+from torch import Tensor, nn
+
+from lightning_aw import DBMTL, CAGrad, UPGrad
+from lightning_aw.engine import TaskGradients, _BatchChoice
+from lightning_aw.step import StepRecord
+
+
+class _NoVmap(torch.autograd.Function):
+    """The identity, whose backward reads a value to the host: impossible under vmap, so a
+    batched backward through it raises (as an operation without a batching rule does)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad * (1.0 + 0.0 * grad.sum().item())
+
+
+def _step(cut: bool, absent: int | None = None, no_vmap: bool = False, seed: int = 0):
+    """A step record of a 5 -> 8 -> 8 trunk with three heads (one absent with ``absent``)."""
+    torch.manual_seed(seed)
+    trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8))
+    heads = [nn.Linear(8, 1) for _ in range(3)]
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    h = trunk(x)
+    if no_vmap:
+        h = _NoVmap.apply(h)
+    z = h.detach().requires_grad_() if cut else h
+    values: list[Tensor | None] = [
+        None if i == absent else ((heads[i](z).squeeze(-1) - y[:, i]) ** 2).mean() for i in range(3)
+    ]
+    present = [v is not None for v in values]
+    zero = torch.zeros(())
+    losses = torch.stack([zero if v is None else v for v in values])
+    step = StepRecord(
+        tasks=("a", "b", "c"),
+        losses=losses,
+        task_losses=tuple(values),
+        present=torch.tensor(present),
+        present_list=tuple(present),
+        batch=None,
+        batch_idx=0,
+        representation=z if cut else None,
+        representation_graph=h if cut else None,
+        trainer=None,
+    )
+    return step, list(trunk.parameters())
+
+
+def _grads(step: StepRecord, params: list[Tensor], mode: str, owner: object = "test"):
+    engine = TaskGradients(step, owner)
+    engine.batching = mode  # type: ignore[assignment]
+    if step.representation_graph is None:
+        return engine.on_parameters_scaled(params)
+    return engine.through_representation_scaled(engine.on_representation_scaled(), params)
+
+
+def _assert_same(a, b) -> None:
+    assert [r is None for r in a] == [r is None for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        if ra is not None:
+            for ga, gb in zip(ra, rb, strict=True):
+                torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cut", [True, False], ids=["through-representation", "parameters"])
+@pytest.mark.parametrize("absent", [None, 1])
+def test_batched_backward_equals_the_loop(cut, absent):
+    step, trunk = _step(cut, absent)
+    loop = _grads(step, trunk, "loop")
+    batched = _grads(step, trunk, "batched")
+    _assert_same(batched, loop)
+    # and the loop equals plain autograd, one task at a time (independent of the engine)
+    for i, value in enumerate(step.task_losses):
+        if value is None:
+            assert loop[i] is None
+            continue
+        if cut:  # chained by hand: into the representation, then through the trunk
+            (rep_grad,) = torch.autograd.grad(value, step.representation, retain_graph=True)
+            ref = torch.autograd.grad(
+                step.representation_graph, trunk, grad_outputs=rep_grad, retain_graph=True
+            )
+        else:
+            ref = torch.autograd.grad(value, trunk, retain_graph=True)
+        for g, r in zip(loop[i], ref, strict=True):
+            torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("absent", [None, 1])
+def test_batched_layer_norms_equal_the_loop(absent):
+    step, trunk = _step(False, absent)
+    norms = {}
+    for mode in ("loop", "batched"):
+        engine = TaskGradients(step, "test")
+        engine.batching = mode  # type: ignore[assignment]
+        norms[mode] = engine.layer_norms(trunk[2])
+    torch.testing.assert_close(norms["batched"], norms["loop"])
+    for i, value in enumerate(step.task_losses):  # independent: autograd, one task at a time
+        expected = (
+            0.0
+            if value is None
+            else torch.autograd.grad(value, trunk[2], retain_graph=True)[0].norm()
+        )
+        torch.testing.assert_close(norms["loop"][i], torch.as_tensor(expected))
+
+
+class _Owner:
+    """A method stand-in the engine can remember a choice for."""
+
+
+@pytest.mark.parametrize("cut", [True, False], ids=["through-representation", "parameters"])
+def test_auto_times_both_then_keeps_one(cut):
+    owner = _Owner()
+    step, trunk = _step(cut)
+    reference = _grads(step, trunk, "loop")
+    calls = _BatchChoice.warmup + 2 * _BatchChoice.probes
+    for _ in range(calls + 2):  # every call, probing or decided, gives the loop's result
+        _assert_same(_grads(step, trunk, "auto", owner), reference)
+    (choice,) = _BatchChoice._registry[owner].values()
+    assert choice.mode in ("loop", "batched")
+    assert len(choice.times["loop"]) == len(choice.times["batched"]) == _BatchChoice.probes
+
+
+@pytest.mark.parametrize("cut", [True, False], ids=["through-representation", "parameters"])
+def test_auto_falls_back_to_the_loop_when_the_batched_backward_fails(cut):
+    step, trunk = _step(cut, no_vmap=True)
+    with pytest.raises(RuntimeError):  # the premise: vmap cannot run this backward
+        _grads(step, trunk, "batched")
+    owner = _Owner()
+    reference = _grads(step, trunk, "loop")
+    for _ in range(3):
+        _assert_same(_grads(step, trunk, "auto", owner), reference)
+    (choice,) = _BatchChoice._registry[owner].values()
+    assert choice.mode == "loop"  # remembered: the batched backward is not tried again
+
+
+def test_an_owner_that_cannot_be_remembered_uses_the_loop():
+    step, trunk = _step(True)
+    _assert_same(_grads(step, trunk, "auto", owner="a string"), _grads(step, trunk, "loop"))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: CAGrad(),
+        lambda: UPGrad(),
+        lambda: DBMTL(),
+    ],
+    ids=["CAGrad", "UPGrad", "DBMTL"],
+)
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "unmarked"])
+def test_training_is_the_same_batched_or_looped(tmp_path, monkeypatch, make, marked):
+    results = {}
+    for mode in ("loop", "batched"):
+        monkeypatch.setattr(TaskGradients, "batching", mode)
+        net = TinyNet(mark_representation=marked, loss_hook=lambda i, t, loss: loss + 0.1)
+        method = make()
+        trainer(tmp_path, [method], max_epochs=1).fit(net, loader(n=128))
+        results[mode] = (params(net), method.current_weights().clone())
+    for key, value in results["loop"][0].items():
+        torch.testing.assert_close(results["batched"][0][key], value, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(results["batched"][1], results["loop"][1], rtol=1e-4, atol=1e-6)
