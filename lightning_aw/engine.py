@@ -88,7 +88,9 @@ class TaskGradients:
     #: how per-task backward passes through the shared parameters run: ``"loop"`` (one
     #: ``autograd.grad`` per task), ``"batched"`` (one ``autograd.grad(..., is_grads_batched=True)``
     #: for all tasks: a vmap over the backward) or ``"auto"`` (default: timed once, see
-    #: :class:`_BatchChoice`). Set it on the class or on an instance before use.
+    #: :class:`_BatchChoice`; the loop when deterministic algorithms are on, e.g. under
+    #: ``Trainer(deterministic=True)``, since a timed choice may differ between two runs). Set it
+    #: on the class or on an instance before use.
     batching: BatchMode = "auto"
 
     def __init__(self, step: StepRecord, owner: object, unsharder: Unsharder | None = None) -> None:
@@ -351,6 +353,10 @@ class TaskGradients:
             return loop()
         if mode == "batched":
             return batched()
+        if torch.are_deterministic_algorithms_enabled():
+            # a timed choice could differ between two runs (and the two paths round
+            # differently): `Trainer(deterministic=True)` keeps the loop, bit-reproducible
+            return loop()
         choice = _BatchChoice.of(self.owner, kind, self.step.trainer)
         if choice is None:
             return loop()

@@ -117,6 +117,17 @@ class _Owner:
     """A method stand-in the engine can remember a choice for."""
 
 
+@pytest.fixture
+def nondeterministic():
+    """Deterministic algorithms off (a Trainer(deterministic=True) of another test may have left
+    them on), restored afterwards."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    yield
+    torch.use_deterministic_algorithms(was)
+
+
+@pytest.mark.usefixtures("nondeterministic")
 @pytest.mark.parametrize("cut", [True, False], ids=["through-representation", "parameters"])
 def test_auto_times_both_then_keeps_one(cut):
     owner = _Owner()
@@ -130,6 +141,25 @@ def test_auto_times_both_then_keeps_one(cut):
     assert len(choice.times["loop"]) == len(choice.times["batched"]) == _BatchChoice.probes
 
 
+def test_auto_keeps_the_loop_under_deterministic_algorithms():
+    """A timed choice could differ between two runs: with deterministic algorithms on
+    (``Trainer(deterministic=True)``) "auto" never probes the batched backward."""
+    owner = _Owner()
+    step, trunk = _step(False)
+    reference = _grads(step, trunk, "loop")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(_BatchChoice.warmup + 2 * _BatchChoice.probes + 1):
+            out = _grads(step, trunk, "auto", owner)
+            for ra, rb in zip(out, reference, strict=True):  # bitwise: the same path
+                assert all(torch.equal(a, b) for a, b in zip(ra, rb, strict=True))
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert owner not in _BatchChoice._registry  # no choice was started
+
+
+@pytest.mark.usefixtures("nondeterministic")
 @pytest.mark.parametrize("cut", [True, False], ids=["through-representation", "parameters"])
 def test_auto_falls_back_to_the_loop_when_the_batched_backward_fails(cut):
     step, trunk = _step(cut, no_vmap=True)
