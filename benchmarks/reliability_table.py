@@ -35,6 +35,7 @@ TESTS = [
     "tests/test_resume.py::test_old_checkpoint_other_hyperparameters",
     "tests/test_ddp.py::test_ddp_matrix",
     "tests/test_fsdp.py::test_fsdp_equals_ddp",
+    "tests/test_fsdp.py::test_fsdp_refused",
 ]
 PRECISIONS = ("32", "bf16", "fp16")
 
@@ -58,6 +59,8 @@ FUZZ_TESTS = {
     "moco": ["test_moco"],
     "project_simplex": ["test_project_simplex"],
     "lr_annealing": ["test_lr_annealing"],
+    "auto_lambda_grad": ["test_auto_lambda_grad"],
+    **{f: [f"test_multibatch_weights[{f}]"] for f in ("modo", "sdmgrad")},
     **{
         f: [f"test_log_losses[{f}]"]
         for f in ("gls_loss", "gls_weights", "scale_invariant_loss", "scale_invariant_weights")
@@ -103,7 +106,9 @@ def columns(method: str) -> dict[str, list[str]]:
         "resume mid-epoch": [f"test_resume_mid_epoch[{method}-acc{a}]" for a in (1, 2)],
         "DDP": [f"test_ddp_matrix[{method}-32]"],
         "DDP bf16+accum": [f"test_ddp_matrix[{method}-bf16acc2]"],
-        "FSDP2": [f"test_fsdp_equals_ddp[{c}]" for c in fsdp_cases if c.split("-")[0] == method],
+        "FSDP2": [f"test_fsdp_refused[refuse/{method}]"]
+        if f"refuse/{method}" in REFUSED
+        else [f"test_fsdp_equals_ddp[{c}]" for c in fsdp_cases if c.split("-")[0] == method],
         "NaN raise": [f"test_nonfinite_raise[{method}]"],
         "NaN skip": [f"test_nonfinite_skip[{method}]"],
         "absent task": [f"test_absent_task[{method}]"],
@@ -176,6 +181,7 @@ def _skip_reason(message: str) -> str:
 
 
 def render(results: dict[str, tuple[str, str]]) -> tuple[str, int]:
+    from fsdp_script import REFUSED
     from test_faults import ZERO_LOSS_ERRORS
 
     methods = list_methods()
@@ -188,6 +194,19 @@ def render(results: dict[str, tuple[str, str]]) -> tuple[str, int]:
             text, reason = cell(tests, results)
             total += 1
             failed += text in ("**FAIL**", "not run")
+            if column == "FSDP2" and f"refuse/{m}" in REFUSED and text == "pass":
+                text, reason = (
+                    "refused",
+                    (
+                        "refused before the first step with a clear error (`test_fsdp_refused`): "
+                        "the method evaluates parts of the batch or the whole model itself"
+                    ),
+                )
+            if column == "absent task" and not get_method(m).partial_labels and text == "pass":
+                reason = reason or (
+                    "refused at the first batch without the task, with an error naming it (the "
+                    "method needs every task in every part of the batch)"
+                )
             if column == "zero loss" and m in ZERO_LOSS_ERRORS and text == "pass":
                 reason = reason or (
                     "the documented ValueError naming the task (the method takes log L or divides "
@@ -231,7 +250,7 @@ python benchmarks/reliability_table.py      # runs the suite (about a minute on 
 | resume mid-epoch | `test_matrix.py::test_resume_mid_epoch[...-acc1/acc2]` | a checkpoint saved in the middle of an epoch, then a crash, resumed with `ckpt_path` (`weights_only=True`, a resumable data loader): parameters, weights and method state bit-identical to the uninterrupted run, also with accumulation 2 |
 | DDP | `test_ddp.py::test_ddp_matrix[...-32]` | 2 CPU processes (gloo), different data per rank, a task absent on one rank's odd batches: identical weights after every step and identical parameters on both ranks |
 | DDP bf16+accum | `test_ddp.py::test_ddp_matrix[...-bf16acc2]` | the same under bf16-mixed, `accumulate_grad_batches=2`, clipping |
-| FSDP2 | `test_fsdp.py::test_fsdp_equals_ddp[...]` (every case of the method: both sources, unmarked, SGD variants) | 2 CPU processes, `ModelParallelStrategy(2, 1)` with `fully_shard` on trunk, heads and module: weights after every step and full parameters equal to the same run under DDP, both ranks identical |
+| FSDP2 | `test_fsdp.py::test_fsdp_equals_ddp[...]` (every case of the method: both sources, unmarked, SGD variants), or `test_fsdp_refused[refuse/<method>]` for a method refused under FSDP2 | 2 CPU processes, `ModelParallelStrategy(2, 1)` with `fully_shard` on trunk, heads and module: weights after every step and full parameters equal to the same run under DDP, both ranks identical; "refused": the documented error before the first step |
 | NaN raise | `test_faults.py::test_nonfinite_raise` | a NaN loss mid-run raises `FloatingPointError` naming the task, epoch, batch and global step |
 | NaN skip | `test_faults.py::test_nonfinite_skip` | with `on_nonfinite="skip"`, the NaN and the Inf step leave weights, method state, parameters and optimizer state untouched; `train/skipped_steps` read back from TensorBoard |
 | absent task | `test_faults.py::test_absent_task` | a task absent for 12 consecutive batches (twice): weights finite with the documented total, no NaN in the state, its head untouched meanwhile and training again once it is back |
