@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lightning_aw.datasets._augment import flip_and_scale
+from lightning_aw.datasets._splits import _SplitDataModule
 
 __all__ = ["NYUv2", "NYUv2DataModule"]
 
@@ -101,7 +100,7 @@ class NYUv2(Dataset):
         return flip_and_scale(sample) if self.augmentation else sample
 
 
-class NYUv2DataModule(pl.LightningDataModule):
+class NYUv2DataModule(_SplitDataModule):
     """The preprocessed NYUv2 (:class:`NYUv2`) as a LightningDataModule of dict batches.
 
     Args:
@@ -150,20 +149,3 @@ class NYUv2DataModule(pl.LightningDataModule):
             self._val = NYUv2(self.root, "val")
         if self._train is None and stage in (None, "fit"):
             self._train = NYUv2(self.root, "train", augmentation=self.augmentation)
-
-    def train_dataloader(self) -> DataLoader[Any]:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self._train,
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=gen,
-            num_workers=self.num_workers,
-        )
-
-    def val_dataloader(self) -> DataLoader[Any]:
-        return DataLoader(self._val, batch_size=self.batch_size, num_workers=self.num_workers)
-
-    def test_dataloader(self) -> DataLoader[Any]:
-        """The validation images (the preprocessed NYUv2 has no separate test split)."""
-        return self.val_dataloader()

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lightning_aw.datasets._augment import flip_and_scale
+from lightning_aw.datasets._splits import _SplitDataModule
 
 __all__ = ["SCENE_CLASSES", "SyntheticScenes", "SyntheticScenesDataModule", "render_scene"]
 
@@ -429,7 +428,7 @@ class SyntheticScenes(Dataset):
         return flip_and_scale(scene) if self.augmentation else dict(scene)
 
 
-class SyntheticScenesDataModule(pl.LightningDataModule):
+class SyntheticScenesDataModule(_SplitDataModule):
     """Train and validation :class:`SyntheticScenes` in DataLoaders of dict batches.
 
     Args:
@@ -484,20 +483,3 @@ class SyntheticScenesDataModule(pl.LightningDataModule):
                 self.num_train, augmentation=self.augmentation, cache=self.cache, **common
             )
             self._val = SyntheticScenes(self.num_val, split="val", cache=self.cache, **common)
-
-    def train_dataloader(self) -> DataLoader[Any]:
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self._train,
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=gen,
-            num_workers=self.num_workers,
-        )
-
-    def val_dataloader(self) -> DataLoader[Any]:
-        return DataLoader(self._val, batch_size=self.batch_size, num_workers=self.num_workers)
-
-    def test_dataloader(self) -> DataLoader[Any]:
-        """The validation scenes."""
-        return self.val_dataloader()
