@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_aw import DBMTL, DWA, GradNorm, MultiTaskModule, UncertaintyWeighting
 from lightning_aw.functional import dwa as dwa_fn
+from lightning_aw.step import StepRecord
 from lightning_aw.weighting._famo import FAMO
 from lightning_aw.weighting._gls import GLS, ScaleInvariant
 from lightning_aw.weighting._imtl_l import IMTLL
@@ -718,3 +719,52 @@ def test_famo_epoch_interval_updates_once_per_epoch(tmp_path):
         not torch.equal(a, b) for a, b in zip([torch.zeros(3), *seen[:-1]], seen, strict=True)
     ]
     assert changed == [True] + [False] * 7 + [True] + [False] * 7  # first step of each epoch
+
+
+# ------------------------------------------------------------------- fast paths (combine_step)
+def _record(losses: torch.Tensor) -> StepRecord:
+    present = torch.ones(losses.numel(), dtype=torch.bool)
+    return StepRecord(
+        tasks=("a", "b", "c"),
+        losses=losses,
+        task_losses=tuple(losses.unbind()),
+        present=present,
+        present_list=(True,) * losses.numel(),
+        batch=None,
+        batch_idx=0,
+        representation=None,
+        representation_graph=None,
+        trainer=None,
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: STCH(warmup_epochs=2),  # in the warm-up, logarithmic: sum log L
+        lambda: STCH(warmup_epochs=2, logarithmic=False, reference=[0.0, 0.0, 0.0]),
+        lambda: STCH(reference=[1.0, 5.0, 0.1], logarithmic=False, mu=0.5, warmup_epochs=0),
+        lambda: STCH(reference=[2.0, 1.0, 0.5], mu=0.3, warmup_epochs=0),  # active, logarithmic
+        GLS,
+        ScaleInvariant,
+    ],
+    ids=["stch-warmup-log", "stch-warmup-raw", "stch-raw", "stch-log", "gls", "scale_invariant"],
+)
+def test_combine_step_equals_combine_when_every_task_is_present(make):
+    """The every-task-present fast path gives the loss, its gradient and the weights of
+    ``combine`` (the general form with masks), in every phase of the method."""
+    values = torch.tensor([0.7, 3.0, 0.2])
+    out = {}
+    for path in ("combine", "combine_step"):
+        method = make()
+        method.tasks = ["a", "b", "c"]
+        method.init_state(3)
+        losses = values.clone().requires_grad_()
+        if path == "combine":
+            loss = method.combine(losses, torch.ones(3, dtype=torch.bool))
+        else:
+            loss = method.combine_step(_record(losses))
+        (grad,) = torch.autograd.grad(loss, losses)
+        out[path] = (loss.detach(), grad, method.weight_tensor().clone())
+    for a, b in zip(out["combine"], out["combine_step"], strict=True):
+        torch.testing.assert_close(a, b)

@@ -16,6 +16,7 @@ from lightning_aw.functional import (
     stch_loss,
     stch_weights,
 )
+from lightning_aw.step import StepRecord
 from lightning_aw.weighting._positive import (
     PositiveLossWeighting,
     _per_task_tensor,
@@ -190,6 +191,46 @@ class STCH(PositiveLossWeighting, name="stch", functional="stch_weights", statef
             return loss
         self._weights = usable.to(current.dtype)
         return torch.where(usable, losses, 0.0).sum()
+
+    def combine_step(self, step: StepRecord) -> Tensor:
+        if not all(step.present_list):
+            return super().combine_step(step)
+        # every loss present and checked by the module (finite; positive with logarithmic=True,
+        # and so is the reference point): what `combine` computes, without its masks
+        losses = step.losses
+        current = losses.detach()
+        num = losses.numel()
+        if self._active:
+            reference = self._reference.to(losses)
+            if self.logarithmic:
+                x = (torch.log(losses) - torch.log(reference)) / self.mu
+            else:
+                x = (losses - reference) / self.mu
+            local = num * torch.softmax(x.detach(), 0)
+            if self.logarithmic:
+                local = local / current
+
+            def weights_fn(values: Tensor, mask: Tensor) -> Tensor:
+                return stch_weights(
+                    values, self._reference, self.mu, logarithmic=self.logarithmic, present=mask
+                )
+
+            loss = num * self.mu * torch.logsumexp(x, 0)
+            loss, self._weights = self._shared_weights(
+                loss, losses, step.present, local, weights_fn
+            )
+            return loss
+        if self.logarithmic:
+            loss, self._weights = self._shared_weights(
+                torch.log(losses).sum(),
+                losses,
+                step.present,
+                torch.reciprocal(current),
+                scale_invariant_weights,
+            )
+            return loss
+        self._weights = torch.ones_like(current)
+        return losses.sum()
 
     def update(self, trainer: pl.Trainer, window_mean: Tensor, window_present: Tensor) -> None:
         if self._active or trainer.current_epoch + 1 < self.warmup_epochs:
