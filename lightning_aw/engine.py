@@ -88,9 +88,10 @@ class TaskGradients:
     #: how per-task backward passes through the shared parameters run: ``"loop"`` (one
     #: ``autograd.grad`` per task), ``"batched"`` (one ``autograd.grad(..., is_grads_batched=True)``
     #: for all tasks: a vmap over the backward) or ``"auto"`` (default: timed once, see
-    #: :class:`_BatchChoice`; the loop when deterministic algorithms are on, e.g. under
-    #: ``Trainer(deterministic=True)``, since a timed choice may differ between two runs). Set it
-    #: on the class or on an instance before use.
+    #: :class:`_BatchChoice`, on CUDA devices; the loop on the CPU, where it was never slower,
+    #: and when deterministic algorithms are on, e.g. under ``Trainer(deterministic=True)``,
+    #: since a timed choice may differ between two runs). Set it on the class or on an instance
+    #: before use.
     batching: BatchMode = "auto"
 
     def __init__(self, step: StepRecord, owner: object, unsharder: Unsharder | None = None) -> None:
@@ -353,9 +354,13 @@ class TaskGradients:
             return loop()
         if mode == "batched":
             return batched()
-        if torch.are_deterministic_algorithms_enabled():
-            # a timed choice could differ between two runs (and the two paths round
-            # differently): `Trainer(deterministic=True)` keeps the loop, bit-reproducible
+        if (
+            self.step.losses.device.type not in _TIMED_DEVICES
+            or torch.are_deterministic_algorithms_enabled()
+        ):
+            # on the CPU the batched backward never won (docs/benchmarks.md), and a timed
+            # choice could differ between two runs (the two paths round differently):
+            # `Trainer(deterministic=True)` keeps the loop, bit-reproducible
             return loop()
         choice = _BatchChoice.of(self.owner, kind, self.step.trainer)
         if choice is None:
@@ -478,6 +483,11 @@ class TaskGradients:
                 )
             norms[i] = torch.linalg.vector_norm(grad.float())
         return self.unscale(torch.stack(norms))
+
+
+#: the devices where ``batching="auto"`` times the batched backward against the loop (on the
+#: CPU the loop was never slower: 1.05-1.21x for the batched pass, docs/benchmarks.md)
+_TIMED_DEVICES = frozenset({"cuda"})
 
 
 class _BatchChoice:

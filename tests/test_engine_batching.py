@@ -7,7 +7,7 @@ import torch
 from _helpers import TinyNet, loader, params, trainer
 from torch import Tensor, nn
 
-from lightning_aw import DBMTL, CAGrad, UPGrad
+from lightning_aw import DBMTL, CAGrad, UPGrad, engine
 from lightning_aw.engine import TaskGradients, _BatchChoice
 from lightning_aw.step import StepRecord
 
@@ -118,9 +118,11 @@ class _Owner:
 
 
 @pytest.fixture
-def nondeterministic():
-    """Deterministic algorithms off (a Trainer(deterministic=True) of another test may have left
-    them on), restored afterwards."""
+def nondeterministic(monkeypatch):
+    """The timed choice on this CPU (by default it times only on CUDA devices), deterministic
+    algorithms off (a Trainer(deterministic=True) of another test may have left them on),
+    restored afterwards."""
+    monkeypatch.setattr(engine, "_TIMED_DEVICES", frozenset({"cpu", "cuda"}))
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(False)
     yield
@@ -141,9 +143,22 @@ def test_auto_times_both_then_keeps_one(cut):
     assert len(choice.times["loop"]) == len(choice.times["batched"]) == _BatchChoice.probes
 
 
-def test_auto_keeps_the_loop_under_deterministic_algorithms():
+def test_auto_keeps_the_loop_on_the_cpu():
+    """On the CPU the batched backward never won: "auto" uses the loop, without timing."""
+    owner = _Owner()
+    step, trunk = _step(True)
+    reference = _grads(step, trunk, "loop")
+    for _ in range(_BatchChoice.warmup + 2 * _BatchChoice.probes + 1):
+        out = _grads(step, trunk, "auto", owner)
+        for ra, rb in zip(out, reference, strict=True):  # bitwise: the same path
+            assert all(torch.equal(a, b) for a, b in zip(ra, rb, strict=True))
+    assert owner not in _BatchChoice._registry  # no choice was started
+
+
+def test_auto_keeps_the_loop_under_deterministic_algorithms(monkeypatch):
     """A timed choice could differ between two runs: with deterministic algorithms on
     (``Trainer(deterministic=True)``) "auto" never probes the batched backward."""
+    monkeypatch.setattr(engine, "_TIMED_DEVICES", frozenset({"cpu", "cuda"}))
     owner = _Owner()
     step, trunk = _step(False)
     reference = _grads(step, trunk, "loop")
