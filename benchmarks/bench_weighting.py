@@ -21,11 +21,15 @@ plain LightningModule.
 from __future__ import annotations
 
 import argparse
+import datetime
 import inspect
+import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -149,6 +153,12 @@ def main(argv: list[str] | None = None) -> None:
         help="median: the median over rounds of each round's median step time; p10: the 10th "
         "percentile of all step times (less sensitive to other jobs on a shared machine)",
     )
+    parser.add_argument(
+        "--json",
+        default=None,
+        help="also write the ratios (methods vs MultiTaskModule) to this JSON file, e.g. "
+        "docs/overhead_cpu.json, which the README's methods table shows",
+    )
     args = parser.parse_args(argv)
     import logging
 
@@ -191,6 +201,21 @@ def main(argv: list[str] | None = None) -> None:
         "ratios: the plain modules and MultiTaskModule vs plain LightningModule (and "
         "MultiTaskModule vs the plain one without logging); methods vs MultiTaskModule"
     )
+    if args.json:
+        shown = sys.argv[1:] if argv is None else list(argv)
+        record = {
+            "command": " ".join(["python benchmarks/bench_weighting.py", *shown]),
+            "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__,
+            "device": where,
+            "batch_size": args.batch_size,
+            "stat": args.stat,
+            "ratios": {
+                n: round(med[n] / base, 3) for n in names if not n.startswith(("plain", "Multi"))
+            },
+        }
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -314,13 +314,22 @@ def _check_kwargs(name: str, cls: type[Weighting], kwargs: Mapping[str, Any]) ->
         )
 
 
-def methods_table(pattern: str | Sequence[str] | None = None, *, markdown: bool = False) -> str:
+def methods_table(
+    pattern: str | Sequence[str] | None = None,
+    *,
+    markdown: bool = False,
+    overhead: Mapping[str, float] | None = None,
+) -> str:
     """The registered methods as a table: what ``lightning-aw methods`` prints and the README's
     methods table (``markdown=True``), from the one source, the registry.
 
     Columns: registry name, class, what the method uses (``losses``, or per-task ``gradients``),
     what the weights sum to (``-``: not normalised), the default update interval, whether it is
-    stateful, and the paper (authors, venue).
+    stateful, and the paper (authors, venue). With ``overhead`` (the ``ratios`` that
+    ``benchmarks/bench_weighting.py --json`` writes, by configuration name: ``"DWA"``,
+    ``"MGDA (para.)"``, ``"MGDA (repr.)"``), a column of each method's measured step time
+    against the module without a method: ``p`` / ``r`` for gradients on the shared parameters /
+    the representation, ``-`` where not measured.
 
     Example::
 
@@ -331,9 +340,11 @@ def methods_table(pattern: str | Sequence[str] | None = None, *, markdown: bool 
         >>> print(methods_table("dwa", markdown=True).splitlines()[2])
         | `dwa` | `DWA` | losses | T | epoch | stateful | Liu, Johns & Davison, CVPR 2019 |
     """
-    rows = [["method", "class", "uses", "weights sum", "interval", "state", "paper"]]
+    head = ["method", "class", "uses", "weights sum", "interval", "state"]
+    rows = [[*head, *(["step time"] if overhead is not None else []), "paper"]]
     for name in list_methods(pattern):
         info = get_method(name)
+        measured = [] if overhead is None else [_overhead_cell(info.cls.__name__, overhead)]
         rows.append(
             [
                 name,
@@ -342,6 +353,7 @@ def methods_table(pattern: str | Sequence[str] | None = None, *, markdown: bool 
                 "-" if info.total is None else str(info.total),
                 info.default_interval or "-",
                 "stateful" if info.stateful else "stateless",
+                *measured,
                 _short_paper(info.paper),
             ]
         )
@@ -356,6 +368,18 @@ def methods_table(pattern: str | Sequence[str] | None = None, *, markdown: bool 
         "  ".join([*(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)), r[-1]]).rstrip()
         for r in rows
     )
+
+
+def _overhead_cell(cls_name: str, ratios: Mapping[str, float]) -> str:
+    """``"1.07×"``, ``"p 2.16× / r 1.14×"`` (parameters / representation) or ``"-"``."""
+    if cls_name in ratios:
+        return f"{ratios[cls_name]:.2f}×"
+    sources = [
+        f"{label} {ratios[f'{cls_name} ({key}.)']:.2f}×"
+        for label, key in (("p", "para"), ("r", "repr"))
+        if f"{cls_name} ({key}.)" in ratios
+    ]
+    return " / ".join(sources) or "-"
 
 
 def _short_paper(paper: str | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from lightning_aw import GradNorm
 from lightning_aw.datasets import TwoDigitsDataModule
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+OVERHEAD = README.parent / "docs" / "overhead_cpu.json"
 
 
 def test_quick_start_module_trains(tmp_path):
@@ -36,14 +38,24 @@ def test_quick_start_module_trains(tmp_path):
 
 
 def test_methods_table_is_the_registry_s():
-    """The README's methods table is what the registry (and `lightning-aw methods`) says."""
-    from lightning_aw.registry import methods_table
+    """The README's methods table is what the registry (and `lightning-aw methods`) says, with
+    the step times the benchmark recorded in docs/overhead_cpu.json."""
+    from lightning_aw.registry import list_methods, methods_table
 
     text = README.read_text()
     marker = text.index("<!-- methods-table:")
     start = text.index("\n", marker) + 1
     end = text.index("\n\n", start)
-    assert text[start:end] == methods_table(markdown=True)
+    ratios = json.loads(OVERHEAD.read_text())["ratios"]
+    assert text[start:end] == methods_table(markdown=True, overhead=ratios)
+    rows = methods_table(markdown=True, overhead=ratios).splitlines()
+    column = [c.strip() for c in rows[0].strip("|").split("|")].index("step time")
+    cells = {
+        m: [c.strip() for c in r.strip("|").split("|")]
+        for m, r in zip(list_methods(), rows[2:], strict=True)
+    }
+    unmeasured = [m for m, c in cells.items() if c[column] == "-"]
+    assert unmeasured == [], f"no step time recorded for {unmeasured}: rerun the benchmark"
 
 
 def test_quick_start_module_saves_its_hyperparameters(tmp_path):
