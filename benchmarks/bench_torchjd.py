@@ -1,7 +1,7 @@
 """lightning_aw's UPGrad callback side by side with torchjd's ``mtl_backward`` + ``UPGrad``.
 
     python benchmarks/bench_torchjd.py [--steps 40] [--rounds 3] [--batch-size 128]
-                                       [--accelerator cpu|gpu]
+                                       [--accelerator cpu|gpu] [--model cnn|mlp]
 
 The same model (the two-digit CNN `lightning_aw.models.DigitsNet`: 3 tasks, a ~54k-parameter shared trunk)
 and data are trained, interleaved over ``--rounds`` rounds of ``--steps`` optimizer steps each:
@@ -67,10 +67,21 @@ def _load_torchjd() -> tuple[Any, Any, Any, Any] | str:
     return mtl_backward, jac_to_grad, JDUPGrad, QuadprogProjector
 
 
+#: ``--model``: "cnn" (DigitsNet's trunk) or "mlp" (a 128-256-256 MLP trunk on the same pixels)
+MODEL = "cnn"
+
+
 class _Metricless(DigitsNet):
     def __init__(self) -> None:
         super().__init__()
         self._metric_tasks = ()
+        if MODEL == "mlp":  # what a launch-bound step looks like: few, small matmuls
+            self.trunk = nn.Sequential(
+                nn.Flatten(), nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU()
+            )
+            self.heads = nn.ModuleDict(
+                {"left": nn.Linear(256, 10), "right": nn.Linear(256, 10), "sum": nn.Linear(256, 1)}
+            )
 
 
 def _losses(net: nn.Module, h: Tensor, y: Tensor) -> list[Tensor]:
@@ -235,7 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument(
+        "--model",
+        choices=["cnn", "mlp"],
+        default="cnn",
+        help="the shared trunk: DigitsNet's CNN or a 128-256-256 MLP",
+    )
     args = parser.parse_args(argv)
+    global MODEL
+    MODEL = args.model
     jd = _load_torchjd()
     if isinstance(jd, str):
         print(
