@@ -274,17 +274,7 @@ class TaskGradients:
             ]
 
         def batched() -> list[Sequence[Tensor | None]]:
-            stacked = torch.stack([self.scaled(losses[i]).reshape(()) for i in index])  # type: ignore[arg-type]
-            eye = torch.eye(len(index), dtype=stacked.dtype, device=stacked.device)
-            grads = torch.autograd.grad(
-                stacked,
-                list(params),
-                grad_outputs=eye,
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-            return [[None if g is None else g[k] for g in grads] for k in range(len(index))]
+            return _batched_grad(self._stacked(losses, index), params)
 
         raw = self._per_task(loop, batched, "parameters", len(index))
         out: list[list[Tensor] | None] = [None] * len(present)
@@ -321,16 +311,7 @@ class TaskGradients:
             ]
 
         def batched() -> list[Sequence[Tensor | None]]:
-            stacked = torch.stack([rows[i] for i in index])  # type: ignore[misc]
-            grads = torch.autograd.grad(
-                graph,
-                list(targets),
-                grad_outputs=stacked,
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-            return [[None if g is None else g[k] for g in grads] for k in range(len(index))]
+            return _batched_grad(graph, targets, torch.stack([rows[i] for i in index]))  # type: ignore[misc]
 
         raw = self._per_task(loop, batched, "through_representation", len(index))
         for k, i in enumerate(index):
@@ -338,6 +319,10 @@ class TaskGradients:
                 raise self._missing(i, "the parameters that produce the representation")
             out[i] = _filled(raw[k], targets)
         return out
+
+    def _stacked(self, losses: Sequence[Tensor | None], index: Sequence[int]) -> Tensor:
+        """The (scaled) losses of the tasks in ``index`` as one vector, for a batched backward."""
+        return torch.stack([self.scaled(losses[i]).reshape(()) for i in index])  # type: ignore[arg-type]
 
     def _per_task(
         self,
@@ -458,17 +443,7 @@ class TaskGradients:
             ]
 
         def batched() -> list[Sequence[Tensor | None]]:
-            stacked = torch.stack([self.scaled(losses[i]).reshape(()) for i in index])  # type: ignore[arg-type]
-            eye = torch.eye(len(index), dtype=stacked.dtype, device=stacked.device)
-            (grads,) = torch.autograd.grad(
-                stacked,
-                param,
-                grad_outputs=eye,
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-            return [[None if grads is None else grads[k]] for k in range(len(index))]
+            return _batched_grad(self._stacked(losses, index), [param])
 
         raw = self._per_task(loop, batched, "layer", len(index))
         norms = [zero] * len(self.step.present_list)
@@ -483,6 +458,25 @@ class TaskGradients:
                 )
             norms[i] = torch.linalg.vector_norm(grad.float())
         return self.unscale(torch.stack(norms))
+
+
+def _batched_grad(
+    output: Tensor, inputs: Sequence[Tensor], grad_outputs: Tensor | None = None
+) -> list[Sequence[Tensor | None]]:
+    """One backward for several cotangents (``is_grads_batched``, a vmap over the backward):
+    row ``k`` holds the gradients of ``inputs`` for ``grad_outputs[k]`` (default: the identity,
+    i.e. of each entry of a vector ``output``)."""
+    if grad_outputs is None:
+        grad_outputs = torch.eye(output.numel(), dtype=output.dtype, device=output.device)
+    grads = torch.autograd.grad(
+        output,
+        list(inputs),
+        grad_outputs=grad_outputs,
+        retain_graph=True,
+        allow_unused=True,
+        is_grads_batched=True,
+    )
+    return [[None if g is None else g[k] for g in grads] for k in range(grad_outputs.shape[0])]
 
 
 #: the devices where ``batching="auto"`` times the batched backward against the loop (on the
