@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+
+
+def check_number(
+    name: str,
+    value: Any,
+    low: float = 0.0,
+    high: float = math.inf,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> float:
+    """``value`` as a float when it is a finite real number (not a bool) in the interval from
+    ``low`` to ``high`` (closed ends unless ``open_low`` / ``open_high``); else a ``ValueError``
+    naming the parameter and the interval."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low < value if open_low else low <= value)
+    ok = ok and (value < high if open_high else value <= high)
+    if not ok:
+        bound = f"{'>' if open_low else '>='} {low}"
+        if high != math.inf:
+            bound += f" and {'<' if open_high else '<='} {high}"
+        raise ValueError(f"Parameter `{name}` should be a finite number {bound}. Found {value!r}.")
+    return float(value)
 
 
 def all_reduce_sum(trainer: pl.Trainer | None, *tensors: Tensor) -> list[Tensor]:

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_aw import MoDo, MultiTaskModule, SDMGrad
+from lightning_aw import MoCo, MoDo, MultiTaskModule, SDMGrad
 from lightning_aw.functional import modo, project_simplex, sdmgrad
 
 split = MultiTaskModule.split_batch  # uses no module state: callable on None
@@ -256,3 +256,20 @@ def test_fp16_gradscaler_steps_update_the_weights(tmp_path, make):
     t.fit(TinyNet(optimizer={"name": "adam", "lr": 0.01}), loader(n=128, batch_size=16))
     assert float(method._fallbacks) == 0.0
     assert not torch.allclose(method.simplex_weights, torch.full((3,), 1.0 / 3))
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: MoDo(gamma=0.0), r"`gamma` should be a finite number > 0\.0\. Found 0\.0"),
+        (lambda: MoDo(rho=-1.0), r"`rho` should be a finite number >= 0\.0\. Found -1\.0"),
+        (lambda: SDMGrad(momentum=1.0), r"`momentum` should be a finite number >= 0\.0 and < 1\.0\."),
+        (lambda: SDMGrad(lr=float("nan")), r"`lr` should be a finite number > 0\.0\. Found nan"),
+        (lambda: SDMGrad(lam=True), r"`lam` should be a finite number >= 0\.0\. Found True"),
+        (lambda: MoCo(beta=1.5), r"`beta` should be a finite number >= 0\.0 and <= 1\.0\. Found 1\.5"),
+        (lambda: MoCo(gamma=float("inf")), r"`gamma` should be a finite number >= 0\.0\. Found inf"),
+    ],
+)
+def test_bad_hyperparameters_name_the_argument_and_its_range(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

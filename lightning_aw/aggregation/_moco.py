@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from lightning_aw._utils import check_number
 from lightning_aw.aggregation._base import GradientWeighting
 from lightning_aw.aggregation._direction_methods import _split, _unscaled
 from lightning_aw.engine import flatten, present_mean
@@ -15,15 +15,6 @@ from lightning_aw.functional._adaptive import _moco
 from lightning_aw.step import StepRecord
 
 __all__ = ["MoCo"]
-
-
-def _check_number(name: str, value: Any, high: float | None = None) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and value >= 0 and (high is None or value <= high)
-    if not ok:
-        where = f"in [0, {high}]" if high is not None else "a finite number >= 0"
-        raise ValueError(f"Parameter `{name}` should be {where}. Found {value!r}.")
-    return float(value)
 
 
 class MoCo(GradientWeighting, name="moco", stateful=True):
@@ -107,11 +98,11 @@ class MoCo(GradientWeighting, name="moco", stateful=True):
         normalize: bool = False,
     ) -> None:
         super().__init__(source="parameters")
-        self.beta = _check_number("beta", beta, high=1.0)
-        self.gamma = _check_number("gamma", gamma)
-        self.rho = _check_number("rho", rho)
-        self.beta_sigma = _check_number("beta_sigma", beta_sigma)
-        self.gamma_sigma = _check_number("gamma_sigma", gamma_sigma)
+        self.beta = check_number("beta", beta, high=1.0)
+        self.gamma = check_number("gamma", gamma)
+        self.rho = check_number("rho", rho)
+        self.beta_sigma = check_number("beta_sigma", beta_sigma)
+        self.gamma_sigma = check_number("gamma_sigma", gamma_sigma)
         if not isinstance(normalize, bool):
             raise ValueError(f"Parameter `normalize` should be True or False. Found {normalize!r}.")
         self.normalize = normalize

@@ -30,27 +30,13 @@ from typing_extensions import override
 
 from lightning_aw import functional as F
 from lightning_aw._sharding import strategy_name
-from lightning_aw._utils import all_reduce_sum
+from lightning_aw._utils import all_reduce_sum, check_number
 from lightning_aw.aggregation._base import GradientWeighting
 from lightning_aw.engine import TaskGradients
 from lightning_aw.module import MultiTaskModule
 from lightning_aw.step import StepRecord
 
 __all__ = ["MoDo", "SDMGrad"]
-
-
-def _number(
-    name: str, value: Any, low: float, high: float = float("inf"), *, open_low: bool = False
-) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (low < value if open_low else low <= value) and value < high
-    if not ok:
-        bound = f"> {low}" if open_low else f">= {low}"
-        upper = "" if high == float("inf") else f" and < {high}"
-        raise ValueError(
-            f"Parameter `{name}` should be a finite number {bound}{upper}. Found {value!r}."
-        )
-    return float(value)
 
 
 class _MultiBatch(GradientWeighting):
@@ -81,11 +67,11 @@ class _MultiBatch(GradientWeighting):
 
     def coefficients_of(self, simplex: Tensor) -> Tensor:
         """The coefficients of the direction's losses from the simplex weights."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement `coefficients_of()`.")
 
     def update(self, cross_gram: Tensor, simplex: Tensor) -> Tensor:
         """The new simplex weights from the cross Gram matrix (float64, on the host)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement `update()`.")
 
     @property
     def simplex_weights(self) -> Tensor:
@@ -252,8 +238,8 @@ class MoDo(_MultiBatch, name="modo", functional="modo", stateful=True):
 
     def __init__(self, gamma: float = 0.1, rho: float = 0.0) -> None:
         super().__init__()
-        self.gamma = _number("gamma", gamma, 0.0, open_low=True)
-        self.rho = _number("rho", rho, 0.0)
+        self.gamma = check_number("gamma", gamma, open_low=True)
+        self.rho = check_number("rho", rho)
 
     def hparams_repr(self) -> dict[str, Any]:
         return {"gamma": self.gamma, "rho": self.rho}
@@ -331,13 +317,13 @@ class SDMGrad(_MultiBatch, name="sdmgrad", functional="sdmgrad", stateful=True):
         normalize: bool = True,
     ) -> None:
         super().__init__()
-        self.lam = _number("lam", lam, 0.0)
-        self.lr = _number("lr", lr, 0.0, open_low=True)
-        self.momentum = _number("momentum", momentum, 0.0, 1.0)
+        self.lam = check_number("lam", lam)
+        self.lr = check_number("lr", lr, open_low=True)
+        self.momentum = check_number("momentum", momentum, high=1.0, open_high=True)
         if not isinstance(niter, int) or isinstance(niter, bool) or niter < 1:
             raise ValueError(f"Parameter `niter` should be an int >= 1. Found {niter!r}.")
         self.niter = niter
-        self.rho = _number("rho", rho, 0.0)
+        self.rho = check_number("rho", rho)
         if not isinstance(normalize, bool):
             raise ValueError(f"Parameter `normalize` should be a bool. Found {normalize!r}.")
         self.normalize = normalize

@@ -194,11 +194,11 @@ class GatedBlock(nn.Module):
 
     def gates(self) -> dict[str, Gate]:
         """The block's gates by key (a task name, or ``level<k>/<task>`` in PLE)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement `gates()`.")
 
     def expert_names(self, key: str) -> list[str]:
         """The names of the experts gate ``key`` spans, in the order of its outputs."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement `expert_names()`.")
 
     @property
     def gate_weights(self) -> dict[str, Tensor]:
