@@ -76,6 +76,32 @@ class TinyNet(MultiTaskModule):
         return out
 
 
+class LinearNet(MultiTaskModule):
+    """A linear model whose steps tests write out by hand: ``h = W x`` (shared, no bias), task
+    ``i`` of ("a", "b", "c"): ``v_i^T h`` with a squared error; SGD with ``optimizer``'s other
+    arguments (``lr``, ``momentum``, ``weight_decay``)."""
+
+    def __init__(self, W: Any, V: Any, optimizer: dict[str, Any]) -> None:
+        tasks = ("a", "b", "c")
+        super().__init__(tasks=tasks, optimizer={"name": "sgd", **optimizer})
+        self.trunk = nn.Linear(2, 2, bias=False)
+        self.heads = nn.ModuleDict({t: nn.Linear(2, 1, bias=False) for t in tasks})
+        with torch.no_grad():
+            self.trunk.weight.copy_(torch.as_tensor(W))
+            for i, t in enumerate(tasks):
+                self.heads[t].weight.copy_(torch.as_tensor(V[i : i + 1]))
+
+    def shared_parameters(self):
+        return self.trunk.parameters()
+
+    def task_losses(self, batch, batch_idx):
+        x, y = batch
+        h = self.trunk(x)
+        return {
+            t: F.mse_loss(self.heads[t](h).squeeze(-1), y[:, i]) for i, t in enumerate(self.tasks)
+        }
+
+
 def trainer(tmp_path, callbacks: Sequence[Any] = (), **kwargs: Any) -> pl.Trainer:
     defaults: dict[str, Any] = {
         "default_root_dir": tmp_path,

@@ -11,37 +11,14 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from _helpers import TinyNet, loader, trainer
+from _helpers import LinearNet, TinyNet, loader, trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_aw import AutoLambda, MultiTaskModule
+from lightning_aw import AutoLambda
 from lightning_aw.functional import auto_lambda_grad
 
 TASKS3 = ("a", "b", "c")
-
-
-class LinearNet(MultiTaskModule):
-    """h = W x (shared), task i: v_i^T h, squared error; SGD with momentum and weight decay."""
-
-    def __init__(self, W: np.ndarray, V: np.ndarray, opt: dict) -> None:
-        super().__init__(tasks=TASKS3, optimizer={"name": "sgd", **opt})
-        self.trunk = nn.Linear(2, 2, bias=False)
-        self.heads = nn.ModuleDict({t: nn.Linear(2, 1, bias=False) for t in TASKS3})
-        with torch.no_grad():
-            self.trunk.weight.copy_(torch.as_tensor(W))
-            for i, t in enumerate(TASKS3):
-                self.heads[t].weight.copy_(torch.as_tensor(V[i : i + 1]))
-
-    def shared_parameters(self):
-        return self.trunk.parameters()
-
-    def task_losses(self, batch, batch_idx):
-        x, y = batch
-        h = self.trunk(x)
-        return {t: F.mse_loss(self.heads[t](h).squeeze(-1), y[:, i]) for i, t in enumerate(TASKS3)}
 
 
 def _losses(W, V, X, Y):

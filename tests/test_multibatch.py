@@ -10,10 +10,8 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from _helpers import TinyNet, loader, trainer
+from _helpers import LinearNet, TinyNet, loader, trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_aw import MoCo, MoDo, MultiTaskModule, SDMGrad
@@ -87,27 +85,6 @@ def test_modo_and_sdmgrad_twins_match_their_formulas():
 TASKS3 = ("a", "b", "c")
 
 
-class LinearNet(MultiTaskModule):
-    """h = W x (shared, no bias), task i: v_i^T h, squared error."""
-
-    def __init__(self, W: np.ndarray, V: np.ndarray, lr: float) -> None:
-        super().__init__(tasks=TASKS3, optimizer={"name": "sgd", "lr": lr})
-        self.trunk = nn.Linear(2, 2, bias=False)
-        self.heads = nn.ModuleDict({t: nn.Linear(2, 1, bias=False) for t in TASKS3})
-        with torch.no_grad():
-            self.trunk.weight.copy_(torch.as_tensor(W))
-            for i, t in enumerate(TASKS3):
-                self.heads[t].weight.copy_(torch.as_tensor(V[i : i + 1]))
-
-    def shared_parameters(self):
-        return self.trunk.parameters()
-
-    def task_losses(self, batch, batch_idx):
-        x, y = batch
-        h = self.trunk(x)
-        return {t: F.mse_loss(self.heads[t](h).squeeze(-1), y[:, i]) for i, t in enumerate(TASKS3)}
-
-
 def _grads(W, V, X, Y):
     """Per task: dL_i/dW [2, 2] and dL_i/dv_i [2], by hand (L_i = mean (v_i^T W x - y_i)^2)."""
     H = X @ W.T
@@ -178,7 +155,7 @@ def test_trainer_steps_equal_the_hand_written_algorithm(tmp_path, method):
     X, Y = gen.normal(size=(14, 2)), gen.normal(size=(14, 3)) * [1.0, 3.0, 0.3]
     lr, batch = 0.1, 7  # parts of 3, 2 and 2 rows
     expected_w, expected_W, expected_V = _hand_run(method, W, V, X, Y, lr, batch)
-    net = LinearNet(W, V, lr)
+    net = LinearNet(W, V, {"lr": lr})
     rec = _Weights()
     data = DataLoader(TensorDataset(torch.as_tensor(X), torch.as_tensor(Y)), batch_size=batch)
     t = trainer(tmp_path, [method, rec], max_epochs=1)
@@ -263,11 +240,20 @@ def test_fp16_gradscaler_steps_update_the_weights(tmp_path, make):
     [
         (lambda: MoDo(gamma=0.0), r"`gamma` should be a finite number > 0\.0\. Found 0\.0"),
         (lambda: MoDo(rho=-1.0), r"`rho` should be a finite number >= 0\.0\. Found -1\.0"),
-        (lambda: SDMGrad(momentum=1.0), r"`momentum` should be a finite number >= 0\.0 and < 1\.0\."),
+        (
+            lambda: SDMGrad(momentum=1.0),
+            r"`momentum` should be a finite number >= 0\.0 and < 1\.0\.",
+        ),
         (lambda: SDMGrad(lr=float("nan")), r"`lr` should be a finite number > 0\.0\. Found nan"),
         (lambda: SDMGrad(lam=True), r"`lam` should be a finite number >= 0\.0\. Found True"),
-        (lambda: MoCo(beta=1.5), r"`beta` should be a finite number >= 0\.0 and <= 1\.0\. Found 1\.5"),
-        (lambda: MoCo(gamma=float("inf")), r"`gamma` should be a finite number >= 0\.0\. Found inf"),
+        (
+            lambda: MoCo(beta=1.5),
+            r"`beta` should be a finite number >= 0\.0 and <= 1\.0\. Found 1\.5",
+        ),
+        (
+            lambda: MoCo(gamma=float("inf")),
+            r"`gamma` should be a finite number >= 0\.0\. Found inf",
+        ),
     ],
 )
 def test_bad_hyperparameters_name_the_argument_and_its_range(make, match):
