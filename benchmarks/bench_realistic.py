@@ -46,6 +46,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -55,6 +56,9 @@ from torch.utils.data import DataLoader, default_collate
 from lightning_aw.datasets import SyntheticScenes
 from lightning_aw.models import SceneNet
 from lightning_aw.registry import create_method, get_method, list_methods
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path
+from _paired import adjacent_reference, quantile, schedule, spread
 
 Make = Callable[[argparse.Namespace], tuple[pl.LightningModule, list[pl.Callback]]]
 
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for n in runners
         if args.only is None or n in baselines or any(n.startswith(o) for o in args.only)
     ]
-    order = _schedule(names, args.baseline_every)
+    order = schedule(names, _reference_of, args.baseline_every)
     times: dict[str, list[float]] = {n: [] for n in names}
     peaks: dict[str, list[float]] = {n: [] for n in names}
     paired: dict[str, list[float]] = {n: [] for n in names}
@@ -323,12 +327,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if device.type == "cuda":
                 peaks[name].append((torch.cuda.max_memory_allocated() - before) / 2**20)
         for i, name in enumerate(order):
-            paired[name].append(run_medians[i] / _adjacent_reference(order, run_medians, i))
+            reference = adjacent_reference(order, run_medians, i, _reference_of)
+            paired[name].append(run_medians[i] / reference)
     elapsed = time.perf_counter() - begin
     rss = {n: _memory_probe(n, args) for n in names if n in configs} if args.memory else {}
 
     med = {n: statistics.median(t) for n, t in times.items()}
-    p10 = {n: _quantile(t, 0.1) for n, t in times.items()}
+    p10 = {n: quantile(t, 0.1) for n, t in times.items()}
     where = (
         torch.cuda.get_device_name()
         if device.type == "cuda"
@@ -339,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"SyntheticScenes {args.height}x{args.width}, batch {args.batch_size}; {args.steps} steps "
         f"x {args.rounds} rounds ({elapsed:.0f} s)"
     )
-    header = "| configuration | p10 ms/step | median ms/step | ratio (paired) |"
+    header = "| configuration | p10 ms/step | median ms/step | ratio (paired) [q25, q75] |"
     rule = "|---|---:|---:|---:|"
     if device.type == "cuda":
         header += " peak MiB |"
@@ -349,10 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rule += "---:|"
     rows = [header, rule]
     for name in names:
-        row = (
-            f"| {name} | {1e3 * p10[name]:.1f} | {1e3 * med[name]:.1f} | "
-            f"{statistics.median(paired[name]):.2f} |"
-        )
+        row = f"| {name} | {1e3 * p10[name]:.1f} | {1e3 * med[name]:.1f} | {spread(paired[name])} |"
         if device.type == "cuda":
             row += f" {statistics.median(peaks[name]):.0f} |"
         if rss:
@@ -361,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n".join(rows))
     print(
         "ratio (paired): a run's median step time / that of the plain LightningModule runs just "
-        "before and after it (torch-loop rows: the torch loop's plain sum), median over rounds"
+        "before and after it (torch-loop rows: the torch loop's plain sum), median over rounds "
+        "[first and third quartile]"
         + ("" if jd is not None else "; torchjd is not installed: its rows are left out")
     )
     probe = _Net(args.channels)
@@ -378,39 +381,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _reference_of(name: str) -> str:
     return "torch loop: plain sum" if name.startswith("torch loop") else "plain LightningModule"
-
-
-def _schedule(names: list[str], every: int) -> list[str]:
-    """One round's run order: each reference (plain LightningModule, torch loop's plain sum)
-    is run again after every ``every`` configurations of its kind, and at the end."""
-    order: list[str] = []
-    for ref in ("plain LightningModule", "torch loop: plain sum"):
-        group = [n for n in names if _reference_of(n) == ref and n != ref]
-        if ref not in names:
-            continue
-        for i in range(0, max(len(group), 1), every):
-            order += [ref, *group[i : i + every]]
-        order.append(ref)
-    return order
-
-
-def _adjacent_reference(order: list[str], medians: list[float], i: int) -> float:
-    """The mean median step time of the reference runs just before and after run ``i``."""
-    ref = _reference_of(order[i])
-    before = next((medians[j] for j in range(i - 1, -1, -1) if order[j] == ref), None)
-    after = next((medians[j] for j in range(i + 1, len(order)) if order[j] == ref), None)
-    if order[i] == ref:
-        return medians[i]
-    found = [m for m in (before, after) if m is not None]
-    return sum(found) / len(found)
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 if __name__ == "__main__":

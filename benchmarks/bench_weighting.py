@@ -1,21 +1,28 @@
 """Per-step cost of each weighting method against the plain summed loss, measured in one run.
 
     python benchmarks/bench_weighting.py [--steps 60] [--rounds 5] [--batch-size 128]
-                                         [--stat median|p10] [--only NAME ...]
+                                         [--stat median|p10] [--only NAME ...] [--threads N]
+                                         [--baseline-every 3] [--json FILE]
 
 A fixed model (the two-digit CNN `lightning_aw.models.DigitsNet`, 3 tasks) is trained for
-``--steps`` optimizer steps per configuration; the configurations are interleaved over
-``--rounds`` rounds and the median (or, with ``--stat p10``, the 10th percentile of all steps) wall
-time of a training step (``on_train_batch_start`` -> ``on_train_batch_end``: forward, backward,
-optimizer, weighting) is compared with the baselines measured in the same run:
+``--steps`` optimizer steps per configuration, each in its own Trainer; a step is
+``on_train_batch_start`` -> ``on_train_batch_end`` (forward, backward, optimizer, weighting), the
+first 5 steps of a run left out. The configurations are interleaved over ``--rounds`` rounds, and
+the reference, ``MultiTaskModule (no callback)`` (lightning_aw's module without a weighting), is
+run again after every ``--baseline-every`` configurations. A configuration's **paired ratio** is
+its run's step time (the median of the run's steps, or with ``--stat p10`` their 10th
+percentile) over that of the reference runs just before and after it, the median over rounds
+(with the first and third quartiles: the run-to-run spread); ``added ms`` is the same
+difference. ``--batch-size 2`` leaves the network almost no work: the added milliseconds are then
+the fixed per-step cost of a method (hooks, small kernels, host work).
+
+Besides the methods, two baselines written by hand:
 
 - ``plain LightningModule``: the same network and losses in an ordinary LightningModule that
   returns the sum and logs the task losses with one ``log_dict`` call per step;
 - ``plain LightningModule (no logging)``: the same, returning the sum without logging;
-- ``MultiTaskModule (no callback)``: lightning_aw's module with no weighting callback.
 
-Every method's ratio is against ``MultiTaskModule (no callback)``, which itself is compared with the
-plain LightningModule.
+and the script prints ``MultiTaskModule (no callback)`` against each.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +48,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_aw.datasets import make_two_digits
 from lightning_aw.models import DigitsNet
 from lightning_aw.registry import create_method, get_method, list_methods
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path
+from _paired import adjacent_reference, quantile, schedule, spread
 
 
 class PlainNet(pl.LightningModule):
@@ -139,7 +150,14 @@ def measure(
     return timer.times[5:]  # skip warm-up steps
 
 
-def main(argv: list[str] | None = None) -> None:
+REFERENCE = "MultiTaskModule (no callback)"
+
+
+def _reference_of(name: str) -> str | None:
+    return None if name == REFERENCE else REFERENCE
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=5)
@@ -147,11 +165,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", default=None, help="subset of configurations")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument(
+        "--threads", type=int, default=None, help="CPU: intra-op threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--baseline-every",
+        type=int,
+        default=3,
+        help="run MultiTaskModule (no callback), the reference, again after this many "
+        "configurations",
+    )
+    parser.add_argument(
         "--stat",
         choices=["median", "p10"],
         default="median",
-        help="median: the median over rounds of each round's median step time; p10: the 10th "
-        "percentile of all step times (less sensitive to other jobs on a shared machine)",
+        help="the statistic of one run's step times: median, or p10 (the 10th percentile, less "
+        "sensitive to other jobs on a shared machine)",
     )
     parser.add_argument(
         "--json",
@@ -163,6 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*no `val_dataloader`.*")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(*make_two_digits(args.batch_size * args.steps))
     names = [
@@ -170,36 +203,51 @@ def main(argv: list[str] | None = None) -> None:
         for n in CONFIGS
         if args.only is None or any(n.startswith(o) for o in [*args.only, "MultiTask", "plain"])
     ]
-    times: dict[str, list[list[float]]] = {n: [] for n in names}
+    order = schedule(names, _reference_of, args.baseline_every)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    paired: dict[str, list[float]] = {n: [] for n in names}
+    added: dict[str, list[float]] = {n: [] for n in names}
+
+    def stat(values: list[float]) -> float:
+        return quantile(values, 0.1) if args.stat == "p10" else statistics.median(values)
+
+    begin = time.perf_counter()
     with tempfile.TemporaryDirectory() as logdir:
         for _ in range(args.rounds):
-            for name in names:
-                times[name].append(
-                    measure(name, args.steps, args.batch_size, data, logdir, args.accelerator)
-                )
-    if args.stat == "p10":
-        med = {
-            n: statistics.quantiles([x for r in t for x in r], n=10)[0] for n, t in times.items()
-        }
-    else:
-        med = {n: statistics.median(statistics.median(r) for r in t) for n, t in times.items()}
-    base = med["MultiTaskModule (no callback)"]
+            runs: list[float] = []
+            for name in order:
+                steps = measure(name, args.steps, args.batch_size, data, logdir, args.accelerator)
+                times[name].extend(steps)
+                runs.append(stat(steps))
+            for i, name in enumerate(order):
+                reference = adjacent_reference(order, runs, i, _reference_of)
+                paired[name].append(runs[i] / reference)
+                added[name].append(runs[i] - reference)
+    elapsed = time.perf_counter() - begin
+    pooled = {n: stat(t) for n, t in times.items()}
+    ratio = {n: statistics.median(r) for n, r in paired.items()}
     where = (
         torch.cuda.get_device_name()
         if args.accelerator == "gpu"
         else f"CPU, {torch.get_num_threads()} threads"
     )
-    print(f"\ntorch {torch.__version__}, {where}, batch {args.batch_size}, {args.stat}")
-    print(f"{'configuration':<36}{'ms/step':>10}{'ratio':>8}")
-    plain, bare = med["plain LightningModule"], med["plain LightningModule (no logging)"]
-    for name in names:
-        ref = plain if name.startswith(("plain", "MultiTask")) else base
-        ratio = med[name] / ref
-        extra = f"{med[name] / bare:>8.3f} vs no logging" if name.startswith("MultiTask") else ""
-        print(f"{name:<36}{1e3 * med[name]:>10.2f}{ratio:>8.3f}{extra}")
     print(
-        "ratios: the plain modules and MultiTaskModule vs plain LightningModule (and "
-        "MultiTaskModule vs the plain one without logging); methods vs MultiTaskModule"
+        f"\ntorch {torch.__version__}, {where}, batch {args.batch_size}, {args.steps} steps x "
+        f"{args.rounds} rounds, {args.stat} of each run ({elapsed:.0f} s)"
+    )
+    print(f"{'configuration':<36}{'ms/step':>9}{'added ms':>10}  ratio (paired) [q25, q75]")
+    for name in names:
+        print(
+            f"{name:<36}{1e3 * pooled[name]:>9.2f}{1e3 * statistics.median(added[name]):>+10.3f}"
+            f"  {spread(paired[name])}"
+        )
+    for plain in ("plain LightningModule", "plain LightningModule (no logging)"):
+        inverse = [1 / r for r in paired[plain]]
+        print(f"MultiTaskModule (no callback) vs {plain}: {spread(inverse)}")
+    print(
+        "ms/step: all runs pooled; ratio (paired): a run's step time / that of the "
+        "MultiTaskModule (no callback) runs just before and after it, median over rounds "
+        "[first and third quartile]; added ms: the same difference of step times"
     )
     if args.json:
         shown = sys.argv[1:] if argv is None else list(argv)
@@ -211,11 +259,12 @@ def main(argv: list[str] | None = None) -> None:
             "batch_size": args.batch_size,
             "stat": args.stat,
             "ratios": {
-                n: round(med[n] / base, 3) for n in names if not n.startswith(("plain", "Multi"))
+                n: round(ratio[n], 3) for n in names if not n.startswith(("plain", "Multi"))
             },
         }
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.json}")
+    return {"ms": pooled, "ratio": ratio, "paired": paired}
 
 
 if __name__ == "__main__":

@@ -316,18 +316,55 @@ def test_example_docstrings_run(name):
 
 
 # ------------------------------------------------------------------------------ benchmarks
+def _bench_module(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_overhead_benchmark_covers_every_registered_method():
     """`benchmarks/bench_weighting.py` (issue 7 item 5) times every registered method."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_weighting.py"
-    spec = importlib.util.spec_from_file_location("_bench_weighting", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module("bench_weighting")
     covered: set[type] = set()
     for make in bench.CONFIGS.values():
         _, callbacks = make()
         covered |= {type(c) for c in callbacks}
     missing = sorted(n for n in list_methods() if get_method(n).cls not in covered)
     assert not missing, f"not benchmarked: {missing}"
+
+
+def test_paired_schedule_reruns_the_reference_and_divides_by_its_neighbours():
+    paired = _bench_module("_paired")
+
+    def reference_of(name):
+        return None if name == "R" else "R"
+
+    order = paired.schedule(["R", "a", "b", "c"], reference_of, 2)
+    assert order == ["R", "a", "b", "R", "c", "R"]
+    times = [10.0, 11.0, 12.0, 14.0, 7.0, 10.0]  # the reference drifts 10 -> 14 -> 10
+    assert paired.adjacent_reference(order, times, 1, reference_of) == 12.0  # (10 + 14) / 2
+    assert paired.adjacent_reference(order, times, 4, reference_of) == 12.0  # (14 + 10) / 2
+    assert paired.adjacent_reference(order, times, 3, reference_of) == 14.0  # itself
+    assert paired.quantile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5
+    assert paired.spread([1.0, 2.0, 3.0, 4.0, 5.0]) == "3.000 [2.000, 4.000]"
+    with pytest.raises(ValueError, match="reference that is not run"):
+        paired.schedule(["a"], reference_of, 2)
+
+
+def test_overhead_benchmark_runs_paired(capsys):
+    bench = _bench_module("bench_weighting")
+    threads = torch.get_num_threads()
+    out = bench.main(["--rounds", "2", "--steps", "7", "--batch-size", "4", "--only", "GLS"])
+    torch.set_num_threads(threads)
+    plain = ["plain LightningModule", "plain LightningModule (no logging)"]
+    assert set(out["ratio"]) == {"GLS", "MultiTaskModule (no callback)", *plain}
+    assert out["ratio"]["MultiTaskModule (no callback)"] == 1.0
+    # one paired ratio per round for each configuration (the reference runs 3 times a round)
+    assert all(len(out["paired"][n]) == 2 for n in ["GLS", *plain])
+    assert all(x > 0 for r in out["paired"].values() for x in r)
+    assert "MultiTaskModule (no callback) vs plain LightningModule:" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------- (f) MMoE and gate collapse
@@ -385,10 +422,7 @@ def test_scenes_table_delta_by_hand(tmp_path, monkeypatch):
 
 def test_realistic_benchmark_covers_every_method_and_runs(capsys):
     """`benchmarks/bench_realistic.py` times every registered method on SceneNet; a tiny run."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_realistic.py"
-    spec = importlib.util.spec_from_file_location("_bench_realistic", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_module("bench_realistic")
     args = bench.argparse.Namespace(channels=4)
     covered: set[type] = set()
     for make in bench.lightning_configs(["parameters", "representation"]).values():
