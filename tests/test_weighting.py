@@ -223,6 +223,7 @@ METHODS = [
     IMTLL(lr=0.05),
     FAMO(),
     FAMO(min_losses=[-1.0, -1.0, -1.0], gamma=0.0),
+    FAMO(losses_after="next_batch"),
     SoftAdapt(beta=5.0),
     SoftAdapt(beta=5.0, normalize=True, loss_weighted=True, interval="step", frequency=3),
     STCH(warmup_epochs=1),
@@ -245,7 +246,16 @@ def test_pickle_deepcopy_repr_and_state_key(method):
 @pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-scaler"])
 @pytest.mark.parametrize(
     "method",
-    [RLW(seed=0), GLS(), ScaleInvariant(), IMTLL(), FAMO(), SoftAdapt(), STCH(warmup_epochs=1)],
+    [
+        RLW(seed=0),
+        GLS(),
+        ScaleInvariant(),
+        IMTLL(),
+        FAMO(),
+        FAMO(losses_after="next_batch"),
+        SoftAdapt(),
+        STCH(warmup_epochs=1),
+    ],
     ids=repr,
 )
 def test_mixed_precision_accumulation_and_clipping(tmp_path, method, precision):
@@ -766,6 +776,18 @@ def test_famo_losses_after_is_checked_and_reaches_the_registry():
     assert "losses_after='next_batch'" in repr(method)
     assert "losses_after" not in repr(FAMO())  # the default keeps its state key
     assert method.state_key != FAMO().state_key
+    # a YAML configuration (LightningCLI) takes it, and names the allowed values
+    from lightning_aw.config import ConfigError, validate_config
+
+    famo = {"class_path": "FAMO", "init_args": {"losses_after": "next_batch"}}
+    config = {
+        "trainer": {"callbacks": [famo]},
+        "model": {"class_path": "lightning_aw.models.DigitsNet"},
+    }
+    validate_config(copy.deepcopy(config))
+    famo["init_args"]["losses_after"] = "next"
+    with pytest.raises(ConfigError, match=r"losses_after: expected one of 'same_batch', 'next_b"):
+        validate_config(config)
 
 
 # ---------------------------------------------------------------------------------- SoftAdapt
