@@ -111,8 +111,8 @@ class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", statef
             Default: 0 for every task.
         eps: :math:`\epsilon` added to the gaps (default ``1e-8``, the paper's).
         frequency: update the logits every ``frequency`` optimizer steps (default 1, the paper)
-            or epochs; each update costs one extra no-grad forward of the step's last batch, so
-            ``frequency=N`` divides that overhead by N.
+            or epochs; with ``losses_after="same_batch"`` each update costs one extra no-grad
+            forward of the step's last batch, so ``frequency=N`` divides that overhead by N.
         interval: ``"step"`` (default) or ``"epoch"`` (update on the first optimizer step of
             every ``frequency``-th epoch).
         losses_after: where :math:`L(\theta_{t+1})` comes from: ``"same_batch"`` (default, the
