@@ -125,6 +125,7 @@ for _name in list_methods():
     else:
         CONFIGS[_label] = _method(_name)
 CONFIGS["FAMO (frequency=4)"] = _method("famo", frequency=4)
+CONFIGS["FAMO (next batch)"] = _method("famo", losses_after="next_batch")
 
 
 def measure(

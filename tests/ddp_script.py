@@ -18,6 +18,8 @@ Cases (``python tests/ddp_script.py --list`` prints them):
   different data;
 - ``dense_metrics``: SceneNet's NYUv2 metrics of ``test_dense_metrics.py`` in a 2-process
   validation.
+- ``famo_next_batch``: ``FAMO(losses_after="next_batch")`` of ``test_weighting.py``, ranks on
+  different data.
 
 In the ``matrix`` and ``variant`` cases the ranks see different data (DistributedSampler), task
 "c" is absent from rank 1's odd batches and each rank's global generator is seeded differently
@@ -394,6 +396,38 @@ def run_dense_metrics(out: Path, case: str) -> None:
     torch.save({"metrics": values}, ddp_result_file(out, case, _rank()))
 
 
+def run_famo_next_batch(out: Path, case: str) -> None:
+    """FAMO(losses_after="next_batch") for 6 steps (2 epochs), the ranks on different data
+    (DistributedSampler). Each rank writes its own losses of every step and the final logits.
+    Read by ``test_weighting.py``."""
+    from lightning_aw import FAMO
+
+    class Losses(pl.Callback):
+        def __init__(self) -> None:
+            self.losses: list[torch.Tensor] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(pl_module.step_record.losses.detach().cpu().clone())
+
+    pl.seed_everything(0, verbose=False)
+    famo, record = FAMO(losses_after="next_batch"), Losses()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        callbacks=[famo, record],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out / case,
+    )
+    trainer.fit(TinyNet(optimizer={"name": "adam", "lr": 0.01}), loader(n=96, batch_size=16))
+    result = {"losses": torch.stack(record.losses), "logits": famo.logits.detach().cpu().clone()}
+    torch.save(result, ddp_result_file(out, case, trainer.global_rank))
+
+
 def cases() -> dict[str, Callable[[Path, str], None]]:
     """Every case, by name, in the order a launch runs them."""
     out: dict[str, Callable[[Path, str], None]] = {
@@ -404,6 +438,7 @@ def cases() -> dict[str, Callable[[Path, str], None]]:
     out["fusion"] = run_fusion
     out["gate_monitor"] = run_gate_monitor
     out["dense_metrics"] = run_dense_metrics
+    out["famo_next_batch"] = run_famo_next_batch
     return out
 
 

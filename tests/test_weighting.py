@@ -223,6 +223,7 @@ METHODS = [
     IMTLL(lr=0.05),
     FAMO(),
     FAMO(min_losses=[-1.0, -1.0, -1.0], gamma=0.0),
+    FAMO(losses_after="next_batch"),
     SoftAdapt(beta=5.0),
     SoftAdapt(beta=5.0, normalize=True, loss_weighted=True, interval="step", frequency=3),
     STCH(warmup_epochs=1),
@@ -245,7 +246,16 @@ def test_pickle_deepcopy_repr_and_state_key(method):
 @pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-scaler"])
 @pytest.mark.parametrize(
     "method",
-    [RLW(seed=0), GLS(), ScaleInvariant(), IMTLL(), FAMO(), SoftAdapt(), STCH(warmup_epochs=1)],
+    [
+        RLW(seed=0),
+        GLS(),
+        ScaleInvariant(),
+        IMTLL(),
+        FAMO(),
+        FAMO(losses_after="next_batch"),
+        SoftAdapt(),
+        STCH(warmup_epochs=1),
+    ],
     ids=repr,
 )
 def test_mixed_precision_accumulation_and_clipping(tmp_path, method, precision):
@@ -614,6 +624,170 @@ def test_famo_gives_weight_to_the_slowest_task(tmp_path):
         TinyNet(loss_hook=offset_c, optimizer={"name": "adam", "lr": 0.01}), loader()
     )
     assert famo.logits.argmax() == 2, famo.logits
+
+
+# ------------------------------------------------------------- FAMO(losses_after="next_batch")
+class _FamoTrace(pl.Callback):
+    """After every training batch: the step's losses (``None`` for a skipped micro-batch), FAMO's
+    logits and the effective weights the step used."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor | None] = []
+        self.logits: list[torch.Tensor] = []
+        self.weights: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = pl_module.step_record
+        self.losses.append(None if step is None else step.losses.detach().double().clone())
+        self.logits.append(pl_module.weighting.logits.double().clone())
+        self.weights.append(pl_module.weighting.weight_tensor().double().clone())
+
+
+def _famo_logits_by_hand(pairs, lr=0.025, gamma=1e-3, eps=1e-8):
+    """The logits after FAMO's updates from ``(losses before, losses after)`` pairs, written out:
+    delta = J_softmax(xi)^T [log D(t) - log D(t+1)] (autograd of the softmax), and
+    ``torch.optim.Adam`` with L2 decay ``gamma`` on a leaf xi. Returns xi after each update."""
+    xi = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([xi], lr=lr, weight_decay=gamma, eps=1e-8)
+    out = []
+    for before, after in pairs:
+        (delta,) = torch.autograd.grad(
+            torch.softmax(xi, 0), xi, grad_outputs=torch.log(before + eps) - torch.log(after + eps)
+        )
+        xi.grad = delta
+        opt.step()
+        out.append(xi.detach().clone())
+    return out
+
+
+def test_famo_next_batch_logits_and_weights_by_hand(tmp_path):
+    """Two epochs of 4 steps: step k >= 1 updates the logits from (L_{k-1}, L_k), its own training
+    losses, before its weights c z_i / D_i are formed; the epoch boundary changes nothing."""
+    trace = _FamoTrace()
+    famo = FAMO(losses_after="next_batch")
+    trainer(tmp_path, [famo, trace], max_epochs=2).fit(TinyNet(), loader(n=128))
+    L = trace.losses
+    assert len(L) == 8 and all(v is not None for v in L)
+    expected = [torch.zeros(3, dtype=torch.float64)]
+    expected += _famo_logits_by_hand([(L[k - 1], L[k]) for k in range(1, 8)])
+    for k in range(8):
+        torch.testing.assert_close(trace.logits[k], expected[k], rtol=1e-5, atol=1e-6)
+        ratio = torch.softmax(expected[k], 0) / (L[k] + 1e-8)
+        torch.testing.assert_close(trace.weights[k], ratio / ratio.sum(), rtol=1e-5, atol=1e-6)
+    assert famo._adam.step.item() == 7  # the last step's update is still pending
+    assert torch.equal(famo._pending, L[7].float())
+
+
+def test_famo_next_batch_skipped_window_is_rolled_back_by_hand(tmp_path):
+    """Accumulation of 2, the third window (batches 4, 5) skipped for a NaN at batch 5: the
+    update (L_3, L_4) its first micro-batch applied is rolled back at the end of the window, and
+    the next window that is taken applies (L_3, L_6), L_6 still at the parameters after the second
+    window."""
+
+    def nan_a_at_5(batch_idx, task, loss):
+        return loss * float("nan") if batch_idx == 5 and task == "a" else loss
+
+    trace = _FamoTrace()
+    famo = FAMO(losses_after="next_batch")
+    net = TinyNet(on_nonfinite="skip", loss_hook=nan_a_at_5)
+    trainer(tmp_path, [famo, trace], max_epochs=1, accumulate_grad_batches=2).fit(net, loader())
+    L = trace.losses
+    assert net.skipped_steps == 1 and L[5] is None
+    first, second = _famo_logits_by_hand([(L[1], L[2]), (L[3], L[6])])
+    _, undone = _famo_logits_by_hand([(L[1], L[2]), (L[3], L[4])])  # applied at batch 4
+    zero = torch.zeros(3, dtype=torch.float64)
+    for k, xi in enumerate([zero, zero, first, first, undone, first, second, second]):
+        torch.testing.assert_close(trace.logits[k], xi, rtol=1e-5, atol=1e-6, msg=str(k))
+    assert famo._adam.step.item() == 2
+
+
+class _CountingNet(TinyNet):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = 0
+
+    def task_losses(self, batch, batch_idx):
+        self.calls += 1
+        return super().task_losses(batch, batch_idx)
+
+
+@pytest.mark.parametrize(("losses_after", "per_step"), [("same_batch", 2), ("next_batch", 1)])
+def test_famo_forward_passes_per_step(tmp_path, losses_after, per_step):
+    net = _CountingNet()
+    famo = FAMO(losses_after=losses_after)
+    t = trainer(tmp_path, [famo], max_steps=4)
+    t.fit(net, loader())
+    assert t.global_step == 4 and net.calls == per_step * 4
+    assert famo._adam.step.item() == (4 if losses_after == "same_batch" else 3)
+
+
+def test_famo_next_batch_resumes_exactly(tmp_path):
+    """8 steps in one run equal 4 steps, a checkpoint (holding the pending update of step 4) and a
+    resume to 8: logits, Adam moments and network parameters bit-identical."""
+    make = lambda: TinyNet(optimizer={"name": "adam", "lr": 0.01})  # noqa: E731
+    whole, whole_net = FAMO(losses_after="next_batch"), make()
+    trainer(tmp_path / "whole", [whole], max_epochs=2).fit(whole_net, loader(n=128))
+
+    first = FAMO(losses_after="next_batch")
+    t = trainer(tmp_path / "first", [first], max_epochs=1)
+    t.fit(make(), loader(n=128))
+    assert first._pending is not None
+    ckpt = tmp_path / "famo.ckpt"
+    t.save_checkpoint(ckpt)
+    resumed, resumed_net = FAMO(losses_after="next_batch"), make()
+    trainer(tmp_path / "second", [resumed], max_epochs=2).fit(
+        resumed_net, loader(n=128), ckpt_path=str(ckpt)
+    )
+    assert torch.equal(resumed.logits, whole.logits)
+    assert torch.equal(resumed._pending, whole._pending)
+    for a, b in zip(
+        resumed._adam.state_dict().values(), whole._adam.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    for k, v in params(whole_net).items():
+        assert torch.equal(params(resumed_net)[k], v), k
+
+
+def test_ddp_famo_next_batch_uses_the_rank_mean_losses(ddp_results):
+    """The ``famo_next_batch`` case of ``ddp_script.py``: both ranks hold the same logits, those
+    of the updates from the rank-mean losses of consecutive steps."""
+    r0, r1 = ddp_results.load("famo_next_batch")
+    assert torch.equal(r0["logits"], r1["logits"])
+    assert not torch.equal(r0["losses"], r1["losses"])  # the ranks saw different data
+    mean = (r0["losses"].double() + r1["losses"].double()) / 2
+    steps = len(mean)
+    assert steps == 6
+    *_, expected = _famo_logits_by_hand([(mean[k - 1], mean[k]) for k in range(1, steps)])
+    torch.testing.assert_close(r0["logits"].double(), expected, rtol=1e-5, atol=1e-6)
+    # one rank's own losses would have given other logits
+    *_, local = _famo_logits_by_hand(
+        [(r0["losses"][k - 1].double(), r0["losses"][k].double()) for k in range(1, steps)]
+    )
+    assert not torch.allclose(local, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_famo_losses_after_is_checked_and_reaches_the_registry():
+    with pytest.raises(ValueError, match=r"Parameter `losses_after` should be 'same_batch' .*"):
+        FAMO(losses_after="next")
+    from lightning_aw.registry import create_method
+
+    method = create_method("famo", losses_after="next_batch")
+    assert isinstance(method, FAMO) and method.losses_after == "next_batch"
+    assert "losses_after='next_batch'" in repr(method)
+    assert "losses_after" not in repr(FAMO())  # the default keeps its state key
+    assert method.state_key != FAMO().state_key
+    # a YAML configuration (LightningCLI) takes it, and names the allowed values
+    from lightning_aw.config import ConfigError, validate_config
+
+    famo = {"class_path": "FAMO", "init_args": {"losses_after": "next_batch"}}
+    config = {
+        "trainer": {"callbacks": [famo]},
+        "model": {"class_path": "lightning_aw.models.DigitsNet"},
+    }
+    validate_config(copy.deepcopy(config))
+    famo["init_args"]["losses_after"] = "next"
+    with pytest.raises(ConfigError, match=r"losses_after: expected one of 'same_batch', 'next_b"):
+        validate_config(config)
 
 
 # ---------------------------------------------------------------------------------- SoftAdapt

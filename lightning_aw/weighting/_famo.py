@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -20,9 +20,13 @@ from lightning_aw.weighting._positive import (
     _validate_per_task,
 )
 
+LossesAfter = Literal["same_batch", "next_batch"]
+_LOSSES_AFTER = ("same_batch", "next_batch")
+
 
 class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", stateful=True):
-    r"""FAMO: balance the tasks' rates of improvement with one extra forward pass per step.
+    r"""FAMO: balance the tasks' rates of improvement with one extra forward pass per step (or none,
+    ``losses_after="next_batch"``).
 
     Liu, Feng, Stone, Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023,
     https://arxiv.org/abs/2306.03792, Alg. 2.
@@ -52,24 +56,48 @@ class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", statef
       paper's 0.025; L2 decay ``gamma``, default ``1e-3``) whose state is saved with the
       callback's. The paper also clips the network's gradient norm at 1.0: pass
       ``gradient_clip_val=1.0`` to the Trainer to do the same.
-    - The recomputation calls ``pl_module.task_losses(batch, batch_idx)`` under ``torch.no_grad()``
-      and the precision plugin's autocast, in training mode (as the official code does: batch-norm
-      running statistics see the batch twice and dropout draws new masks). It costs one forward
-      pass per optimizer step; keep ``task_losses`` free of side effects (logging, metric
-      updates), since it runs twice per step.
+    - The recomputation (``losses_after="same_batch"``, the default) calls
+      ``pl_module.task_losses(batch, batch_idx)`` under ``torch.no_grad()`` and the precision
+      plugin's autocast, in training mode (as the official code does: batch-norm running
+      statistics see the batch twice and dropout draws new masks). It costs one forward pass per
+      optimizer step; keep ``task_losses`` free of side effects (logging, metric updates), since
+      it runs twice per step.
     - With ``accumulate_grad_batches=k`` the logits are updated once per optimizer step, from the
       last micro-batch of the window (its losses before and after the step).
     - Under DDP the losses before and after are averaged over the ranks (per task, over the ranks
       where it is present) before :math:`\delta` is formed, so every rank holds the same logits.
       The effective weights :math:`c z_i/D_i` use the rank-averaged losses too, so every rank
       applies the same weights to its own losses.
-    - A step skipped by ``MultiTaskModule(on_nonfinite="skip")`` leaves the logits unchanged; a
-      non-finite :math:`\delta` (e.g. a loss that overflowed) skips the Adam step.
+    - A step skipped by ``MultiTaskModule(on_nonfinite="skip")`` or by the fp16 GradScaler leaves
+      the logits unchanged; a non-finite :math:`\delta` (e.g. a loss that overflowed) skips the
+      Adam step.
     - Every loss must stay above its ``min_losses`` bound (default 0): a loss at its bound would
       take all the weight (:math:`D_i = \epsilon`), so :class:`~lightning_aw.MultiTaskModule`
       raises a ``ValueError`` naming the task at the step it happens. Losses that can be 0 or
       negative need a lower ``min_losses``. A loss re-evaluated after the step at or below its
       bound leaves that task out of that logit update.
+
+    ``losses_after="next_batch"`` (our approximation, **not** the paper's algorithm): no
+    re-evaluation at all. The losses before a step (:math:`L_t(\theta_t)`, the last micro-batch of
+    its window) are kept as a pending update, and the next optimizer step's first training
+    micro-batch supplies :math:`L_{t+1}(\theta_{t+1})`, the losses it computes anyway for its own
+    training step: the logits take the same Adam step on :math:`\delta` (same DDP averaging, same
+    presence masks, same ``frequency``/``interval`` rule) *before* that step's weights are formed,
+    so every step's weights come from the same logits as with ``"same_batch"``. It costs no
+    extra forward pass (``task_losses`` runs once per micro-batch), but :math:`\delta` then also
+    holds the difference between two batches' losses: noise that averages out over steps, on top
+    of the step's effect. Use it when the forward pass is a large part of the step (convolutional
+    trunks, large inputs: on our CPU benchmark CNN the re-evaluation makes ``"same_batch"`` cost
+    1.3-1.5x the plain step). Details:
+
+    - The logits between two steps (:attr:`logits` read after a step, e.g. by a monitor) lag one
+      update behind; the update of the last step of a run is never applied.
+    - Pending updates follow the rule of skipped steps: a step that was not taken (the GradScaler
+      or ``on_nonfinite="skip"`` skipped it) leaves no pending update, and a pending update
+      consumed by a step that is then skipped is rolled back with the rest of the state and
+      applied at the next step that is taken (its losses are still at :math:`\theta_{t+1}`).
+    - The pending losses and their presence mask are checkpointed: a resumed run continues
+      exactly.
 
     The weights reported (``weights/<task>``) are the effective weights of the last training step
     (``1/T`` before the first); ``famo/z/<task>`` logs :math:`z`. :attr:`logits` gives
@@ -83,10 +111,13 @@ class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", statef
             Default: 0 for every task.
         eps: :math:`\epsilon` added to the gaps (default ``1e-8``, the paper's).
         frequency: update the logits every ``frequency`` optimizer steps (default 1, the paper)
-            or epochs; each update costs one extra no-grad forward of the step's last batch, so
-            ``frequency=N`` divides that overhead by N.
+            or epochs; with ``losses_after="same_batch"`` each update costs one extra no-grad
+            forward of the step's last batch, so ``frequency=N`` divides that overhead by N.
         interval: ``"step"`` (default) or ``"epoch"`` (update on the first optimizer step of
             every ``frequency``-th epoch).
+        losses_after: where :math:`L(\theta_{t+1})` comes from: ``"same_batch"`` (default, the
+            paper: a no-grad re-evaluation of the step's batch) or ``"next_batch"`` (the next
+            optimizer step's own training losses, no extra forward; see above).
 
     Example::
 
@@ -117,9 +148,16 @@ class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", statef
         eps: float = 1e-8,
         frequency: int = 1,
         interval: Interval = "step",
+        losses_after: LossesAfter = "same_batch",
     ) -> None:
         if interval is None:
             raise ValueError("Parameter `interval` should be 'step' or 'epoch'. Found None.")
+        if losses_after not in _LOSSES_AFTER:
+            raise ValueError(
+                "Parameter `losses_after` should be 'same_batch' (re-evaluate the step's batch, "
+                "the paper) or 'next_batch' (the next step's own losses, no extra forward). "
+                f"Found {losses_after!r}."
+            )
         super().__init__(interval=interval, frequency=frequency)
         self._update_epoch = -1
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
@@ -136,15 +174,20 @@ class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", statef
         self.gamma = float(gamma)
         self.eps = float(eps)
         self.min_losses = _validate_per_task(min_losses, "min_losses")
+        self.losses_after: LossesAfter = losses_after
         self._adam = AdamState(lr=self.lr, weight_decay=self.gamma)
         self._logits = torch.zeros(0)
         self._weights = torch.ones(0)
         self._min = torch.zeros(0)
         self._before: Tensor | None = None
         self._before_present: Tensor | None = None
+        # "next_batch": the losses (and mask) before the last update step, awaiting the next
+        # step's losses (checkpointed, rolled back with a skipped step)
+        self._pending: Tensor | None = None
+        self._pending_present: Tensor | None = None
 
     def hparams_repr(self) -> dict[str, Any]:
-        return {
+        out = {
             "lr": self.lr,
             "gamma": self.gamma,
             "min_losses": self.min_losses,
@@ -152,6 +195,16 @@ class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", statef
             "frequency": self.frequency,
             "interval": self.interval,
         }
+        if self.losses_after != "same_batch":
+            # only when set: the default's repr and state key (checkpoints) stay as they were
+            out["losses_after"] = self.losses_after
+        return out
+
+    def _state_names(self) -> tuple[str, ...]:
+        names = super()._state_names()
+        if self.losses_after == "next_batch":
+            names = (*names, "_pending", "_pending_present")
+        return names
 
     def init_state(self, num_tasks: int) -> None:
         super().init_state(num_tasks)
@@ -233,6 +286,16 @@ class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", statef
         self._before = step.losses.detach()
         self._before_present = step.present
 
+    def step_loss(self, step: StepRecord) -> Tensor:
+        if self._pending is not None:
+            # "next_batch": the first micro-batch after an update step closes its update (before
+            # this step's weights are formed), with its own losses as L(theta_{t+1})
+            before, present = self._pending, self._pending_present
+            self._pending = self._pending_present = None
+            if present is not None:
+                self._apply_logit_update(step.trainer, before, present, step.losses, step.present)
+        return super().step_loss(step)
+
     def after_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -241,7 +304,11 @@ class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", statef
         self._before = self._before_present = None
         if not self._updates_now(trainer):
             return  # between updates: no re-evaluation, the logits stay
-        if before is not None and present is not None:
+        if before is None or present is None:
+            return
+        if self.losses_after == "next_batch":
+            self._pending, self._pending_present = before, present
+        else:
             self._update_logits(trainer, pl_module, batch, batch_idx, before, present)
 
     def _update_logits(
@@ -253,13 +320,26 @@ class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", statef
         before: Tensor,
         present: Tensor,
     ) -> None:
+        """``"same_batch"``: re-evaluate the step's batch at the new parameters, then update."""
         if not isinstance(pl_module, MultiTaskModule):
             return
         with torch.no_grad(), trainer.precision_plugin.train_step_context():
             after, after_present = pl_module.compute_losses(batch, batch_idx)
+        self._apply_logit_update(trainer, before, present, after, after_present)
+
+    def _apply_logit_update(
+        self,
+        trainer: pl.Trainer | None,
+        before: Tensor,
+        present: Tensor,
+        after: Tensor,
+        after_present: Tensor,
+    ) -> None:
+        """One Adam step of the logits on delta from the losses before and after a step (tasks
+        present in both; averaged over the DDP ranks where present)."""
         after = after.detach().float()
         present = present & after_present
-        if trainer.world_size > 1:
+        if trainer is not None and trainer.world_size > 1:
             zero = torch.zeros_like(before)
             stats = torch.cat(
                 [
