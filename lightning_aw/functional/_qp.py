@@ -36,7 +36,7 @@ def _average_ties(x: Tensor, obj: Tensor, tol: float) -> Tensor:
     The set of minimisers of a convex problem is convex, so the average is a minimiser too; taking
     all of them (not the first) keeps the answer permutation-equivariant when it is not unique.
     """
-    best = obj.min(dim=0, keepdim=True).values
+    best = obj.amin(dim=0, keepdim=True)
     tie = (obj <= best + tol * best.abs().clamp_min(1.0)).to(x.dtype)
     return (x * tie.unsqueeze(-1)).sum(0) / tie.sum(0).unsqueeze(-1)
 
