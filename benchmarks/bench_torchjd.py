@@ -3,25 +3,41 @@
     python benchmarks/bench_torchjd.py [--steps 40] [--rounds 3] [--batch-size 128]
                                        [--accelerator cpu|gpu] [--model cnn|mlp]
 
-The same model (the two-digit CNN `lightning_aw.models.DigitsNet`: 3 tasks, a ~54k-parameter shared trunk)
-and data are trained, interleaved over ``--rounds`` rounds of ``--steps`` optimizer steps each:
+The same model (``--model cnn``: the two-digit CNN `lightning_aw.models.DigitsNet`, 3 tasks, a
+~54k-parameter shared trunk; ``--model mlp``: a 128-256-256 MLP trunk, ~99k parameters, on the
+same pixels) and data are trained, interleaved over ``--rounds`` rounds of ``--steps`` optimizer
+steps each:
 
-- in a Lightning Trainer: the plain summed loss (``MultiTaskModule`` without a callback), our
-  ``UPGrad()`` (parameter and representation source), and GradDrop / DB-MTL for reference;
+- in a Lightning Trainer (``MultiTaskModule``, automatic optimization): the plain summed loss
+  (no callback), our ``UPGrad()`` (parameter and representation source), and GradDrop / DB-MTL
+  for reference;
+- in a Lightning Trainer, manual optimization (what a torchjd user writes in Lightning: a bare
+  ``LightningModule`` with ``automatic_optimization = False``): ``training_step`` calls torchjd's
+  ``mtl_backward`` + ``jac_to_grad(..., UPGrad())``, then ``opt.step()``, ``opt.zero_grad()``;
+  its baseline is the same module with ``self.manual_backward(sum(losses))``;
 - in a plain PyTorch loop: the summed loss, and torchjd's ``mtl_backward`` (per-task Jacobian of
   the shared parameters, heads get their own gradients) followed by ``jac_to_grad(..., UPGrad())``.
 
-It reports the median time of a training step (forward, backward, aggregation, optimizer step),
-its ratio to the plain sum of the same framework, and our UPGrad against torchjd's. Memory: the
-per-task gradient matrix is ``T x P`` floats (given analytically); on CUDA the peak allocated
-memory of each configuration is measured too. On any device the script checks that no ``T x P``
-tensor outlives a step: on our callbacks (DB-MTL keeps its ``T x P`` EMA by design) and, for
-torchjd, no ``.jac`` field left on the parameters.
+All Trainers have the same settings (no logger, no checkpointing, no progress bar, the same
+timing callback) and every configuration uses Adam (lr 2e-3). It reports the median time of a
+training step (forward, backward, aggregation, optimizer step), its ratio to the plain sum of the
+same framework ("vs plain": automatic Lightning, manual Lightning or the torch loop), and our
+UPGrad against torchjd's twice: torchjd in a plain loop, and torchjd inside a Trainer (the
+like-for-like comparison for a Lightning user: both pay Lightning's per-step cost). It also
+prints the two plain sums against each other (Lightning automatic / manual optimization /
+plain loop), the cost of the framework alone. Memory: the per-task gradient matrix is
+``T x P`` floats (given analytically); on CUDA the peak allocated memory of each configuration
+is measured too. On any device the script checks that no ``T x P`` tensor outlives a step: on
+our callbacks (DB-MTL keeps its ``T x P`` EMA by design) and, for torchjd, no ``.jac`` field left
+on the parameters; and that every configuration trains (each trunk parameter changes), or it
+stops with an error.
 
 First it checks, on one batch, that both UPGrads give the same shared-parameter gradient: with
 torchjd's default projector (which normalises and regularises the Gramian, ``reg_eps=1e-4``) and
 with ``reg_eps=0`` (the exact problem our UPGrad solves). Heads differ by design: torchjd gives
-each head its plain gradient, our callback weighs it with the task's coefficient.
+each head its plain gradient, our callback weighs it with the task's coefficient. It also checks
+that torchjd inside the Trainer gives the plain loop's torchjd gradient (the same calls on the
+same batch and weights: equal up to rounding).
 
 torchjd is optional and not a dependency of lightning_aw: ``pip install "torchjd[quadprog-
 projector]"`` (its UPGrad needs quadprog). Without it the script says so and exits.
@@ -305,6 +321,12 @@ def agreement(jd: tuple[Any, ...], batch_size: int, device: torch.device) -> lis
         lines.append(f"{label}: weights {w}, relative difference {diff:.2e}")
     loop, inside = grads["jd in a loop"], grads["jd in Lightning"]
     diff = float((inside - loop).norm() / loop.norm())
+    if not diff <= 1e-5:  # the same calls on the same batch and weights
+        raise RuntimeError(
+            f"torchjd inside the Trainer gives another shared gradient than in the plain loop "
+            f"(relative difference {diff:.2e}): the Lightning row does not compute what the "
+            "loop row computes, so its step time cannot be compared"
+        )
     lines.append(
         f"torchjd UPGrad() in a Trainer (manual optimization) against in the loop: relative "
         f"difference {diff:.2e}"
@@ -356,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     # each row's "vs plain": the plain summed loss of the same framework
     baseline = {name: f"{name.partition(':')[0]}: plain sum" for name in configs}
+    agreed = agreement(jd, args.batch_size, device)  # before timing: it may stop the run
     times: dict[str, list[float]] = {n: [] for n in configs}
     peaks: dict[str, list[float]] = {n: [] for n in configs}
     kept: dict[str, list[str]] = {}
@@ -394,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steps} steps x {args.rounds} rounds (median)"
     )
     print("\nOne-batch agreement of the shared-parameter gradient:")
-    for line in agreement(jd, args.batch_size, device):
+    for line in agreed:
         print(f"  {line}")
     header = f"{'configuration':<34}{'ms/step':>9}{'vs plain':>10}"
     if device.type == "cuda":
