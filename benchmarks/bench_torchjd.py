@@ -3,25 +3,41 @@
     python benchmarks/bench_torchjd.py [--steps 40] [--rounds 3] [--batch-size 128]
                                        [--accelerator cpu|gpu] [--model cnn|mlp]
 
-The same model (the two-digit CNN `lightning_aw.models.DigitsNet`: 3 tasks, a ~54k-parameter shared trunk)
-and data are trained, interleaved over ``--rounds`` rounds of ``--steps`` optimizer steps each:
+The same model (``--model cnn``: the two-digit CNN `lightning_aw.models.DigitsNet`, 3 tasks, a
+~54k-parameter shared trunk; ``--model mlp``: a 128-256-256 MLP trunk, ~99k parameters, on the
+same pixels) and data are trained, interleaved over ``--rounds`` rounds of ``--steps`` optimizer
+steps each:
 
-- in a Lightning Trainer: the plain summed loss (``MultiTaskModule`` without a callback), our
-  ``UPGrad()`` (parameter and representation source), and GradDrop / DB-MTL for reference;
+- in a Lightning Trainer (``MultiTaskModule``, automatic optimization): the plain summed loss
+  (no callback), our ``UPGrad()`` (parameter and representation source), and GradDrop / DB-MTL
+  for reference;
+- in a Lightning Trainer, manual optimization (what a torchjd user writes in Lightning: a bare
+  ``LightningModule`` with ``automatic_optimization = False``): ``training_step`` calls torchjd's
+  ``mtl_backward`` + ``jac_to_grad(..., UPGrad())``, then ``opt.step()``, ``opt.zero_grad()``;
+  its baseline is the same module with ``self.manual_backward(sum(losses))``;
 - in a plain PyTorch loop: the summed loss, and torchjd's ``mtl_backward`` (per-task Jacobian of
   the shared parameters, heads get their own gradients) followed by ``jac_to_grad(..., UPGrad())``.
 
-It reports the median time of a training step (forward, backward, aggregation, optimizer step),
-its ratio to the plain sum of the same framework, and our UPGrad against torchjd's. Memory: the
-per-task gradient matrix is ``T x P`` floats (given analytically); on CUDA the peak allocated
-memory of each configuration is measured too. On any device the script checks that no ``T x P``
-tensor outlives a step: on our callbacks (DB-MTL keeps its ``T x P`` EMA by design) and, for
-torchjd, no ``.jac`` field left on the parameters.
+All Trainers have the same settings (no logger, no checkpointing, no progress bar, the same
+timing callback) and every configuration uses Adam (lr 2e-3). It reports the median time of a
+training step (forward, backward, aggregation, optimizer step), its ratio to the plain sum of the
+same framework ("vs plain": automatic Lightning, manual Lightning or the torch loop), and our
+UPGrad against torchjd's twice: torchjd in a plain loop, and torchjd inside a Trainer (the
+like-for-like comparison for a Lightning user: both pay Lightning's per-step cost). It also
+prints the two plain sums against each other (Lightning automatic / manual optimization /
+plain loop), the cost of the framework alone. Memory: the per-task gradient matrix is
+``T x P`` floats (given analytically); on CUDA the peak allocated memory of each configuration
+is measured too. On any device the script checks that no ``T x P`` tensor outlives a step: on
+our callbacks (DB-MTL keeps its ``T x P`` EMA by design) and, for torchjd, no ``.jac`` field left
+on the parameters; and that every configuration trains (each trunk parameter changes), or it
+stops with an error.
 
 First it checks, on one batch, that both UPGrads give the same shared-parameter gradient: with
 torchjd's default projector (which normalises and regularises the Gramian, ``reg_eps=1e-4``) and
 with ``reg_eps=0`` (the exact problem our UPGrad solves). Heads differ by design: torchjd gives
-each head its plain gradient, our callback weighs it with the task's coefficient.
+each head its plain gradient, our callback weighs it with the task's coefficient. It also checks
+that torchjd inside the Trainer gives the plain loop's torchjd gradient (the same calls on the
+same batch and weights: equal up to rounding).
 
 torchjd is optional and not a dependency of lightning_aw: ``pip install "torchjd[quadprog-
 projector]"`` (its UPGrad needs quadprog). Without it the script says so and exits.
@@ -92,6 +108,43 @@ def _losses(net: nn.Module, h: Tensor, y: Tensor) -> list[Tensor]:
     ]
 
 
+class _ManualModule(pl.LightningModule):
+    """What a torchjd user writes in Lightning: manual optimization around ``mtl_backward``.
+
+    The same trunk, heads, losses and optimizer (Adam, lr 2e-3) as the other rows, in a bare
+    ``LightningModule`` with ``automatic_optimization = False``. ``training_step`` runs the
+    network, then with ``jd`` torchjd's ``mtl_backward(losses, features=h)`` and
+    ``jac_to_grad(trunk parameters, UPGrad())`` (the plain loop's calls; torchjd runs autograd
+    itself, so Lightning's ``manual_backward`` hooks are not called), without ``jd``
+    ``self.manual_backward(sum(losses))`` (this row's plain-sum baseline); then ``opt.step()``
+    and ``opt.zero_grad()``.
+    """
+
+    def __init__(self, jd: tuple[Any, ...] | None, net: nn.Module | None = None) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        net = _Metricless() if net is None else net
+        self.trunk, self.heads = net.trunk, net.heads
+        self.jd = jd
+        self.aggregator = None if jd is None else jd[2]()
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        x, y = batch
+        h = self.trunk(x)
+        losses = _losses(self, h, y)
+        if self.jd is None:
+            self.manual_backward(sum(losses))
+        else:
+            self.jd[0](losses, features=h)  # .jac on the trunk, .grad on the heads
+            self.jd[1](list(self.trunk.parameters()), self.aggregator)  # .jac -> .grad
+        opt.step()
+        opt.zero_grad()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=2e-3)
+
+
 def _task_matrices(obj: Any, threshold: int) -> list[str]:
     """Tensors (not parameters) of at least ``threshold`` elements held by ``obj``'s attributes."""
     found: list[str] = []
@@ -133,11 +186,27 @@ class _Timer(pl.Callback):
             if cb is not self
             for name in _task_matrices(cb, self.threshold)
         ]
+        self.kept += [
+            f"param.jac{list(p.jac.shape)}"
+            for p in trainer.lightning_module.parameters()
+            if getattr(p, "jac", None) is not None
+        ]
 
 
-def _lightning(make: Callable[[], list[pl.Callback]]) -> Callable[..., dict[str, Any]]:
+def _trained(before: list[Tensor], net: nn.Module) -> bool:
+    """Whether every trunk parameter moved away from its ``before`` copy."""
+    after = [p.detach().cpu() for p in net.trunk.parameters()]
+    return all(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+
+
+def _lightning(
+    make: Callable[[], list[pl.Callback]],
+    module: Callable[[], pl.LightningModule] = _Metricless,
+) -> Callable[..., dict[str, Any]]:
     def run(steps: int, batch_size: int, data: Any, device: torch.device, threshold: int):
         timer = _Timer(threshold)
+        model = module()
+        before = [p.detach().cpu().clone() for p in model.trunk.parameters()]
         trainer = pl.Trainer(
             accelerator="gpu" if device.type == "cuda" else "cpu",
             devices=1,
@@ -151,8 +220,8 @@ def _lightning(make: Callable[[], list[pl.Callback]]) -> Callable[..., dict[str,
             limit_val_batches=0,
         )
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True)
-        trainer.fit(_Metricless(), loader)
-        return {"times": timer.times, "kept": timer.kept}
+        trainer.fit(model, loader)
+        return {"times": timer.times, "kept": timer.kept, "trained": _trained(before, model)}
 
     return run
 
@@ -160,6 +229,7 @@ def _lightning(make: Callable[[], list[pl.Callback]]) -> Callable[..., dict[str,
 def _torch_loop(jd: tuple[Any, ...] | None) -> Callable[..., dict[str, Any]]:
     def run(steps: int, batch_size: int, data: Any, device: torch.device, threshold: int):
         net = _Metricless().to(device)
+        before = [p.detach().cpu().clone() for p in net.trunk.parameters()]
         shared = list(net.trunk.parameters())
         optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
         aggregator = None if jd is None else jd[2]()
@@ -192,36 +262,47 @@ def _torch_loop(jd: tuple[Any, ...] | None) -> Callable[..., dict[str, Any]]:
                 for p in shared
                 if getattr(p, "jac", None) is not None
             ]
-        return {"times": times, "kept": kept}
+        return {"times": times, "kept": kept, "trained": _trained(before, net)}
 
     return run
 
 
 def agreement(jd: tuple[Any, ...], batch_size: int, device: torch.device) -> list[str]:
-    """Shared-parameter gradients of one step: our UPGrad (in a Trainer) against torchjd's."""
+    """Shared-parameter gradients of one step: our UPGrad (in a Trainer) against torchjd's (in a
+    plain loop), and torchjd in a Trainer (manual optimization) against torchjd in the loop."""
     torch.manual_seed(0)
     start = _Metricless()
     x, y = make_two_digits(batch_size, seed=1)
     grads: dict[str, Tensor] = {}
 
     class Capture(pl.Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            grads["ours"] = torch.cat([p.grad.reshape(-1) for p in pl_module.trunk.parameters()])
-            grads["coefs"] = pl_module.weighting.weight_tensor().clone()
+        def __init__(self, key: str) -> None:
+            self.key = key
 
-    pl.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
-        max_steps=1,
-        callbacks=[UPGrad(), Capture()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    ).fit(
-        copy.deepcopy(start),
-        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size),
-    )
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads[self.key] = torch.cat([p.grad.reshape(-1) for p in pl_module.trunk.parameters()])
+            if self.key == "ours":
+                grads["coefs"] = pl_module.weighting.weight_tensor().clone()
+
+    def one_step(module: pl.LightningModule, callbacks: list[pl.Callback]) -> None:
+        pl.Trainer(
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            max_steps=1,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(
+            module,
+            torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(x, y), batch_size=batch_size
+            ),
+        )
+
+    one_step(copy.deepcopy(start), [UPGrad(), Capture("ours")])
+    one_step(_ManualModule(jd, copy.deepcopy(start)), [Capture("jd in Lightning")])
     mtl_backward, jac_to_grad, JDUPGrad, QuadprogProjector = jd
     lines = [f"our UPGrad coefficients {[round(c, 4) for c in grads['coefs'].cpu().tolist()]}"]
     for label, make in (
@@ -234,9 +315,22 @@ def agreement(jd: tuple[Any, ...], batch_size: int, device: torch.device) -> lis
         mtl_backward(_losses(net, h, y.to(device)), features=h)
         weights = jac_to_grad(shared, make())
         theirs = torch.cat([p.grad.reshape(-1) for p in shared])
+        grads.setdefault("jd in a loop", theirs)  # the default UPGrad, as in the timed rows
         diff = float((theirs - grads["ours"]).norm() / theirs.norm())
         w = [round(v, 4) for v in weights.cpu().tolist()]
         lines.append(f"{label}: weights {w}, relative difference {diff:.2e}")
+    loop, inside = grads["jd in a loop"], grads["jd in Lightning"]
+    diff = float((inside - loop).norm() / loop.norm())
+    if not diff <= 1e-5:  # the same calls on the same batch and weights
+        raise RuntimeError(
+            f"torchjd inside the Trainer gives another shared gradient than in the plain loop "
+            f"(relative difference {diff:.2e}): the Lightning row does not compute what the "
+            "loop row computes, so its step time cannot be compared"
+        )
+    lines.append(
+        f"torchjd UPGrad() in a Trainer (manual optimization) against in the loop: relative "
+        f"difference {diff:.2e}"
+    )
     return lines
 
 
@@ -277,9 +371,14 @@ def main(argv: list[str] | None = None) -> int:
         "Lightning: UPGrad (repr.)": _lightning(lambda: [UPGrad(source="representation")]),
         "Lightning: GradDrop": _lightning(lambda: [GradDrop()]),
         "Lightning: DBMTL (param.)": _lightning(lambda: [DBMTL()]),
+        "Lightning manual: plain sum": _lightning(lambda: [], lambda: _ManualModule(None)),
+        "Lightning manual: torchjd UPGrad": _lightning(lambda: [], lambda: _ManualModule(jd)),
         "torch loop: plain sum": _torch_loop(None),
         "torch loop: torchjd UPGrad": _torch_loop(jd),
     }
+    # each row's "vs plain": the plain summed loss of the same framework
+    baseline = {name: f"{name.partition(':')[0]}: plain sum" for name in configs}
+    agreed = agreement(jd, args.batch_size, device)  # before timing: it may stop the run
     times: dict[str, list[float]] = {n: [] for n in configs}
     peaks: dict[str, list[float]] = {n: [] for n in configs}
     kept: dict[str, list[str]] = {}
@@ -292,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
             out = run(args.steps, args.batch_size, data, device, num_tasks * num_shared)
             times[name].append(statistics.median(out["times"][5:]))  # skip warm-up steps
             kept[name] = out["kept"]
+            if not out["trained"]:
+                raise RuntimeError(
+                    f"{name}: a trunk parameter did not change in {args.steps} steps; this "
+                    "configuration does not train, its step time means nothing"
+                )
             if device.type == "cuda":
                 peaks[name].append((torch.cuda.max_memory_allocated() - base) / 2**20)
     med = {n: statistics.median(t) for n, t in times.items()}
@@ -313,24 +417,29 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steps} steps x {args.rounds} rounds (median)"
     )
     print("\nOne-batch agreement of the shared-parameter gradient:")
-    for line in agreement(jd, args.batch_size, device):
+    for line in agreed:
         print(f"  {line}")
-    header = f"{'configuration':<30}{'ms/step':>9}{'vs plain':>10}"
+    header = f"{'configuration':<34}{'ms/step':>9}{'vs plain':>10}"
     if device.type == "cuda":
         header += f"{'peak MiB':>10}"
     print(f"\n{header}{'  T x P tensors kept after a step'}")
     for name in configs:
-        plain = med[
-            "Lightning: plain sum" if name.startswith("Lightning") else "torch loop: plain sum"
-        ]
-        row = f"{name:<30}{1e3 * med[name]:>9.2f}{med[name] / plain:>10.2f}"
+        plain = med[baseline[name]]
+        row = f"{name:<34}{1e3 * med[name]:>9.2f}{med[name] / plain:>10.2f}"
         if device.type == "cuda":
             row += f"{statistics.median(peaks[name]):>10.1f}"
         print(f"{row}  {', '.join(kept[name]) or 'none'}")
-    ours, theirs = med["Lightning: UPGrad (param.)"], med["torch loop: torchjd UPGrad"]
+    ours, ours_repr = med["Lightning: UPGrad (param.)"], med["Lightning: UPGrad (repr.)"]
+    print("\nour UPGrad step time / torchjd UPGrad's, param. source (repr. source):")
+    for where_jd, row in (
+        ("in a plain PyTorch loop", "torch loop: torchjd UPGrad"),
+        ("in a Trainer (manual optimization)", "Lightning manual: torchjd UPGrad"),
+    ):
+        print(f"  torchjd {where_jd:<36}{ours / med[row]:.2f} ({ours_repr / med[row]:.2f})")
+    auto, manual = med["Lightning: plain sum"], med["Lightning manual: plain sum"]
     print(
-        f"\nour UPGrad (param.) / torchjd UPGrad step time: {ours / theirs:.2f}; "
-        f"(repr.) / torchjd: {med['Lightning: UPGrad (repr.)'] / theirs:.2f}"
+        f"plain sums: Lightning automatic / manual optimization {auto / manual:.2f}, "
+        f"Lightning automatic / plain loop {auto / med['torch loop: plain sum']:.2f}"
     )
     mb = num_tasks * num_shared * 4 / 2**20
     print(

@@ -23,9 +23,29 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
 GRADNORM = ROOT / "examples" / "configs" / "digits_gradnorm.yaml"
 TASKS = ("left", "right", "sum")
+SCENE_TASKS = ("seg", "depth", "normal")
+#: tiny data of each example data module: 2 training batches, 2 validation batches
+TINY_DATA = {
+    "TwoDigitsDataModule": ["train_pairs=256", "val_pairs=128", "batch_size=64"],
+    "SyntheticScenesDataModule": [
+        "num_train=8",
+        "num_val=8",
+        "height=24",
+        "width=32",
+        "batch_size=4",
+    ],
+}
 
 
-def tiny(tmp_path: pathlib.Path) -> list[str]:
+def data_class(config: pathlib.Path) -> str:
+    return yaml.safe_load(config.read_text())["data"]["class_path"].rpartition(".")[2]
+
+
+def tasks_of(config: pathlib.Path) -> tuple[str, ...]:
+    return SCENE_TASKS if data_class(config) == "SyntheticScenesDataModule" else TASKS
+
+
+def tiny(tmp_path: pathlib.Path, config: pathlib.Path = GRADNORM) -> list[str]:
     """Overrides that make an example run take a few seconds, logging under tmp_path."""
     return [
         "trainer.max_epochs=1",
@@ -35,9 +55,7 @@ def tiny(tmp_path: pathlib.Path) -> list[str]:
         "trainer.accelerator=cpu",
         f"trainer.default_root_dir={tmp_path}",
         f"trainer.logger.init_args.save_dir={tmp_path}",
-        "data.init_args.train_pairs=256",
-        "data.init_args.val_pairs=128",
-        "data.init_args.batch_size=64",
+        *(f"data.init_args.{o}" for o in TINY_DATA[data_class(config)]),
     ]
 
 
@@ -54,9 +72,11 @@ def scalars(log_dir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
     }
 
 
-def check_weights_logged(log_dir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+def check_weights_logged(
+    log_dir: pathlib.Path, tasks: tuple[str, ...] = TASKS
+) -> dict[str, list[tuple[int, float]]]:
     logged = scalars(log_dir)
-    for task in TASKS:
+    for task in tasks:
         values = logged.get(f"weights/{task}")
         assert values, f"no weights/{task} in {sorted(logged)}"
         assert [step for step, _ in values] == [0, 1]  # both steps of the tiny run
@@ -67,7 +87,12 @@ def check_weights_logged(log_dir: pathlib.Path) -> dict[str, list[tuple[int, flo
 
 def test_the_examples_exist():
     names = {p.name for p in EXAMPLES}
-    assert {"digits_gradnorm.yaml", "digits_pcgrad.yaml", "digits_uncertainty.yaml"} <= names
+    assert {
+        "digits_gradnorm.yaml",
+        "digits_pcgrad.yaml",
+        "digits_uncertainty.yaml",
+        "scenes_upgrad.yaml",
+    } <= names
 
 
 def test_the_console_script_is_declared():
@@ -78,15 +103,24 @@ def test_the_console_script_is_declared():
 # ------------------------------------------------------------------------------- lightning-aw
 @pytest.mark.parametrize("config", EXAMPLES, ids=lambda p: p.stem)
 def test_examples_run_through_the_command(tmp_path, config):
-    assert main(["fit", "--config", str(config), *tiny(tmp_path)]) == 0
+    assert main(["fit", "--config", str(config), *tiny(tmp_path, config)]) == 0
     log_dir = run_dir(tmp_path, config)
-    logged = check_weights_logged(log_dir)
+    logged = check_weights_logged(log_dir, tasks_of(config))
     if config == GRADNORM:  # GradNorm renormalises its weights to sum to T = 3
         for i in range(2):
             assert sum(logged[f"weights/{t}"][i][1] for t in TASKS) == pytest.approx(3.0)
     if config.stem == "digits_uncertainty":  # the log-variances' group has the callback's lr
         assert logged["lr-AdamW/weighting"][0][1] == pytest.approx(0.025)
         assert logged["lr-AdamW/shared"][0][1] == pytest.approx(0.002)
+    if config.stem == "scenes_upgrad":
+        # UPGrad averages the T dual-cone projections of the tasks' gradients, each with a
+        # coefficient of at least 1 on its own task: every task weight is at least 1/T
+        for i in range(2):
+            assert min(logged[f"weights/{t}"][i][1] for t in SCENE_TASKS) >= 1 / 3 - 1e-6
+        # SceneNet validates with the NYUv2 metric set, once at the end of the epoch
+        for tag in ("val/seg/miou", "val/depth/abs_err", "val/normal/mean"):
+            ((_, value),) = logged[tag]
+            assert math.isfinite(value)
     # the resolved configuration is saved next to the events, and runs again as it is
     saved = load_config(log_dir / "config.yaml")
     assert saved.trainer.max_epochs == 1 and saved.trainer.logger.init_args.save_dir == str(
@@ -381,15 +415,18 @@ def test_save_config_does_not_overwrite_an_earlier_run(tmp_path, capsys):
 def test_examples_run_through_lightning_cli(tmp_path, monkeypatch, config):
     pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse ([cli] extra)")
     monkeypatch.setattr(sys, "argv", ["lightning-aw"])
-    cli = lightning_cli(["fit", "--config", str(config), *[f"--{o}" for o in tiny(tmp_path)]])
+    overrides = [f"--{o}" for o in tiny(tmp_path, config)]
+    cli = lightning_cli(["fit", "--config", str(config), *overrides])
     log_dir = run_dir(tmp_path, config)
-    check_weights_logged(log_dir)
+    check_weights_logged(log_dir, tasks_of(config))
     (theirs,) = [c for c in cli.trainer.callbacks if isinstance(c, Weighting)]
 
     # LightningCLI's SaveConfigCallback wrote config.yaml; it loads and builds here too
     exp = build(load_config(log_dir / "config.yaml"))
     (ours,) = [c for c in exp.trainer.callbacks if isinstance(c, Weighting)]
     assert type(ours) is type(theirs) and repr(ours) == repr(theirs)
+    if config.stem == "scenes_upgrad":
+        assert ours.source == theirs.source == "representation"
     assert exp.model.optimizer_spec == cli.model.optimizer_spec
     assert type(exp.model) is type(cli.model)
     assert exp.seed == cli.config["fit"]["seed_everything"]
