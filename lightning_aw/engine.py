@@ -186,15 +186,61 @@ class TaskGradients:
                     self.scaled(losses[i]), leaf, retain_graph=True, allow_unused=True
                 )
                 if g is None:
-                    raise MisconfigurationException(
-                        f"{self.owner!r}: the loss of task '{self.step.tasks[i]}' does not depend "
-                        "on the tensor marked with `shared_representation()`, so its gradient "
-                        "there is missing. Make that task's head read the marked tensor "
-                        "(`h = self.shared_representation(self.trunk(x))`, then every head on "
-                        "`h`), or use source='parameters'."
-                    )
+                    raise self._not_on_representation(i)
             rows.append(g)
         return rows
+
+    def _not_on_representation(self, i: int) -> MisconfigurationException:
+        return MisconfigurationException(
+            f"{self.owner!r}: the loss of task '{self.step.tasks[i]}' does not depend on the "
+            "tensor marked with `shared_representation()`, so its gradient there is missing. "
+            "Make that task's head read the marked tensor "
+            "(`h = self.shared_representation(self.trunk(x))`, then every head on `h`), or use "
+            "source='parameters'."
+        )
+
+    def on_representation_and_heads_scaled(
+        self, heads: Sequence[Tensor]
+    ) -> tuple[list[Tensor | None], list[list[Tensor | None] | None]]:
+        """:meth:`on_representation_scaled`, and in the same backward passes each present task's
+        (scaled) gradients on ``heads`` (parameters its loss reaches without going through the
+        cut representation: its head; ``None`` where one is not reached).
+
+        Combining these per-task head gradients with the coefficients replaces a second
+        backward pass through the heads (the combined loss's), so a method on a cut
+        representation traverses each head once per step, as the plain summed loss does.
+        """
+        leaf = self.representation()
+        losses = self.step.task_losses
+        rows: list[Tensor | None] = []
+        head_rows: list[list[Tensor | None] | None] = []
+        for i, here in enumerate(self.step.present_list):
+            if not here:
+                rows.append(None)
+                head_rows.append(None)
+                continue
+            g, *gh = torch.autograd.grad(
+                self.scaled(losses[i]),  # type: ignore[arg-type]
+                [leaf, *heads],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            if g is None:
+                raise self._not_on_representation(i)
+            rows.append(g)
+            head_rows.append(gh)
+        return rows, head_rows
+
+    def combined_on_representation_and_heads_scaled(
+        self, total: Tensor, heads: Sequence[Tensor]
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """The gradients of one (scaled) combined loss on the marked representation (zeros when
+        it does not reach it) and on ``heads`` (``None`` where not reached), in one backward."""
+        leaf = self.representation()
+        g, *gh = torch.autograd.grad(
+            self.scaled(total), [leaf, *heads], retain_graph=True, allow_unused=True
+        )
+        return (torch.zeros_like(leaf) if g is None else g), gh
 
     def stack(self, rows: Sequence[Tensor | None], like: Tensor) -> Tensor:
         """``[T, *like.shape]`` float32, unscaled, zero rows for absent tasks."""
@@ -600,24 +646,73 @@ def flatten(per_task: Sequence[Sequence[Tensor] | None], params: Sequence[Tensor
     )
 
 
+#: :func:`gram_by_layer` joins consecutive layers into one product until a block holds this many
+#: entries per task (fewer, larger products: a deep trunk has many small tensors; the extra
+#: memory is at most ``T`` times this many floats)
+_GRAM_BLOCK = 1 << 20
+
+
 def gram_by_layer(
     per_task: Sequence[Sequence[Tensor] | None], layers: Sequence[int], num: int
 ) -> Tensor:
     """The ``[T, T]`` float32 Gram matrix of per-task gradients, formed layer by layer (no
-    ``[T, P]`` copy); zero rows and columns for absent tasks."""
+    ``[T, P]`` copy: consecutive small layers share one product); zero rows and columns for
+    absent tasks."""
     index = [i for i, r in enumerate(per_task) if r is not None]
     device = next(r for r in per_task if r is not None)[0].device
     gram = torch.zeros(num, num, device=device)
     if not index:
         return gram
-    sub = torch.zeros(len(index), len(index), device=device)
+    rows = [per_task[i] for i in index]
+    sub: Tensor | None = None
+    group: list[int] = []
+    size = 0
+
+    def product(group: list[int]) -> Tensor:
+        if len(group) == 1:
+            block = torch.stack([r[group[0]].reshape(-1) for r in rows])  # type: ignore[index]
+        else:
+            block = torch.stack(
+                [torch.cat([r[j].reshape(-1) for j in group]) for r in rows]  # type: ignore[index]
+            )
+        block = block.float()
+        return block @ block.T
+
     for j in layers:
-        block = torch.stack([per_task[i][j].reshape(-1) for i in index]).float()  # type: ignore[index]
-        sub = sub + block @ block.T
+        numel = rows[0][j].numel()  # type: ignore[index]
+        if group and size + numel > _GRAM_BLOCK:
+            sub = product(group) if sub is None else sub + product(group)
+            group, size = [], 0
+        group.append(j)
+        size += numel
+    if group:
+        sub = product(group) if sub is None else sub + product(group)
+    assert sub is not None
     if len(index) == num:
         return sub
     ix = torch.tensor(index, device=device)
     return gram.index_put_((ix[:, None], ix[None, :]), sub)
+
+
+def combine_per_task(
+    per_task: Sequence[Sequence[Tensor] | None], coefs: Tensor, num_tensors: int
+) -> list[Tensor]:
+    """``sum_t coefs[t] * per_task[t][j]`` in float32 for each of the ``num_tensors`` tensors
+    (absent tasks, ``None``, left out): ``T`` fused multi-tensor operations, not ``T`` per tensor.
+    """
+    rows = [(t, r) for t, r in enumerate(per_task) if r is not None]
+    c = coefs.float()
+    if not rows:
+        raise ValueError("combine_per_task needs at least one present task")
+    out: list[Tensor] | None = None
+    for t, r in rows:
+        tensors = [g if g.dtype == torch.float32 else g.float() for g in r[:num_tensors]]
+        if out is None:
+            out = list(torch._foreach_mul(tensors, c[t]))
+        else:
+            torch._foreach_add_(out, torch._foreach_mul(tensors, c[t]))
+    assert out is not None
+    return out
 
 
 def present_mean(
@@ -650,24 +745,30 @@ def present_mean(
 
 
 class _Inject(torch.autograd.Function):
-    """A float32 zero whose gradient with respect to ``x`` is ``g`` (times the incoming one).
+    """A float32 zero whose gradient with respect to each ``xs[j]`` is ``gs[j]`` (times the
+    incoming one), for all the tensors in one autograd node.
 
-    The same as the surrogate ``<g, x> - <g, x>.detach()``, but its value is exactly 0 even when
-    ``g`` is not finite (an fp16 overflow step), and the incoming gradient (the loss scale divided
-    by ``accumulate_grad_batches``) multiplies ``g`` in float32 before the cast to ``x``'s dtype,
-    so a small unscaled ``g`` does not underflow in float16.
+    The same as the surrogate ``sum_j <g_j, x_j> - <g_j, x_j>.detach()``, but its value is
+    exactly 0 even when a ``g_j`` is not finite (an fp16 overflow step), and the incoming gradient
+    (the loss scale divided by ``accumulate_grad_batches``) multiplies each ``g_j`` in float32
+    before the cast to ``x_j``'s dtype, so a small unscaled ``g_j`` does not underflow in float16.
+    Called as ``_Inject.apply(n, *xs, *gs)``; one node for any number of tensors keeps the cost
+    of a step independent of how many parameter tensors the trunk has.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, g: Tensor) -> Tensor:
-        ctx.save_for_backward(g)
-        ctx.x_dtype = x.dtype
-        return torch.zeros((), dtype=torch.float32, device=x.device)
+    def forward(ctx: Any, n: int, *tensors: Tensor) -> Tensor:
+        xs, gs = tensors[:n], tensors[n:]
+        ctx.save_for_backward(*gs)
+        ctx.x_dtypes = [x.dtype for x in xs]
+        return torch.zeros((), dtype=torch.float32, device=xs[0].device)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
-        (g,) = ctx.saved_tensors
-        return (g * grad_out.float()).to(ctx.x_dtype), None
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        gs = ctx.saved_tensors
+        scale = grad_out.float()
+        out = [(g * scale).to(dtype) for g, dtype in zip(gs, ctx.x_dtypes, strict=True)]
+        return (None, *out, *([None] * len(gs)))
 
 
 def inject(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
@@ -687,7 +788,8 @@ def inject(tensors: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
         >>> out.backward(); x.grad
         tensor([ 0.5000, -1.0000])
     """
-    total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
-    for t, g in zip(tensors, grads, strict=True):
-        total = total + _Inject.apply(t, g.detach().float().reshape(t.shape))
-    return total
+    tensors = list(tensors)
+    if len(tensors) != len(grads):
+        raise ValueError(f"inject got {len(tensors)} tensors and {len(grads)} gradients")
+    gs = [g.detach().float().reshape(t.shape) for t, g in zip(tensors, grads, strict=True)]
+    return _Inject.apply(len(tensors), *tensors, *gs)

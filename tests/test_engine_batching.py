@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from _helpers import TinyNet, loader, params, trainer
@@ -214,3 +215,129 @@ def test_training_is_the_same_batched_or_looped(tmp_path, monkeypatch, make, mar
     for key, value in results["loop"][0].items():
         torch.testing.assert_close(results["batched"][0][key], value, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(results["batched"][1], results["loop"][1], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------- multi-tensor helpers of the engine
+@pytest.mark.parametrize("block", [1, 7, 1 << 20])
+def test_gram_by_layer_joins_layers_and_equals_the_flat_gram(monkeypatch, block):
+    """Consecutive layers share one product up to `_GRAM_BLOCK` entries (1: every layer alone,
+    7: groups of several small layers and a layer larger than a block); absent tasks give zero
+    rows and columns; the result is the Gram matrix of the flattened gradients."""
+    monkeypatch.setattr(engine, "_GRAM_BLOCK", block)
+    torch.manual_seed(0)
+    shapes = [(2, 2), (3,), (1,), (4, 3), (2,)]
+    per_task = [[torch.randn(s) for s in shapes] for _ in range(4)]
+    per_task[2] = None  # an absent task
+    got = engine.gram_by_layer(per_task, range(len(shapes)), 4)
+    flat = torch.stack(
+        [
+            torch.zeros(sum(torch.Size(s).numel() for s in shapes), dtype=torch.float64)
+            if r is None
+            else torch.cat([g.double().reshape(-1) for g in r])
+            for r in per_task
+        ]
+    )
+    torch.testing.assert_close(got.double(), flat @ flat.T, rtol=1e-6, atol=1e-6)
+    assert got[2].abs().sum() == 0 and got[:, 2].abs().sum() == 0
+    partial = engine.gram_by_layer(per_task, [0, 3], 4)  # only some layers
+    sub = torch.stack(
+        [
+            torch.zeros(16) if r is None else torch.cat([r[0].reshape(-1), r[3].reshape(-1)])
+            for r in per_task
+        ]
+    )
+    torch.testing.assert_close(partial, sub @ sub.T, rtol=1e-6, atol=1e-6)
+
+
+def test_combine_per_task_sums_the_weighted_rows_in_float32():
+    torch.manual_seed(1)
+    rows = [
+        [torch.randn(3), torch.randn(2, 2)],
+        None,
+        [torch.randn(3).half(), torch.randn(2, 2).half()],
+    ]
+    coefs = torch.tensor([0.5, 9.0, -2.0])
+    got = engine.combine_per_task(rows, coefs, 2)
+    for j in range(2):
+        want = 0.5 * rows[0][j] + -2.0 * rows[2][j].float()
+        assert got[j].dtype == torch.float32
+        torch.testing.assert_close(got[j], want)
+    with pytest.raises(ValueError, match="at least one present task"):
+        engine.combine_per_task([None, None], coefs[:2], 2)
+
+
+def test_inject_hands_each_tensor_its_gradient_in_one_node():
+    """One autograd node for all tensors: each gets its gradient times the incoming one (the
+    loss scale / accumulation), cast to its dtype after the product (no fp16 underflow); the
+    value is exactly 0 even for a non-finite gradient."""
+    a = torch.zeros(2, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float16, requires_grad=True)
+    ga, gb = torch.tensor([0.5, -1.0]), torch.tensor([1e-8, 2.0, 3.0])  # 1e-8 underflows in fp16
+    out = engine.inject([a, b], [ga, gb])
+    assert out.item() == 0.0 and out.dtype == torch.float32
+    assert out.grad_fn is not None and len(out.grad_fn.next_functions) >= 2
+    (out * 65536.0).backward()
+    torch.testing.assert_close(a.grad, ga * 65536.0)
+    assert b.grad.dtype == torch.float16
+    torch.testing.assert_close(b.grad, (gb * 65536.0).half())
+    assert b.grad[0] != 0  # scaled before the cast
+    assert engine.inject([a], [torch.tensor([float("inf"), 1.0])]).item() == 0.0
+    with pytest.raises(ValueError, match="2 tensors and 1 gradients"):
+        engine.inject([a, b], [ga])
+
+
+# ------------------------------------------ the heads' gradients come from the per-task passes
+class _BypassNet(TinyNet):
+    """TinyNet whose task 'a' also reads a parameter outside the heads and the representation
+    (a learned offset on the trunk's first layer output: a path that bypasses the cut)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.offset = nn.Parameter(torch.tensor(0.3))
+        self.head_calls = 0
+        for head in self.heads.values():
+            head.register_full_backward_hook(self._count)
+
+    def _count(self, module, grad_in, grad_out):
+        self.head_calls += 1
+
+    def task_losses(self, batch, batch_idx):
+        out = super().task_losses(batch, batch_idx)
+        x, _ = batch
+        out["a"] = out["a"] + self.offset * self.trunk[0](x).mean() ** 2
+        return out
+
+
+class _Grads(pl.Callback):
+    def __init__(self):
+        self.seen: list[dict[str, Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.seen.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+
+
+@pytest.mark.parametrize("source", ["parameters", "representation"])
+@pytest.mark.parametrize("frequency", [1, 2])
+def test_head_gradients_from_the_per_task_passes_equal_the_combined_backward(
+    tmp_path, monkeypatch, source, frequency
+):
+    """With a cut representation the heads' gradients are the coefficient-weighted per-task
+    gradients of the passes that also give the representation's: the same gradients (every
+    parameter, the bypassing one included, steps that reuse the coefficients included) as a
+    second backward of the combined loss through the heads, which each head now skips."""
+    runs = {}
+    for reuse in (True, False):
+        if not reuse:  # the previous path: the combined loss's backward through the heads
+            monkeypatch.setattr(UPGrad, "_head_params", lambda self, step: None)
+        net, grads = _BypassNet(), _Grads()
+        t = trainer(tmp_path, [UPGrad(source=source, frequency=frequency), grads], max_steps=4)
+        t.fit(net, loader())
+        runs[reuse] = (grads.seen, net.head_calls)
+    (new, new_calls), (old, old_calls) = runs[True], runs[False]
+    assert len(new) == len(old) == 4
+    for step_new, step_old in zip(new, old, strict=True):
+        assert step_new["offset"].abs() > 0  # the bypassing parameter gets its gradient
+        for name in step_old:
+            torch.testing.assert_close(step_new[name], step_old[name], rtol=1e-5, atol=1e-7)
+    assert new_calls == 4 * 3  # each head once per step
+    assert old_calls == 2 * new_calls  # before: per-task pass + combined backward

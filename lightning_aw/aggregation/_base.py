@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -10,14 +11,35 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_aw._sharding import Unsharder, check_parameter_gradients
+from lightning_aw._sharding import (
+    Unsharder,
+    any_sharded,
+    check_parameter_gradients,
+    strategy_name,
+)
 from lightning_aw._utils import all_reduce_sum
-from lightning_aw.engine import TaskGradients, flatten, gram_by_layer, inject, present_mean
+from lightning_aw.engine import (
+    TaskGradients,
+    combine_per_task,
+    flatten,
+    gram_by_layer,
+    inject,
+    present_mean,
+)
 from lightning_aw.method import Interval, Weighting
 from lightning_aw.step import StepRecord
 
 Source = Literal["parameters", "representation"]
 DDPSync = Literal["gram", "gradients"]
+
+
+#: strategies whose parameters are the tensors the forward reads (no flat or sharded parameters):
+#: there a cut representation's heads get their gradients from the per-task passes
+_PLAIN_STRATEGIES = frozenset({"SingleDeviceStrategy", "DDPStrategy"})
+#: precisions without autocast or low-precision parameters: there the per-task head gradients
+#: combined in float32 equal the combined loss's backward to float32 rounding (under bf16/fp16
+#: the two round differently, and FSDP2, which keeps the combined backward, must match DDP)
+_FULL_PRECISION = frozenset({"32-true", "64-true", "32", "64"})
 
 
 class GradientWeighting(Weighting):
@@ -224,25 +246,42 @@ class GradientWeighting(Weighting):
     def _combine_cut(self, step: StepRecord) -> Tensor:
         """The fast path, when the module marked its shared representation ``z``.
 
-        The heads ran on a leaf copy of ``z``, so ``c^T L`` backpropagates into the heads only;
-        the trunk receives the aggregated gradient through the surrogate
+        The heads ran on a leaf copy of ``z``. The per-task backward passes through the heads
+        give each task's gradient on ``z`` and on the heads' parameters at once; the trunk
+        receives the aggregated gradient through the surrogate
         ``<g, theta> - <g, theta>.detach()`` (value 0, gradient ``g``), with ``g`` the aggregated
         gradient on the trunk's parameters (parameter source) or on ``z`` (representation
-        source). One ordinary backward still carries the whole update, so loss scaling,
-        accumulation, clipping and DDP apply as usual, and the trunk is traversed ``T`` times
-        (parameter source) or once (representation source) instead of ``T + 1`` times.
+        source), and the heads receive ``sum_t c_t dL_t/dphi`` the same way. One ordinary
+        backward still carries the whole update, so loss scaling, accumulation, clipping and DDP
+        apply as usual; the trunk is traversed ``T`` times (parameter source) or once
+        (representation source) instead of ``T + 1`` times, and every head once. The combined
+        loss's backward runs through the heads instead under FSDP and DeepSpeed (their gradients
+        need their own backward hooks) and under mixed or half precision (there the two orders
+        of summation round differently, and under fp16 loss scaling one task's unweighted,
+        scaled gradient may overflow float16 where the weighted sum does not).
         """
         losses, rep = step.losses, step.representation_graph
         assert rep is not None
         engine = self.engine(step)
         num = step.num_tasks
+        heads = None if engine.scale is not None else self._head_params(step)
         if not self._should_recompute(step.trainer):
             # reuse the coefficients: the trunk gets c^T dL/dz through z, once
             total = (self._coefs.to(losses) * losses).sum()
-            g_rep = engine.combined_on_representation_scaled(total)
-            return total + inject([rep], [engine.unscale(g_rep)])
-        # per-task gradients on z: through the heads only (scaled under fp16)
-        rows = engine.on_representation_scaled()
+            if heads is None:
+                g_rep = engine.combined_on_representation_scaled(total)
+                return total + inject([rep], [engine.unscale(g_rep)])
+            g_rep, g_heads = engine.combined_on_representation_and_heads_scaled(total, heads)
+            reached = [(p, g) for p, g in zip(heads, g_heads, strict=True) if g is not None]
+            return total.detach() + inject(
+                [rep, *(p for p, _ in reached)],
+                [engine.unscale(g) for g in (g_rep, *(g for _, g in reached))],
+            )
+        # per-task gradients on z (and on the heads): through the heads only (scaled under fp16)
+        if heads is None:
+            rows, head_rows = engine.on_representation_scaled(), None
+        else:
+            rows, head_rows = engine.on_representation_and_heads_scaled(heads)
         leaf = engine.representation()
         grads_rep = torch.stack([torch.zeros_like(leaf) if r is None else r for r in rows])
         if self.source == "representation":
@@ -264,22 +303,66 @@ class GradientWeighting(Weighting):
                 gram = gram_by_layer(per_task, range(len(shared)), num) / (divisor * divisor)
                 coefs = self._safe_coefficients(step, None, losses.detach(), gram=gram)
             coefs = self._transformed(coefs)
-            agg = [
-                engine.unscale(
-                    sum(
-                        (
-                            coefs[t].float() * g[j].float()
-                            for t, g in enumerate(per_task)
-                            if g is not None
-                        ),
-                        torch.zeros((), device=losses.device),
-                    )
-                )
-                for j in range(len(targets))
-            ]
+            agg = combine_per_task(per_task, coefs, len(targets))
+            if engine.scale is not None:
+                agg = list(torch._foreach_div(agg, engine.scale))
             surrogate = engine.deliver(targets, agg)
         self._coefs = coefs.detach()
-        return (self._coefs.to(losses) * losses).sum() + surrogate
+        total = (self._coefs.to(losses) * losses).sum()
+        if heads is None or head_rows is None:
+            return total + surrogate
+        return total.detach() + surrogate + self._heads_surrogate(engine, heads, head_rows, coefs)
+
+    def _head_params(self, step: StepRecord) -> list[Tensor] | None:
+        """The module's trainable parameters, whose per-task gradients the passes through the
+        heads also take (those the losses reach without going through the cut representation:
+        the heads, and any path that bypasses it); ``None`` under FSDP2, where the combined
+        loss's backward runs through the heads. Only under the strategies whose parameters are
+        the tensors the forward uses (one device, DDP), else ``None``: under FSDP (1 or 2) or
+        DeepSpeed the combined loss's backward runs through the heads, and in full precision only
+        (``32-true``, ``64-true``). Read at every step: a parameter unfrozen during the fit is
+        included."""
+        trainer = step.trainer
+        if (
+            self._unsharder is not None
+            or strategy_name(trainer) not in _PLAIN_STRATEGIES
+            or str(trainer.precision) not in _FULL_PRECISION
+        ):
+            return None
+        module = trainer.lightning_module
+        if module is None:
+            return None
+        params = [p for p in module.parameters() if p.requires_grad]
+        return None if any_sharded(params) else params
+
+    @staticmethod
+    def _heads_surrogate(
+        engine: TaskGradients,
+        heads: Sequence[Tensor],
+        head_rows: Sequence[Sequence[Tensor | None] | None],
+        coefs: Tensor,
+    ) -> Tensor:
+        """A zero whose gradient on each head parameter is ``sum_t c_t dL_t/dphi`` (unscaled),
+        over the tasks whose loss reaches it."""
+        c = coefs.float()
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        for j, p in enumerate(heads):
+            terms = [
+                (t, row[j])
+                for t, row in enumerate(head_rows)
+                if row is not None and row[j] is not None
+            ]
+            if not terms:
+                continue
+            g = c[terms[0][0]] * terms[0][1].float()
+            for t, gt in terms[1:]:
+                g = g + c[t] * gt.float()  # type: ignore[union-attr]
+            params.append(p)
+            grads.append(engine.unscale(g))
+        if not params:
+            return torch.zeros((), device=coefs.device)
+        return inject(params, grads)
 
     def _upstream_params(self, engine: TaskGradients, step: StepRecord) -> list[Tensor]:
         """Trainable parameters that produce the representation (found once per fit), shared
