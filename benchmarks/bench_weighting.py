@@ -1,7 +1,7 @@
 """Per-step cost of each weighting method against the plain summed loss, measured in one run.
 
     python benchmarks/bench_weighting.py [--steps 60] [--rounds 5] [--batch-size 128]
-                                         [--stat median|p10] [--only NAME ...] [--threads N]
+                                         [--stat mean|median|p10] [--only NAME ...] [--threads N]
                                          [--baseline-every 3] [--json FILE]
 
 A fixed model (the two-digit CNN `lightning_aw.models.DigitsNet`, 3 tasks) is trained for
@@ -10,8 +10,9 @@ A fixed model (the two-digit CNN `lightning_aw.models.DigitsNet`, 3 tasks) is tr
 first 5 steps of a run left out. The configurations are interleaved over ``--rounds`` rounds, and
 the reference, ``MultiTaskModule (no callback)`` (lightning_aw's module without a weighting), is
 run again after every ``--baseline-every`` configurations. A configuration's **paired ratio** is
-its run's step time (the median of the run's steps, or with ``--stat p10`` their 10th
-percentile) over that of the reference runs just before and after it, the median over rounds
+its run's step time (the mean of the run's steps; ``--stat median`` or ``p10`` for their median
+or 10th percentile, which leave out the work of a method that updates every few steps) over that
+of the reference runs just before and after it, the median over rounds
 (with the first and third quartiles: the run-to-run spread); ``added ms`` is the same
 difference. ``--batch-size 2`` leaves the network almost no work: the added milliseconds are then
 the fixed per-step cost of a method (hooks, small kernels, host work).
@@ -177,10 +178,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--stat",
-        choices=["median", "p10"],
-        default="median",
-        help="the statistic of one run's step times: median, or p10 (the 10th percentile, less "
-        "sensitive to other jobs on a shared machine)",
+        choices=["mean", "median", "p10"],
+        default="mean",
+        help="the statistic of one run's step times: mean (default: what a run costs, periodic "
+        "updates included), median or p10 (the 10th percentile; both leave out the work of a "
+        "method that updates every few steps, e.g. DWA or FAMO(frequency=4))",
     )
     parser.add_argument(
         "--json",
@@ -210,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     added: dict[str, list[float]] = {n: [] for n in names}
 
     def stat(values: list[float]) -> float:
+        if args.stat == "mean":
+            return statistics.fmean(values)
         return quantile(values, 0.1) if args.stat == "p10" else statistics.median(values)
 
     begin = time.perf_counter()

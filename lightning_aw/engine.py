@@ -200,7 +200,7 @@ class TaskGradients:
         )
 
     def on_representation_and_heads_scaled(
-        self, heads: Sequence[Tensor]
+        self, heads: Sequence[Tensor], losses: TaskLosses | None = None
     ) -> tuple[list[Tensor | None], list[list[Tensor | None] | None]]:
         """:meth:`on_representation_scaled`, and in the same backward passes each present task's
         (scaled) gradients on ``heads`` (parameters its loss reaches without going through the
@@ -209,9 +209,10 @@ class TaskGradients:
         Combining these per-task head gradients with the coefficients replaces a second
         backward pass through the heads (the combined loss's), so a method on a cut
         representation traverses each head once per step, as the plain summed loss does.
+        ``losses``: as in :meth:`on_representation_scaled`.
         """
         leaf = self.representation()
-        losses = self.step.task_losses
+        losses = self.step.task_losses if losses is None else losses
         rows: list[Tensor | None] = []
         head_rows: list[list[Tensor | None] | None] = []
         for i, here in enumerate(self.step.present_list):

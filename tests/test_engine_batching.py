@@ -8,7 +8,7 @@ import torch
 from _helpers import TinyNet, loader, params, trainer
 from torch import Tensor, nn
 
-from lightning_aw import DBMTL, CAGrad, UPGrad, engine
+from lightning_aw import DBMTL, CAGrad, GradDrop, UPGrad, engine
 from lightning_aw.engine import TaskGradients, _BatchChoice
 from lightning_aw.step import StepRecord
 
@@ -316,10 +316,21 @@ class _Grads(pl.Callback):
         self.seen.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
 
 
-@pytest.mark.parametrize("source", ["parameters", "representation"])
-@pytest.mark.parametrize("frequency", [1, 2])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: UPGrad(),
+        lambda: UPGrad(frequency=2),  # steps that reuse the coefficients
+        lambda: UPGrad(source="representation"),
+        lambda: UPGrad(source="representation", frequency=2),
+        lambda: DBMTL(),
+        lambda: DBMTL(source="representation"),
+        lambda: GradDrop(),
+    ],
+    ids=["upgrad-p", "upgrad-p-f2", "upgrad-r", "upgrad-r-f2", "dbmtl-p", "dbmtl-r", "graddrop"],
+)
 def test_head_gradients_from_the_per_task_passes_equal_the_combined_backward(
-    tmp_path, monkeypatch, source, frequency
+    tmp_path, monkeypatch, make
 ):
     """With a cut representation the heads' gradients are the coefficient-weighted per-task
     gradients of the passes that also give the representation's: the same gradients (every
@@ -327,10 +338,11 @@ def test_head_gradients_from_the_per_task_passes_equal_the_combined_backward(
     second backward of the combined loss through the heads, which each head now skips."""
     runs = {}
     for reuse in (True, False):
+        method = make()
         if not reuse:  # the previous path: the combined loss's backward through the heads
-            monkeypatch.setattr(UPGrad, "_head_params", lambda self, step: None)
+            monkeypatch.setattr(type(method), "_head_params", lambda self, step: None)
         net, grads = _BypassNet(), _Grads()
-        t = trainer(tmp_path, [UPGrad(source=source, frequency=frequency), grads], max_steps=4)
+        t = trainer(tmp_path, [method, grads], max_steps=4)
         t.fit(net, loader())
         runs[reuse] = (grads.seen, net.head_calls)
     (new, new_calls), (old, old_calls) = runs[True], runs[False]

@@ -160,7 +160,12 @@ class GradDrop(
         rep = step.representation_graph
         if rep is None:  # nothing trainable produces the representation
             return plain
-        grads = engine.on_representation()
+        heads = self._head_params(step)
+        if heads is None:
+            grads = engine.on_representation()
+        else:  # the heads' gradients from the same passes: one traversal of the heads
+            rows, head_rows = engine.on_representation_and_heads_scaled(heads)
+            grads = engine.stack(rows, engine.representation())
         ok = torch.isfinite(grads)
         finite = ok.all()
         leak = self._leak_on(grads.device)
@@ -173,7 +178,14 @@ class GradDrop(
         ).to(grads.dtype)
         g_z = torch.where(finite, dropped, grads.sum(0))
         self._fallbacks = self._fallbacks.to(grads.device) + (~finite).float()
-        return plain + inject([rep], [g_z])
+        if heads is None:
+            return plain + inject([rep], [g_z])
+        ones = torch.ones(step.num_tasks, device=grads.device)  # the heads train on the sum
+        return (
+            plain.detach()
+            + inject([rep], [g_z])
+            + self._heads_surrogate(engine, heads, head_rows, ones)
+        )
 
 
 class DBMTL(GradientWeighting, name="db_mtl", stateful=True):
@@ -300,19 +312,41 @@ class DBMTL(GradientWeighting, name="db_mtl", stateful=True):
             engine.representation()  # a clear error when the module marked none
             if rep is None:
                 return log_loss
-            log_grads = engine.on_representation(task_logs).reshape(step.num_tasks, -1)
+            heads = self._head_params(step)
+            if heads is None:
+                log_grads = engine.on_representation(task_logs).reshape(step.num_tasks, -1)
+            else:  # the heads' gradients from the same passes: one traversal of the heads
+                rows, head_rows = engine.on_representation_and_heads_scaled(heads, task_logs)
+                log_grads = engine.stack(rows, engine.representation())
+                log_grads = log_grads.reshape(step.num_tasks, -1)
             d = self._direction(step, log_grads, detached, reduce=False)
-            return log_loss + inject([rep], [d])
+            if heads is None:
+                return log_loss + inject([rep], [d])
+            return (
+                log_loss.detach()
+                + inject([rep], [d])
+                + self._heads_surrogate(engine, heads, head_rows, torch.ones_like(detached))
+            )
         if rep is not None:  # marked representation: through the heads only, then the trunk
             targets = self._upstream_params(engine, step)
-            rows = engine.on_representation_scaled(task_logs)
+            heads = self._head_params(step)
+            if heads is None:
+                rows = engine.on_representation_scaled(task_logs)
+            else:
+                rows, head_rows = engine.on_representation_and_heads_scaled(heads, task_logs)
             per_task = _unscaled(engine, engine.through_representation_scaled(rows, targets))
             n_shared = self._num_shared
             d = self._direction(step, flatten(per_task, targets[:n_shared]), detached, reduce=True)
             out = _split(d, targets[:n_shared])
             for j in range(n_shared, len(targets)):  # upstream but not declared shared
                 out.append(sum((g[j] for g in per_task if g is not None), torch.zeros(())))
-            return log_loss + engine.deliver(targets, out)
+            if heads is None:
+                return log_loss + engine.deliver(targets, out)
+            return (
+                log_loss.detach()
+                + engine.deliver(targets, out)
+                + self._heads_surrogate(engine, heads, head_rows, torch.ones_like(detached))
+            )
         # no marked representation: gradients on the shared parameters; the backward of
         # sum_i log L_i already brings them sum_i g_i / L_i, so inject only the difference
         params = self._params

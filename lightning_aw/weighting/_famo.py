@@ -185,6 +185,7 @@ class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", statef
         # step's losses (checkpointed, rolled back with a skipped step)
         self._pending: Tensor | None = None
         self._pending_present: Tensor | None = None
+        self._before_all = self._pending_all = False  # host-side hints of the fast path
 
     def hparams_repr(self) -> dict[str, Any]:
         out = {
@@ -285,15 +286,19 @@ class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", statef
         # the losses the coming optimizer step is taken on (the last micro-batch's)
         self._before = step.losses.detach()
         self._before_present = step.present
+        self._before_all = all(step.present_list)  # known on the host: no synchronisation
 
     def step_loss(self, step: StepRecord) -> Tensor:
         if self._pending is not None:
             # "next_batch": the first micro-batch after an update step closes its update (before
             # this step's weights are formed), with its own losses as L(theta_{t+1})
             before, present = self._pending, self._pending_present
+            checked, self._pending_all = self._pending_all and all(step.present_list), False
             self._pending = self._pending_present = None
             if present is not None:
-                self._apply_logit_update(step.trainer, before, present, step.losses, step.present)
+                self._apply_logit_update(
+                    step.trainer, before, present, step.losses, step.present, checked=checked
+                )
         return super().step_loss(step)
 
     def after_optimizer_step(
@@ -301,6 +306,7 @@ class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", statef
     ) -> None:
         super().after_optimizer_step(trainer, pl_module, batch, batch_idx)
         before, present = self._before, self._before_present
+        before_all, self._before_all = self._before_all, False
         self._before = self._before_present = None
         if not self._updates_now(trainer):
             return  # between updates: no re-evaluation, the logits stay
@@ -308,6 +314,9 @@ class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", statef
             return
         if self.losses_after == "next_batch":
             self._pending, self._pending_present = before, present
+            # a host-side hint for the fast path (not state: after a resume or a rollback the
+            # general path runs, which gives the same update)
+            self._pending_all = before_all
         else:
             self._update_logits(trainer, pl_module, batch, batch_idx, before, present)
 
@@ -334,10 +343,22 @@ class FAMO(PositiveLossWeighting, name="famo", functional="famo_weights", statef
         present: Tensor,
         after: Tensor,
         after_present: Tensor,
+        checked: bool = False,
     ) -> None:
         """One Adam step of the logits on delta from the losses before and after a step (tasks
-        present in both; averaged over the DDP ranks where present)."""
+        present in both; averaged over the DDP ranks where present).
+
+        ``checked``: every task is present in both and both sets of losses passed the module's
+        check (above ``min_losses``), so every gap is positive: on one process delta is then
+        formed without the masks (the same values, a few kernels instead of a hundred).
+        """
         after = after.detach().float()
+        if checked and (trainer is None or trainer.world_size == 1):
+            floor = self._min.to(after)
+            delta = torch.log(before - floor + self.eps) - torch.log(after - floor + self.eps)
+            z = torch.softmax(self._logits.to(delta.dtype), dim=0)
+            self._logits = self._adam.update(self._logits, z * (delta - (z * delta).sum()))
+            return
         present = present & after_present
         if trainer is not None and trainer.world_size > 1:
             zero = torch.zeros_like(before)
