@@ -134,6 +134,7 @@ def lightning_configs(sources: list[str]) -> dict[str, Make]:
                 configs[f"{label} ({source[:4]}.)"] = _method(name, source=source)
         else:
             configs[label] = _method(name)
+    configs["FAMO (next batch)"] = _method("famo", losses_after="next_batch")  # no extra forward
     return configs
 
 
