@@ -140,6 +140,9 @@ class GradientWeighting(Weighting):
         self._computed_epoch = -1
         self._computed_step = -1
         self._upstream: list[Tensor] | None = None
+        # the module's parameters, listed once per fit, for the heads' per-task gradients
+        self._all_params: list[Tensor] | None = None
+        self._any_sharded = False
         self._num_shared = 0
         self._present_idx: list[int] = []  # the tasks the last coefficients were computed for
         #: FSDP2: maps the sharded shared parameters to this step's unsharded ones (else None)
@@ -181,6 +184,7 @@ class GradientWeighting(Weighting):
         state["_params"] = []
         state["_upstream"] = None
         state["_unsharder"] = None
+        state["_all_params"] = None
         return state
 
     def engine(self, step: StepRecord) -> TaskGradients:
@@ -193,6 +197,7 @@ class GradientWeighting(Weighting):
         self._upstream = None
         self._checked = False
         self._unsharder = None
+        self._all_params = None
         if self.source == "parameters":
             check_parameter_gradients(
                 self, trainer, "shared_parameters()", "source='representation'"
@@ -320,8 +325,8 @@ class GradientWeighting(Weighting):
         loss's backward runs through the heads. Only under the strategies whose parameters are
         the tensors the forward uses (one device, DDP), else ``None``: under FSDP (1 or 2) or
         DeepSpeed the combined loss's backward runs through the heads, and in full precision only
-        (``32-true``, ``64-true``). Read at every step: a parameter unfrozen during the fit is
-        included."""
+        (``32-true``, ``64-true``). The parameters are listed once per fit; which of them require
+        a gradient is read at every step (a parameter unfrozen during the fit is included)."""
         trainer = step.trainer
         if (
             self._unsharder is not None
@@ -329,11 +334,15 @@ class GradientWeighting(Weighting):
             or str(trainer.precision) not in _FULL_PRECISION
         ):
             return None
-        module = trainer.lightning_module
-        if module is None:
+        if self._all_params is None:  # once per fit (walking the module tree costs ~0.1 ms)
+            module = trainer.lightning_module
+            if module is None:
+                return None
+            self._all_params = list(module.parameters())
+            self._any_sharded = any_sharded(self._all_params)
+        if self._any_sharded:
             return None
-        params = [p for p in module.parameters() if p.requires_grad]
-        return None if any_sharded(params) else params
+        return [p for p in self._all_params if p.requires_grad]
 
     @staticmethod
     def _heads_surrogate(
@@ -344,22 +353,19 @@ class GradientWeighting(Weighting):
     ) -> Tensor:
         """A zero whose gradient on each head parameter is ``sum_t c_t dL_t/dphi`` (unscaled),
         over the tasks whose loss reaches it."""
-        c = coefs.float()
+        c = coefs.float().unbind()  # one view per task, made once
         params: list[Tensor] = []
         grads: list[Tensor] = []
         for j, p in enumerate(heads):
-            terms = [
-                (t, row[j])
-                for t, row in enumerate(head_rows)
-                if row is not None and row[j] is not None
-            ]
-            if not terms:
-                continue
-            g = c[terms[0][0]] * terms[0][1].float()
-            for t, gt in terms[1:]:
-                g = g + c[t] * gt.float()  # type: ignore[union-attr]
-            params.append(p)
-            grads.append(engine.unscale(g))
+            g: Tensor | None = None
+            for t, row in enumerate(head_rows):
+                gt = None if row is None else row[j]
+                if gt is not None:
+                    term = c[t] * gt.float()
+                    g = term if g is None else g + term
+            if g is not None:
+                params.append(p)
+                grads.append(g if engine.scale is None else engine.unscale(g))
         if not params:
             return torch.zeros((), device=coefs.device)
         return inject(params, grads)

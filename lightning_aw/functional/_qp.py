@@ -10,6 +10,7 @@ normalised float64 Gram matrices (see :mod:`._gram`); nothing here validates the
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,11 +24,14 @@ _MAX_ENUM_TASKS = 10
 _KKT_TOL = 1e-12
 
 
+@functools.lru_cache(maxsize=64)
 def _subsets(num: int, device: torch.device) -> Tensor:
-    """All non-empty subsets of ``range(num)`` as a ``[2^num - 1, num]`` float64 0/1 matrix."""
-    idx = torch.arange(1, 2**num, device=device)
-    bits = torch.arange(num, device=device)
-    return ((idx[:, None] >> bits) & 1).to(torch.float64)
+    """All non-empty subsets of ``range(num)`` as a ``[2^num - 1, num]`` float64 0/1 matrix
+    (made once per size and device; callers only read it)."""
+    with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, whoever asks first
+        idx = torch.arange(1, 2**num, device=device)
+        bits = torch.arange(num, device=device)
+        return ((idx[:, None] >> bits) & 1).to(torch.float64)
 
 
 def _average_ties(x: Tensor, obj: Tensor, tol: float) -> Tensor:
