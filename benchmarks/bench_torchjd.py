@@ -1,7 +1,7 @@
 """lightning_aw's UPGrad callback side by side with torchjd's ``mtl_backward`` + ``UPGrad``.
 
     python benchmarks/bench_torchjd.py [--steps 40] [--rounds 3] [--batch-size 128]
-                                       [--accelerator cpu|gpu] [--model cnn|mlp]
+                                       [--accelerator cpu|gpu] [--model cnn|mlp] [--threads N]
 
 The same model (``--model cnn``: the two-digit CNN `lightning_aw.models.DigitsNet`, 3 tasks, a
 ~54k-parameter shared trunk; ``--model mlp``: a 128-256-256 MLP trunk, ~99k parameters, on the
@@ -341,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument(
+        "--threads", type=int, default=None, help="CPU: intra-op threads (default: torch's)"
+    )
+    parser.add_argument(
         "--model",
         choices=["cnn", "mlp"],
         default="cnn",
@@ -349,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     global MODEL
     MODEL = args.model
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     jd = _load_torchjd()
     if isinstance(jd, str):
         print(

@@ -14,8 +14,9 @@ its run's step time (the mean of the run's steps; ``--stat median`` or ``p10`` f
 or 10th percentile, which leave out the work of a method that updates every few steps) over that
 of the reference runs just before and after it, the median over rounds
 (with the first and third quartiles: the run-to-run spread); ``added ms`` is the same
-difference. ``--batch-size 2`` leaves the network almost no work: the added milliseconds are then
-the fixed per-step cost of a method (hooks, small kernels, host work).
+difference. ``--batch-size 6`` (at least 3: MoDo and SDMGrad split each batch in 3) leaves the
+network almost no work: the added milliseconds are then the fixed per-step cost of a method
+(hooks, small kernels, host work).
 
 Besides the methods, two baselines written by hand:
 
