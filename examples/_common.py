@@ -238,6 +238,52 @@ def markdown_table(
     return "\n".join(lines)
 
 
+def delta_table(
+    rows: dict[str, dict[str, Any]],
+    methods: Sequence[str],
+    metric_headers: Sequence[str],
+    metric_cells: Callable[[dict[str, Any]], list[str]],
+    seconds_digits: int,
+) -> str:
+    """The Markdown table of a Δm% comparison: the single-task models first, then ``methods`` by
+    mean Δm% (best first).
+
+    Args:
+        rows: per method (and ``"single-task"``), its ``"delta"`` (one Δm% per seed, not read
+            for the single-task row) and ``"seconds"`` (one run time per seed; summed for the
+            single-task row, which trains one model per task) with the metrics.
+        methods: the methods to show after the single-task row.
+        metric_headers: the titles of the metric columns.
+        metric_cells: the metric cells of one row.
+        seconds_digits: decimals of the ``s/run`` column.
+
+    Example::
+
+        >>> rows = {"single-task": {"seconds": [1.0, 2.0], "acc": "0.9"},
+        ...         "mgda": {"delta": [-1.0, -3.0], "seconds": [4.0], "acc": "0.95"}}
+        >>> print(delta_table(rows, ["mgda"], ["acc ↑"], lambda r: [r["acc"]], 1))
+        | method | acc ↑ | Δm% ↓ | s/run |
+        |---|---:|---:|---:|
+        | single-task | 0.9 | 0 (reference) | 3.0 (3 models) |
+        | mgda | 0.95 | -2.00 ± 1.41 | 4.0 |
+    """
+    order = ["single-task", *sorted(methods, key=lambda m: statistics.fmean(rows[m]["delta"]))]
+    cells = []
+    for method in order:
+        row = rows[method]
+        single = method == "single-task"
+        seconds = sum(row["seconds"]) if single else statistics.fmean(row["seconds"])
+        cells.append(
+            [
+                method,
+                *metric_cells(row),
+                "0 (reference)" if single else mean_std(row["delta"], 2),
+                f"{seconds:.{seconds_digits}f}" + (" (3 models)" if single else ""),
+            ]
+        )
+    return markdown_table(["method", *metric_headers, "Δm% ↓", "s/run"], cells)
+
+
 def pyplot() -> Any | None:
     """matplotlib's ``pyplot`` on the non-interactive Agg backend, or ``None`` (with a hint
     printed) when matplotlib is not installed.

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from _common import make_trainer, markdown_table, mean_std, quiet, run_parallel, seed_all
+from _common import delta_table, make_trainer, mean_std, quiet, run_parallel, seed_all
 from digits import make_weighting as _digits_weighting
 from torch import Tensor
 
@@ -285,30 +285,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "delta": [delta_m(r["metrics"], baselines) for r in mine],
             "seconds": [r["seconds"] for r in mine],
         }
-    order = ["single-task", *sorted(methods, key=lambda m: statistics.fmean(rows[m]["delta"]))]
-    headers = [
-        "method",
-        *[f"{t} {n} {'↑' if up else '↓'}" for t, n, up in METRICS],
-        "Δm% ↓",
-        "s/run",
-    ]
-    cells = []
-    for method in order:
-        row = rows[method]
-        seconds = (
-            f"{sum(row['seconds']):.1f} (3 models)"
-            if method == "single-task"
-            else f"{statistics.fmean(row['seconds']):.1f}"
-        )
-        cells.append(
-            [
-                method,
-                *[mean_std(row["metrics"][t][n], 3 if n == "acc" else 2) for t, n, _ in METRICS],
-                "0 (reference)" if method == "single-task" else mean_std(row["delta"], 2),
-                seconds,
-            ]
-        )
-    table = markdown_table(headers, cells)
+    table = delta_table(
+        rows,
+        methods,
+        [f"{t} {n} {'↑' if up else '↓'}" for t, n, up in METRICS],
+        lambda row: [mean_std(row["metrics"][t][n], 3 if n == "acc" else 2) for t, n, _ in METRICS],
+        seconds_digits=1,
+    )
     shown = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python examples/digits_table.py", *shown])
     header = (

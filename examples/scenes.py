@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import make_trainer, markdown_table, mean_std, quiet, run_parallel, seed_all
+from _common import delta_table, make_trainer, mean_std, quiet, run_parallel, seed_all
 from digits_table import SingleTask
 
 from lightning_aw import Weighting
@@ -230,31 +229,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "delta": [delta(r) for r in mine],
             "seconds": [r["seconds"] for r in mine],
         }
-    order = ["single-task", *sorted(args.methods, key=lambda m: statistics.fmean(rows[m]["delta"]))]
     arrows = {True: "↑", False: "↓"}
-    headers = [
-        "method",
-        *[f"{label} {arrows[NYUV2_HIGHER_IS_BETTER[t][n]]}" for t, n, label in COLUMNS],
-        "Δm% ↓",
-        "s/run",
-    ]
-    cells = []
-    for method in order:
-        row = rows[method]
-        seconds = (
-            f"{sum(row['seconds']):.0f} (3 models)"
-            if method == "single-task"
-            else f"{statistics.fmean(row['seconds']):.0f}"
-        )
-        cells.append(
-            [
-                method,
-                *[_fmt(n, row["metrics"][t][n]) for t, n, _ in COLUMNS],
-                "0 (reference)" if method == "single-task" else mean_std(row["delta"], 2),
-                seconds,
-            ]
-        )
-    table = markdown_table(headers, cells)
+    table = delta_table(
+        rows,
+        args.methods,
+        [f"{label} {arrows[NYUV2_HIGHER_IS_BETTER[t][n]]}" for t, n, label in COLUMNS],
+        lambda row: [_fmt(n, row["metrics"][t][n]) for t, n, _ in COLUMNS],
+        seconds_digits=0,
+    )
     shown = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python examples/scenes.py", *shown])
     header = (
