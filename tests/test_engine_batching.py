@@ -353,3 +353,14 @@ def test_head_gradients_from_the_per_task_passes_equal_the_combined_backward(
             torch.testing.assert_close(step_new[name], step_old[name], rtol=1e-5, atol=1e-7)
     assert new_calls == 4 * 3  # each head once per step
     assert old_calls == 2 * new_calls  # before: per-task pass + combined backward
+
+
+def test_heads_keep_the_combined_backward_outside_full_precision(tmp_path):
+    """Under bf16 autocast the per-task and the combined passes round differently (and FSDP2,
+    which cannot use the per-task head gradients, must match DDP): the heads then get their
+    gradients from the combined loss's backward, a second traversal."""
+    net = _BypassNet()
+    t = trainer(tmp_path, [UPGrad()], max_steps=2, precision="bf16-mixed")
+    t.fit(net, loader())
+    assert net.head_calls == 2 * 3 * 2  # two traversals per head per step
+    assert net.offset.grad is not None and net.offset.grad.abs() > 0

@@ -269,7 +269,7 @@ class GradientWeighting(Weighting):
         assert rep is not None
         engine = self.engine(step)
         num = step.num_tasks
-        heads = None if engine.scale is not None else self._head_params(step)
+        heads = self._head_params(step)  # None: the combined backward runs through the heads
         if not self._should_recompute(step.trainer):
             # reuse the coefficients: the trunk gets c^T dL/dz through z, once
             total = (self._coefs.to(losses) * losses).sum()
@@ -321,12 +321,14 @@ class GradientWeighting(Weighting):
     def _head_params(self, step: StepRecord) -> list[Tensor] | None:
         """The module's trainable parameters, whose per-task gradients the passes through the
         heads also take (those the losses reach without going through the cut representation:
-        the heads, and any path that bypasses it); ``None`` under FSDP2, where the combined
-        loss's backward runs through the heads. Only under the strategies whose parameters are
-        the tensors the forward uses (one device, DDP), else ``None``: under FSDP (1 or 2) or
-        DeepSpeed the combined loss's backward runs through the heads, and in full precision only
-        (``32-true``, ``64-true``). The parameters are listed once per fit; which of them require
-        a gradient is read at every step (a parameter unfrozen during the fit is included)."""
+        the heads, and any path that bypasses it).
+
+        ``None`` (the combined loss's backward then runs through the heads) unless the strategy's
+        parameters are the tensors the forward uses (one device, DDP; not FSDP 1 or 2, not
+        DeepSpeed) and the precision is full (``32-true``, ``64-true``: no autocast rounding, no
+        fp16 loss scaling). The parameters are listed once per fit; which of them require a
+        gradient is read at every step (a parameter unfrozen during the fit is included).
+        """
         trainer = step.trainer
         if (
             self._unsharder is not None
